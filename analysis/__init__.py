@@ -1,0 +1,1 @@
+"""Reads FedREX run outputs (parquet) into pandas: tables, plots, reports."""

@@ -1,0 +1,1 @@
+"""FedREX ClientApp: local fine-tuning, adversarial hardening, DP, per-client evaluation."""

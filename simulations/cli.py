@@ -1,0 +1,65 @@
+"""The `fedrex` command. Subcommands import their modules lazily so `--help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from models.errors import FedrexError
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="rt_critics",
+                        help="registry name (sst2, ag_news, sent140_users, rt_critics), local file or hub id")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--data-dir", default=None, help="local data folder (default: $FEDREX_DATA_DIR)")
+    parser.add_argument("--text-column")
+    parser.add_argument("--label-column")
+    parser.add_argument("--user-column")
+    parser.add_argument("--time-column")
+    parser.add_argument("--num-labels", type=int)
+
+
+def _add_partition_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--partitioner", default="natural", choices=["natural", "dirichlet", "iid"])
+    parser.add_argument("--num-partitions", type=int, default=0)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--min-samples", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrex", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="inspect datasets and partitions")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    describe = data_commands.add_parser("describe", help="per-client statistics of a partitioning")
+    _add_data_args(describe)
+    _add_partition_args(describe)
+    describe.add_argument("--format", choices=["table", "json"], default="table")
+    describe.set_defaults(handler="simulations.describe:describe")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Library progress bars (datasets, flwr-datasets' tqdm) drown our own progress lines.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    try:
+        module = __import__(module_name, fromlist=[func_name])
+        return int(getattr(module, func_name)(args) or 0)
+    except FedrexError as err:
+        print(f"fedrex: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedrex: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests run on the real data in shared/data (FEDREX_DATA_DIR); never on made-up data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+def _find_data_dir() -> Path:
+    raw = os.environ.get("FEDREX_DATA_DIR") or str(REPO.parent / "shared" / "data")
+    path = Path(raw).resolve()
+    if not (path / "rt_critics" / "reviews.parquet").exists():
+        raise RuntimeError(f"tests need the real data: set FEDREX_DATA_DIR (looked in {path})")
+    os.environ["FEDREX_DATA_DIR"] = str(path)
+    os.environ.setdefault("NLTK_DATA", str(path / "nltk_data"))
+    return path
+
+
+DATA_DIR = _find_data_dir()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Each test session gets its own FedREX cache, so no test trusts a stale entry."""
+    if "FEDREX_TEST_CACHE" in os.environ:  # opt-in reuse across local runs
+        os.environ["FEDREX_CACHE_DIR"] = os.environ["FEDREX_TEST_CACHE"]
+    else:
+        os.environ["FEDREX_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedrex-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR

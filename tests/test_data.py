@@ -1,0 +1,222 @@
+"""Data layer: real datasets load, partition and split as documented; bad input fails clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.datasets import ColumnOverrides, cached_text_dataset, load_text_dataset
+from models.errors import FedrexError
+from models.partitioning import FederatedData, PartitionConfig, split_indices
+from models.tokenizer import WordPieceTokenizer
+
+
+def federated(name, **config):
+    dataset, num_labels = cached_text_dataset(name, "validation" if name == "sst2" else "train")
+    return FederatedData(dataset, num_labels, PartitionConfig(**config))
+
+
+def test_rt_critics_natural_partition_has_118_clients_covering_all_rows():
+    fed = federated("rt_critics", kind="natural")
+    sizes = [len(fed.partition(pid)) for pid in range(fed.num_partitions)]
+    assert fed.num_partitions == 118
+    assert sum(sizes) == 12_820
+    assert min(sizes) == 20 and max(sizes) == 1_132
+    # every partition is one critic, and the client id names that critic
+    part = fed.partition(3)
+    assert set(part["user_id"]) == {fed.client_id(3)}
+
+
+def test_sent140_keeps_single_label_users():
+    fed = federated("sent140_users", kind="natural")
+    single = sum(len(set(fed.partition(pid)["label"])) == 1 for pid in range(fed.num_partitions))
+    assert fed.num_partitions == 2_875
+    assert single == 900  # as documented in shared/data/README.md
+
+
+def test_min_samples_filter_drops_small_users():
+    fed = federated("sent140_users", kind="natural", min_samples=20)
+    assert fed.num_partitions == 23
+    assert all(len(fed.partition(pid)) >= 20 for pid in range(fed.num_partitions))
+
+
+def _dirichlet_sizes(seed):
+    fed = federated("sst2", kind="dirichlet", num_partitions=20, alpha=0.5, seed=seed)
+    return [tuple(fed.partition(pid)["text"][:3]) + (len(fed.partition(pid)),) for pid in range(20)]
+
+
+def test_dirichlet_is_reproducible_per_seed_and_differs_across_seeds():
+    assert _dirichlet_sizes(1) == _dirichlet_sizes(1)
+    assert _dirichlet_sizes(1) != _dirichlet_sizes(2)
+
+
+def test_dirichlet_with_small_alpha_skews_labels_more_than_iid():
+    def mean_majority(fed):
+        shares = []
+        for pid in range(fed.num_partitions):
+            labels = np.asarray(fed.partition(pid)["label"])
+            shares.append(np.bincount(labels, minlength=2).max() / len(labels))
+        return float(np.mean(shares))
+
+    skewed = mean_majority(federated("sst2", kind="dirichlet", num_partitions=10, alpha=0.1, seed=0))
+    iid = mean_majority(federated("sst2", kind="iid", num_partitions=10, seed=0))
+    assert skewed > iid + 0.1
+
+
+@pytest.mark.parametrize("config", [dict(kind="natural"), dict(kind="dirichlet", num_partitions=30, alpha=1.0),
+                                    dict(kind="iid", num_partitions=30)])
+def test_client_splits_are_disjoint_and_cover_the_partition(config):
+    name = "rt_critics" if config["kind"] == "natural" else "sst2"
+    fed = federated(name, test_fraction=0.25, **config)
+    for pid in range(0, fed.num_partitions, 7):
+        part = fed.partition(pid)
+        train, test = split_indices(part, fed.config, pid)
+        assert len(np.intersect1d(train, test)) == 0
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(part)))
+        assert len(test) == max(1, round(0.25 * len(part)))
+        client = fed.client(pid)
+        assert len(client.train) == len(train) and len(client.test) == len(test)
+
+
+def test_natural_users_are_split_chronologically():
+    fed = federated("rt_critics", kind="natural")
+    for pid in (0, 50, 117):
+        client = fed.client(pid)
+        train_times = pd.Series(client.train["timestamp"]).dropna()
+        test_times = pd.Series(client.test["timestamp"]).dropna()
+        assert train_times.max() <= test_times.min()
+
+
+def test_iid_split_depends_on_seed():
+    a = federated("sst2", kind="iid", num_partitions=5, seed=0).client(0)
+    b = federated("sst2", kind="iid", num_partitions=5, seed=0).client(0)
+    c = federated("sst2", kind="iid", num_partitions=5, seed=1).client(0)
+    assert a.test["text"] == b.test["text"]
+    assert a.test["text"] != c.test["text"]
+
+
+def test_tiny_clients_keep_a_test_row_and_a_train_row():
+    fed = federated("sent140_users", kind="natural")
+    sizes = {pid: len(fed.partition(pid)) for pid in range(200)}
+    pid = min(sizes, key=sizes.get)
+    client = fed.client(pid)
+    assert sizes[pid] == 3 and len(client.train) == 2 and len(client.test) == 1
+
+
+def test_tokenizer_round_trips_known_wordpiece_ids():
+    tok = WordPieceTokenizer(max_length=16)
+    ids = tok.encode(["Hello world", "unaffable"])
+    assert ids[0].tolist()[:4] == [101, 7592, 2088, 102]  # [CLS] hello world [SEP], BERT uncased vocab
+    assert tok.tokens(ids[1][ids[1] != 0]) == ["[CLS]", "una", "##ffa", "##ble", "[SEP]"]
+    assert tok.decode(ids[1]) == "unaffable"
+    assert ids[0, 4:].tolist() == [0] * (ids.shape[1] - 4)  # padded with [PAD]
+
+
+def test_tokenizer_unescapes_html_and_truncates():
+    tok = WordPieceTokenizer(max_length=8)
+    assert tok.encode(["&quot;hi&quot; &amp;"])[0].tolist() == tok.encode(['"hi" &'])[0].tolist()
+    long = tok.encode(["word " * 100])
+    assert long.shape == (1, 8) and long[0, -1] == tok.sep_id
+
+
+def test_sent140_text_keeps_html_entities_raw_in_the_dataset():
+    dataset, _ = cached_text_dataset("sent140_users")
+    assert any("&quot;" in text for text in dataset["text"][:5000])
+
+
+# ---------------------------------------------------------------- bad input
+def write_csv(tmp_path, name, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def test_local_csv_with_column_mapping(tmp_path):
+    path = write_csv(tmp_path, "mine.csv", b"review,stars,who\nnice film,1,ann\nawful,0,bob\nfine,1,ann\n")
+    dataset, k = load_text_dataset(path, columns=ColumnOverrides(text="review", label="stars", user="who"))
+    assert k == 2 and dataset["text"] == ["nice film", "awful", "fine"] and dataset["user_id"][0] == "ann"
+
+
+@pytest.mark.parametrize(
+    "content, columns, message",
+    [
+        (b"text,label\n", ColumnOverrides(), "empty"),
+        (b"sentence,label\nhi,1\nho,0\n", ColumnOverrides(), "no column 'text'"),
+        (b"text,label\ncaf\xe9,1\nok,0\n", ColumnOverrides(), "not valid UTF-8"),
+        (b"text,label\na,1\nb,\nc,0\n", ColumnOverrides(), "no label"),
+        (b"text,label\na,1.5\nb,0\n", ColumnOverrides(), "not whole numbers"),
+        (b"text,label\na,1\nb,7\n", ColumnOverrides(num_labels=2), "outside 0..1"),
+        (b"text,label\na,-1\nb,0\n", ColumnOverrides(), "outside"),
+        (b"text,label\na,0\nb,0\n", ColumnOverrides(), "at least 2 classes"),
+    ],
+)
+def test_bad_files_give_clear_errors(tmp_path, content, columns, message):
+    path = write_csv(tmp_path, "bad.csv", content)
+    with pytest.raises(FedrexError, match=message):
+        load_text_dataset(path, columns=columns)
+
+
+def test_nan_labels_in_parquet_are_rejected(tmp_path):
+    path = tmp_path / "nan.parquet"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [1.0, float("nan"), 0.0]}).to_parquet(path)
+    with pytest.raises(FedrexError, match="no label|NaN"):
+        load_text_dataset(str(path))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(kind="dirichlet", num_partitions=5, alpha=0), "alpha must be > 0"),
+        (dict(kind="iid", num_partitions=10_000), "need at least 10000 samples"),
+        (dict(kind="nope"), "unknown partitioner"),
+        (dict(kind="iid", num_partitions=0), "num-partitions >= 1"),
+        (dict(kind="natural"), "needs a user column"),
+    ],
+)
+def test_bad_partition_configs_give_clear_errors(config, message):
+    dataset, k = cached_text_dataset("sst2", "validation")
+    with pytest.raises(FedrexError, match=message):
+        FederatedData(dataset, k, PartitionConfig(**config))
+
+
+def test_unknown_dataset_and_missing_split():
+    with pytest.raises(FedrexError, match="unknown dataset 'nope'"):
+        load_text_dataset("nope")
+    with pytest.raises(FedrexError, match="no 'train' split"):
+        load_text_dataset("ag_news", "train")
+
+
+def test_cache_entry_is_refreshed_when_the_file_changes(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na,1\nb,0\n")
+    first, _ = cached_text_dataset(str(path))
+    path.write_text("text,label\na,1\nb,0\nc,1\n")
+    second, _ = cached_text_dataset(str(path))
+    assert len(first) == 2 and len(second) == 3
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_describe_prints_the_table():
+    result = run_cli("data", "describe", "--dataset", "rt_critics")
+    assert result.returncode == 0, result.stderr
+    assert "clients                      118" in result.stdout
+    assert "single-label clients         0 (0.0%)" in result.stdout
+
+
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    bad = write_csv(tmp_path, "bad.csv", b"text,label\ncaf\xe9,1\n")
+    for args in (("--dataset", "nope"), ("--dataset", bad, "--partitioner", "iid", "--num-partitions", "1"),
+                 ("--dataset", "sst2", "--split", "validation", "--partitioner", "dirichlet",
+                  "--num-partitions", "3", "--alpha", "-1")):
+        result = run_cli("data", "describe", *args)
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("fedrex: error:")
