@@ -1,0 +1,94 @@
+"""Tokenized examples plus per-example side information, batched by length.
+
+Side information (teacher logits, teacher attributions) rides along with each example so that a
+shuffled batch always carries the right teacher signal for the right row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.tokenizer import WordPieceTokenizer
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, L] int64, padded with 0
+    labels: torch.Tensor  # [B]
+    teacher_logits: torch.Tensor | None = None  # [B, C]
+    teacher_attr: torch.Tensor | None = None  # [B, L] |attribution| per token, 0 where unknown
+    has_attr: torch.Tensor | None = None  # [B] bool: which rows carry a teacher attribution
+    index: torch.Tensor | None = None  # [B] positions in the EncodedData
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.ids != 0
+
+
+@dataclass
+class EncodedData:
+    ids: list[np.ndarray]
+    labels: np.ndarray
+    texts: list[str]
+    teacher_logits: np.ndarray | None = None
+    teacher_attr: list[np.ndarray | None] | None = None
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_texts(cls, texts: list[str], labels, tokenizer: WordPieceTokenizer) -> "EncodedData":
+        texts = list(texts)
+        ids = [np.asarray(row, dtype=np.int64) for row in tokenizer.encode_ids(texts)]
+        return cls(ids, np.asarray(labels, dtype=np.int64), texts)
+
+    @classmethod
+    def from_dataset(cls, dataset, tokenizer: WordPieceTokenizer) -> "EncodedData":
+        return cls.from_texts(dataset["text"], dataset["label"], tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index) -> "EncodedData":
+        index = np.asarray(index, dtype=np.int64)
+        return EncodedData(
+            [self.ids[i] for i in index], self.labels[index], [self.texts[i] for i in index],
+            None if self.teacher_logits is None else self.teacher_logits[index],
+            None if self.teacher_attr is None else [self.teacher_attr[i] for i in index],
+        )
+
+    def batch(self, index) -> Batch:
+        index = np.asarray(index, dtype=np.int64)
+        width = max(len(self.ids[i]) for i in index)
+        ids = np.zeros((len(index), width), dtype=np.int64)
+        for row, i in enumerate(index):
+            ids[row, : len(self.ids[i])] = self.ids[i]
+        batch = Batch(torch.from_numpy(ids), torch.from_numpy(self.labels[index]), index=torch.from_numpy(index))
+        if self.teacher_logits is not None:
+            batch.teacher_logits = torch.from_numpy(self.teacher_logits[index]).float()
+        if self.teacher_attr is not None:
+            attr = np.zeros((len(index), width), dtype=np.float32)
+            has = np.zeros(len(index), dtype=bool)
+            for row, i in enumerate(index):
+                if self.teacher_attr[i] is not None:
+                    attr[row, : len(self.teacher_attr[i])] = self.teacher_attr[i]
+                    has[row] = True
+            batch.teacher_attr, batch.has_attr = torch.from_numpy(attr), torch.from_numpy(has)
+        return batch
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, bucket: bool = True):
+        """Yield Batches. With ``bucket``, rows of similar length are grouped (in shuffled chunks
+        of 50 batches) so little compute is wasted on padding; batch order is still shuffled."""
+        n = len(self)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        if bucket:
+            lengths = np.array([len(self.ids[i]) for i in order])
+            chunk = batch_size * 50
+            order = np.concatenate([order[s:s + chunk][np.argsort(lengths[s:s + chunk], kind="stable")]
+                                    for s in range(0, n, chunk)]) if n else order
+        groups = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+        if shuffle:
+            np.random.default_rng(seed + 1).shuffle(groups)
+        for group in groups:
+            yield self.batch(group)

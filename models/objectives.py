@@ -1,0 +1,147 @@
+"""The three FedREX objectives added to cross-entropy: loss = CE + a*KD + b*EXPL + c*ADV.
+
+Only the paper's abstract is public, so each term below is our interpretation, chosen so that
+every term works for every network through the shared embed/classify interface:
+
+- KD: Hinton-style temperature-scaled KL(teacher || student) * T^2.
+- EXPL (explainable feature mapping): the student's token saliency, |sum_d x_d * dlogit_y/dx_d|
+  (gradient x input on the token representation, differentiable with create_graph=True), is
+  normalised to a distribution over real tokens and pulled toward the teacher's normalised
+  |Integrated Gradients| map with a cosine distance. Gradient x input is the one-step
+  approximation of IG, so the two maps estimate the same quantity while the student side stays
+  cheap enough to differentiate every step; cosine distance ignores overall scale (teacher and
+  student attributions live on different scales) and is bounded, so its weight is interpretable.
+- ADV: embedding-space PGD (L2 budget per token, relative to the mean token norm) finds a
+  perturbation that pushes the student away from the teacher's clean prediction; the student
+  is then trained to match the teacher's clean prediction on the perturbed input (ARD-style KL)
+  plus CE on the true label. Without a teacher (client hardening) the attack and the loss use CE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+
+from models.encoded import Batch
+from models.errors import FedrexError
+
+
+@dataclass
+class ObjectiveConfig:
+    kd: float = 0.0
+    expl: float = 0.0
+    adv: float = 0.0
+    temperature: float = 2.0
+    adv_epsilon: float = 0.5
+    adv_steps: int = 2
+    adv_ratio: float = 1.0  # share of batches that get the adversarial term (cost control)
+
+    def validate(self) -> None:
+        for name in ("kd", "expl", "adv"):
+            if getattr(self, name) < 0:
+                raise FedrexError(f"objective weight {name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.adv_epsilon < 0 or self.adv_steps < 1:
+            raise FedrexError("temperature must be > 0, adv-epsilon >= 0 and adv-steps >= 1")
+        if not 0 <= self.adv_ratio <= 1:
+            raise FedrexError(f"adv-ratio must be in [0, 1], got {self.adv_ratio}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1),
+                    reduction="batchmean") * t * t
+
+
+def normalise_map(attr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """|attr| over valid tokens, scaled to sum to one per row (all-zero rows stay zero)."""
+    attr = attr.abs() * mask
+    return attr / attr.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def saliency(model, emb: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+             create_graph: bool) -> torch.Tensor:
+    """Gradient x input per token for the ``target`` logit, normalised over valid tokens."""
+    if not emb.requires_grad:
+        emb = emb.detach().requires_grad_(True)
+    logits = model.classify(emb, mask)
+    picked = logits.gather(1, target.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(picked, emb, create_graph=create_graph)
+    return normalise_map((grad * emb).sum(-1), mask)
+
+
+def expl_loss(model, emb, mask, labels, teacher_attr, has_attr) -> torch.Tensor:
+    rows = has_attr.nonzero().view(-1)
+    if rows.numel() == 0:
+        return emb.new_zeros(())
+    student = saliency(model, emb[rows], mask[rows], labels[rows], create_graph=True)
+    teacher = normalise_map(teacher_attr[rows], mask[rows])
+    return (1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)).mean()
+
+
+def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                     teacher_logits: torch.Tensor | None, epsilon: float, steps: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """L2-bounded per-token perturbation (detached) that maximises the attack loss.
+
+    The budget of each token is ``epsilon`` times the mean norm of the batch's real token
+    vectors, so one epsilon means the same thing for a 64-d student and the 384-d teacher.
+    """
+    base = emb.detach()
+    radius = epsilon * base.norm(dim=-1)[mask].mean().clamp_min(1e-6)
+    step = 2.5 * radius / steps
+    valid = mask.unsqueeze(-1).to(base.dtype)
+    delta = torch.zeros_like(base)
+    was_training = model.training
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model.classify(base + delta, mask)
+        if teacher_logits is not None:
+            loss = kd_loss(logits, teacher_logits, temperature)
+        else:
+            loss = F.cross_entropy(logits, labels)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            delta = delta + step * direction * valid
+            norms = delta.norm(dim=-1, keepdim=True)
+            delta = delta * torch.clamp(radius / norms.clamp_min(1e-12), max=1.0)
+    model.train(was_training)
+    return delta.detach()
+
+
+def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig) -> torch.Tensor:
+    delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
+                             config.temperature)
+    logits = model.classify(emb + delta, mask)
+    loss = F.cross_entropy(logits, labels)
+    if teacher_logits is not None:
+        loss = loss + kd_loss(logits, teacher_logits, config.temperature)
+    return loss
+
+
+def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool = True):
+    """Total loss for one batch and its parts (floats) for logging."""
+    mask = batch.mask
+    emb = model.embed(batch.ids)
+    logits = model.classify(emb, mask)
+    ce = F.cross_entropy(logits, batch.labels)
+    total, parts = ce, {"ce": ce.item()}
+    if config.kd > 0:
+        if batch.teacher_logits is None:
+            raise FedrexError("the KD objective needs teacher logits")
+        kd = kd_loss(logits, batch.teacher_logits, config.temperature)
+        total, parts["kd"] = total + config.kd * kd, kd.item()
+    if config.expl > 0:
+        if batch.teacher_attr is None:
+            raise FedrexError("the EXPL objective needs teacher attributions")
+        ex = expl_loss(model, emb, mask, batch.labels, batch.teacher_attr, batch.has_attr)
+        total, parts["expl"] = total + config.expl * ex, ex.item()
+    if config.adv > 0 and use_adv:
+        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits if config.kd > 0 else None, config)
+        total, parts["adv"] = total + config.adv * adv, adv.item()
+    return total, parts
