@@ -13,8 +13,6 @@ one PGD attack, one HotFlip attack and one Captum attribution path serve all of 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,27 +44,37 @@ class VocabMap(nn.Module):
     """Maps the 30,522 MiniLM ids onto a pruned vocabulary of the K most frequent training tokens.
 
     Unknown or pruned tokens map to compact id 1 ([UNK]); padding maps to 0. Stored as int16, so
-    the map costs 60 KB of the 1 MB budget instead of a 30,522-row embedding table. Without
-    ``kept_ids`` the map is the identity (the full vocabulary is kept).
+    the map costs 60 KB of the 1 MB budget instead of a 30,522-row embedding table.
     """
 
-    def __init__(self, full_vocab_size: int, kept_ids: torch.Tensor | None = None):
+    def __init__(self, table: torch.Tensor, size: int):
         super().__init__()
-        if kept_ids is None:
-            table = torch.arange(full_vocab_size, dtype=torch.int16)
-        else:
-            kept_ids = torch.as_tensor(kept_ids, dtype=torch.long)
-            kept_ids = kept_ids[kept_ids != 0]
-            if len(kept_ids) + 2 > torch.iinfo(torch.int16).max:
-                raise FedrexError("pruned vocabulary too large for an int16 map")
-            table = torch.ones(full_vocab_size, dtype=torch.int16)
-            table[0] = 0
-            table[kept_ids] = torch.arange(2, len(kept_ids) + 2, dtype=torch.int16)
-        self.register_buffer("table", table)
+        self.register_buffer("table", table.to(torch.int16))
+        self.size = int(size)
+
+    @classmethod
+    def identity(cls, full_vocab_size: int = 30522) -> "VocabMap":
+        return cls(torch.arange(full_vocab_size), full_vocab_size)
+
+    @classmethod
+    def pruned(cls, full_vocab_size: int, kept_ids) -> "VocabMap":
+        kept = torch.as_tensor(kept_ids, dtype=torch.long)
+        kept = kept[kept != 0]
+        if len(kept) + 2 > torch.iinfo(torch.int16).max:
+            raise FedrexError("pruned vocabulary too large for an int16 map")
+        table = torch.ones(full_vocab_size, dtype=torch.int16)
+        table[0] = 0
+        table[kept] = torch.arange(2, len(kept) + 2, dtype=torch.int16)
+        return cls(table, len(kept) + 2)
 
     @property
-    def size(self) -> int:
-        return int(self.table.max()) + 1
+    def kept_ids(self) -> torch.Tensor:
+        """Full-vocabulary ids in compact order (index 0 = [PAD], 1 = [UNK] stand-ins)."""
+        order = torch.zeros(self.size, dtype=torch.long)
+        known = self.table.long()
+        order[known] = torch.arange(len(known))
+        order[0], order[1] = 0, 100  # [PAD], [UNK]
+        return order
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table[ids].long()
@@ -218,10 +226,12 @@ def build_network(config: dict, vocab_map: VocabMap | None = None) -> TokenClass
     if kind not in ARCHITECTURES:
         raise FedrexError(f"unknown architecture {kind!r}: use one of {', '.join(ARCHITECTURES)}")
     full_vocab = config.pop("full_vocab_size", 30522)
-    config.pop("vocab_size", None)
+    vocab_size = config.pop("vocab_size", full_vocab)
     if kind == "prado":
         return Prado(**config)
-    return ARCHITECTURES[kind](vocab_map=vocab_map or VocabMap(full_vocab), **config)
+    if vocab_map is None:  # the real table arrives with the weights
+        vocab_map = VocabMap(torch.zeros(full_vocab, dtype=torch.int16), vocab_size)
+    return ARCHITECTURES[kind](vocab_map=vocab_map, **config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -230,11 +240,11 @@ def count_parameters(model: nn.Module) -> int:
 
 def pca_init_embedding(target: nn.Embedding, teacher_rows: torch.Tensor) -> None:
     """Initialise ``target`` (K x d) with the top-d principal components of the teacher's rows for
-    the same tokens (K x 384), scaled to unit average norm: keeps the teacher's lexical geometry."""
+    the same tokens in compact order (K x 384), scaled to unit mean norm: keeps the teacher's
+    lexical geometry at a sixth of the width. Row 0 ([PAD]) stays zero."""
     with torch.no_grad():
         centred = teacher_rows - teacher_rows.mean(0, keepdim=True)
         _, _, v = torch.linalg.svd(centred, full_matrices=False)
         projected = centred @ v[: target.embedding_dim].T
-        projected /= projected.norm(dim=1).mean().clamp_min(1e-6) / math.sqrt(1.0)
-        target.weight[2:] = projected[2:]
+        target.weight.copy_(projected / projected.norm(dim=1).mean().clamp_min(1e-6))
         target.weight[0].zero_()

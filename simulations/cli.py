@@ -41,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_partition_args(describe)
     describe.add_argument("--format", choices=["table", "json"], default="table")
     describe.set_defaults(handler="simulations.describe:describe")
+
+    distill = commands.add_parser("distill", help="distill the robust, explainable global model")
+    distill.add_argument("--dataset", default="sst2")
+    distill.add_argument("--out", required=True, help="artifact folder to write")
+    distill.add_argument("--quick", action="store_true", help="small subsets and few steps (minutes)")
+    distill.add_argument("--network", choices=["student", "fastgrnn", "prado"])
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--data-dir", default=None)
+    distill.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override any DistillConfig field, e.g. --set objective.expl=0 --set epochs=5")
+    distill.set_defaults(handler="simulations.distill_cmd:run")
     return parser
 
 

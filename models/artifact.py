@@ -1,0 +1,126 @@
+"""Saving and loading FedREX models without pickle.
+
+An artifact folder holds ``config.json`` (architecture, labels, tokenizer length, a format tag),
+``model.safetensors`` (float weights) and ``model.int8.safetensors`` (weights quantized to int8,
+one symmetric scale per output row; biases and other 1-D tensors stay float32). Loading reads
+JSON and safetensors only, so a corrupted or foreign file is an error, never code execution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from models.errors import FedrexError
+from models.networks import build_network
+
+FORMAT = "fedrex-model/1"
+INT8_SUFFIX, SCALE_SUFFIX = "::int8", "::scale"
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row symmetric int8 for every float tensor with >= 2 dims; everything else as is."""
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().contiguous()
+        if tensor.is_floating_point() and tensor.dim() >= 2:
+            rows = tensor.reshape(tensor.shape[0], -1)
+            scale = (rows.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            out[name + INT8_SUFFIX] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(tensor.shape)
+            out[name + SCALE_SUFFIX] = scale.float()
+        else:
+            out[name] = tensor
+    return out
+
+
+def dequantize_state(qstate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in qstate.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if name.endswith(INT8_SUFFIX):
+            base = name[: -len(INT8_SUFFIX)]
+            scale = qstate[base + SCALE_SUFFIX]
+            out[base] = (tensor.float().reshape(tensor.shape[0], -1) * scale[:, None]).reshape(tensor.shape)
+        else:
+            out[name] = tensor
+    return out
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are meant to be shared
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload) -> None:
+    atomic_write_bytes(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=float).encode())
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(Path(path), save({k: v.detach().contiguous() for k, v in state.items()}))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FedrexError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise FedrexError(f"{path} is not a valid safetensors file ({type(exc).__name__}); re-create it") from None
+
+
+def save_artifact(folder: Path, model: torch.nn.Module, config: dict) -> dict:
+    """Write config + float + int8 weights; returns {"float_bytes", "int8_bytes"}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    save_weights(folder / "model.safetensors", state)
+    save_weights(folder / "model.int8.safetensors", quantize_state(state))
+    atomic_write_json(folder / "config.json", {"format": FORMAT, **config})
+    return {"float_bytes": (folder / "model.safetensors").stat().st_size,
+            "int8_bytes": (folder / "model.int8.safetensors").stat().st_size}
+
+
+def read_config(folder: Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise FedrexError(f"{folder} is not a FedREX artifact (no config.json); run `fedrex distill` first")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FedrexError(f"{path} is corrupted (not JSON)") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise FedrexError(f"{path} is not a FedREX model config (format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
+    return config
+
+
+def load_artifact(folder: Path, int8: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network from ``config.json`` and load its (float or int8) weights."""
+    config = read_config(folder)
+    model = build_network(config["network"])
+    state = load_weights(Path(folder) / ("model.int8.safetensors" if int8 else "model.safetensors"))
+    if int8:
+        state = dequantize_state(state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise FedrexError(f"weights in {folder} do not match its config: {str(err).splitlines()[0]}") from None
+    model.eval()
+    return model, config

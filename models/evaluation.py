@@ -1,0 +1,46 @@
+"""Evaluation shared by the server (distillation cards, benchmarks) and every client:
+accuracy, accuracy under attack, and explanation fidelity."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.attacks import attack_dataset
+from models.attribution import attribution_agreement, eraser_scores, integrated_gradients
+from models.encoded import EncodedData
+from models.tokenizer import WordPieceTokenizer
+from models.training import accuracy
+
+
+def take(n_rows: int, limit: int, seed: int) -> np.ndarray:
+    """A seeded subset of at most ``limit`` row indices (all rows when limit is 0 or large)."""
+    if limit <= 0 or limit >= n_rows:
+        return np.arange(n_rows)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=limit, replace=False))
+
+
+def robustness(model, tokenizer: WordPieceTokenizer, data: EncodedData, attacks=("char",),
+               budget: float = 0.2, limit: int = 200, seed: int = 0) -> dict:
+    """{attack: summary} on a seeded subset of at most ``limit`` examples."""
+    rows = take(len(data), limit, seed)
+    texts, labels = [data.texts[i] for i in rows], data.labels[rows]
+    return {name: attack_dataset(name, model, tokenizer, texts, labels, budget, seed)[0] for name in attacks}
+
+
+def fidelity(model, data: EncodedData, reference_attr: list[np.ndarray] | None = None, ig_steps: int = 8,
+             limit: int = 200, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
+    """ERASER scores of the model's own IG attributions on a seeded subset, plus agreement with
+    ``reference_attr`` (the teacher's or the global model's maps for the same rows) when given.
+    Returns (metrics, the model's attributions for those rows)."""
+    rows = take(len(data), limit, seed)
+    subset = data.subset(rows)
+    attr = integrated_gradients(model, subset, n_steps=ig_steps)
+    metrics = eraser_scores(model, subset, attr)
+    if reference_attr is not None:
+        agreement = attribution_agreement(attr, [reference_attr[i] for i in rows], subset.ids)
+        metrics.update({f"agreement_{k}": v for k, v in agreement.items()})
+    return metrics, attr
+
+
+def clean_accuracy(model, data: EncodedData) -> float:
+    return accuracy(model, data)

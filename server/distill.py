@@ -1,0 +1,287 @@
+"""Distillation of the global model (the method of Qiang et al., as interpreted in
+``models/objectives.py``): a fine-tuned MiniLM teacher, its cached logits and Integrated Gradients
+maps, and a compact network trained with CE + KD + EXPL + ADV, then evaluated and exported.
+
+Every expensive teacher product is cached under ``$FEDREX_CACHE_DIR/teacher/<key>``, the key
+hashing the data and every setting that shapes it, so later runs and other variants pay once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.artifact import atomic_write_json, load_weights, save_artifact, save_weights
+from models.datasets import cache_dir, cached_text_dataset
+from models.encoded import EncodedData
+from models.errors import FedrexError
+from models.evaluation import clean_accuracy, fidelity, robustness, take
+from models.export import export_onnx_int8, export_torchscript, latency_ms, onnx_logits
+from models.networks import VocabMap, build_network, count_parameters, pca_init_embedding
+from models.objectives import ObjectiveConfig
+from models.tokenizer import WordPieceTokenizer
+from models.training import fit, predict_logits, seed_everything
+
+
+@dataclass
+class DistillConfig:
+    dataset: str = "sst2"
+    train_split: str = "train"
+    eval_split: str = "validation"  # "holdout": carve eval_fraction out of train_split, seeded
+    eval_fraction: float = 0.2
+    data_dir: str | None = None
+    max_length: int = 64
+    seed: int = 0
+    # teacher: fine-tuned on a subset (CPU cost ~40-100 examples/s), signals cached
+    teacher_samples: int = 8000
+    teacher_epochs: float = 1.0
+    teacher_lr: float = 5e-5
+    teacher_batch: int = 32
+    teacher_freeze: int = 0
+    attr_samples: int = 2000  # student training rows that get a teacher IG map (EXPL)
+    ig_steps: int = 8
+    # compact network
+    network: str = "student"
+    student_samples: int = 0  # 0 = the whole training split
+    epochs: float = 3.0
+    batch_size: int = 64
+    lr: float = 2e-3
+    vocab_size: int = 8000
+    dim: int = 64
+    hidden: int = 128
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(kd=1.0, expl=1.0, adv=1.0,
+                                                                              adv_ratio=0.5))
+    # evaluation
+    eval_samples: int = 0
+    attack_samples: int = 200
+    attack_budget: float = 0.2
+    attacks: tuple[str, ...] = ("char", "synonym", "hotflip")
+    fidelity_samples: int = 200
+    export: bool = True
+
+    @classmethod
+    def quick(cls, **overrides) -> "DistillConfig":
+        """Minutes on 2 cores: small teacher subset with frozen lower layers, few steps."""
+        base = cls(teacher_samples=1500, teacher_freeze=2, teacher_lr=1e-4, attr_samples=256, ig_steps=4,
+                   student_samples=4000, epochs=2.0, eval_samples=300, attack_samples=40,
+                   fidelity_samples=40, attacks=("char", "hotflip"))
+        return replace(base, **overrides)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["objective"] = self.objective.as_dict()
+        out["attacks"] = list(self.attacks)
+        return out
+
+
+def log(message: str) -> None:
+    print(f"[distill] {message}", file=sys.stderr, flush=True)
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- data
+def load_splits(cfg: DistillConfig):
+    train, num_labels = cached_text_dataset(cfg.dataset, cfg.train_split, cfg.data_dir)
+    if cfg.eval_split == "holdout":
+        order = np.random.default_rng(cfg.seed).permutation(len(train))
+        n_eval = int(round(cfg.eval_fraction * len(train)))
+        evaluation, train = train.select(np.sort(order[:n_eval])), train.select(np.sort(order[n_eval:]))
+    else:
+        evaluation, _ = cached_text_dataset(cfg.dataset, cfg.eval_split, cfg.data_dir)
+    return train, evaluation, num_labels
+
+
+# ---------------------------------------------------------------------------------- teacher
+def teacher_key(cfg: DistillConfig, train) -> str:
+    settings = {k: getattr(cfg, k) for k in ("dataset", "train_split", "eval_split", "eval_fraction", "max_length",
+                                              "seed", "teacher_samples", "teacher_epochs", "teacher_lr",
+                                              "teacher_batch", "teacher_freeze")}
+    return _digest([settings, len(train), train._fingerprint])
+
+
+def get_teacher(cfg: DistillConfig, train: EncodedData, num_labels: int, key: str):
+    """Fine-tune MiniLM on a seeded subset of ``train``, or load it from the cache."""
+    from models.teacher import MiniLMTeacher
+
+    folder = cache_dir() / "teacher" / key
+    seed_everything(cfg.seed)
+    teacher = MiniLMTeacher(num_labels, freeze_layers=cfg.teacher_freeze)
+    if (folder / "teacher.safetensors").exists():
+        teacher.load_state_dict(load_weights(folder / "teacher.safetensors"))
+        teacher.eval()
+        log(f"teacher: cached ({folder})")
+        return teacher, folder
+    rows = take(len(train), cfg.teacher_samples, cfg.seed)
+    log(f"teacher: fine-tuning MiniLM on {len(rows)} rows for {cfg.teacher_epochs} epoch(s)")
+    fit(teacher, train.subset(rows), ObjectiveConfig(), epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
+        lr=cfg.teacher_lr, weight_decay=0.01, seed=cfg.seed, progress="teacher", log_every=25)
+    save_weights(folder / "teacher.safetensors", teacher.state_dict())
+    return teacher, folder
+
+
+def teacher_signals(teacher, data: EncodedData, folder: Path, name: str, attr_rows: np.ndarray, ig_steps: int):
+    """Teacher logits for every row and IG maps (on the teacher's prediction) for ``attr_rows``,
+    cached in ``folder/name.npz``."""
+    from models.attribution import integrated_gradients
+
+    path = folder / f"{name}-{_digest([len(data), attr_rows.tolist(), ig_steps])}.npz"
+    if path.exists():
+        with np.load(path) as saved:
+            logits, flat, offsets = saved["logits"], saved["attr"], saved["offsets"]
+    else:
+        start = time.time()
+        logits = predict_logits(teacher, data, batch_size=64)
+        log(f"teacher: logits for {len(data)} {name} rows ({time.time() - start:.0f}s); IG maps for {len(attr_rows)} rows")
+        maps = integrated_gradients(teacher, data.subset(attr_rows), n_steps=ig_steps, batch_size=8)
+        flat = np.concatenate(maps) if maps else np.zeros(0, np.float32)
+        offsets = np.cumsum([0] + [len(m) for m in maps])
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, logits=logits, attr=flat, offsets=offsets)
+        tmp.replace(path)
+    attr: list[np.ndarray | None] = [None] * len(data)
+    for j, row in enumerate(attr_rows):
+        attr[row] = flat[offsets[j]:offsets[j + 1]]
+    return logits, attr
+
+
+# ---------------------------------------------------------------------------------- student
+def build_compact(cfg: DistillConfig, train: EncodedData, num_labels: int, teacher=None):
+    """The compact network: vocabulary pruned to the ``vocab_size`` most frequent training tokens,
+    embedding initialised from the teacher's by PCA when a teacher is given."""
+    network = {"kind": cfg.network, "num_labels": num_labels}
+    if cfg.network == "prado":
+        return build_network(network), network
+    counts = np.bincount(np.concatenate(train.ids), minlength=30522)
+    counts[[0, 101, 102]] = 0
+    kept = np.argsort(-counts, kind="stable")[: cfg.vocab_size - 2]
+    kept = kept[counts[kept] > 0]
+    vocab = VocabMap.pruned(30522, torch.from_numpy(kept))
+    network.update(vocab_size=vocab.size, dim=cfg.dim, hidden=cfg.hidden)
+    model = build_network(network, vocab)
+    if teacher is not None:
+        with torch.no_grad():
+            pca_init_embedding(model.embedding, teacher.word_embeddings.weight[vocab.kept_ids])
+    return model, network
+
+
+# ------------------------------------------------------------------------------- evaluation
+def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teacher_eval_attr=None) -> dict:
+    start = time.time()
+    card = {"clean_acc": clean_accuracy(model, evaluation), "params": count_parameters(model)}
+    card["attacks"] = robustness(model, tokenizer, evaluation, cfg.attacks, cfg.attack_budget, cfg.attack_samples,
+                                 cfg.seed)
+    card["fidelity"], _ = fidelity(model, evaluation, teacher_eval_attr, cfg.ig_steps, cfg.fidelity_samples, cfg.seed)
+    card["latency_ms"] = latency_ms(model, [evaluation.ids[i] for i in take(len(evaluation), 100, cfg.seed)])
+    log(f"evaluated {type(model).__name__}: clean acc {card['clean_acc']:.4f} "
+        + " ".join(f"{k} {v['adv_acc']:.3f}" for k, v in card["attacks"].items()) + f" ({time.time() - start:.0f}s)")
+    return card
+
+
+def distill(cfg: DistillConfig, out: Path | None = None, teacher_card: bool = False) -> dict:
+    """Run the whole pipeline; write the artifact to ``out`` (when given) and return its card."""
+    cfg.objective.validate()
+    seed_everything(cfg.seed)
+    tokenizer = WordPieceTokenizer(cfg.max_length)
+    train_ds, eval_ds, num_labels = load_splits(cfg)
+    train = EncodedData.from_dataset(train_ds, tokenizer)
+    evaluation = EncodedData.from_dataset(eval_ds, tokenizer).subset(take(len(eval_ds), cfg.eval_samples, cfg.seed))
+    log(f"{cfg.dataset}: {len(train)} training rows, {len(evaluation)} evaluation rows, {num_labels} labels")
+
+    # The teacher is needed for KD/EXPL, for the PCA embedding init, and to score every model's
+    # attributions against it; it is cached, so asking for it costs once per data+config.
+    needs_teacher = True
+    teacher = teacher_eval_attr = None
+    card: dict = {"config": cfg.as_dict()}
+    student_rows = take(len(train), cfg.student_samples, cfg.seed + 1)
+    student_train = train.subset(student_rows)
+    if needs_teacher:
+        key = teacher_key(cfg, train_ds)
+        teacher, folder = get_teacher(cfg, train, num_labels, key)
+        attr_rows = take(len(student_train), cfg.attr_samples, cfg.seed + 2)
+        logits, attr = teacher_signals(teacher, student_train, folder, f"train{len(student_rows)}", attr_rows,
+                                       cfg.ig_steps)
+        student_train.teacher_logits, student_train.teacher_attr = logits, attr
+        fid_rows = take(len(evaluation), cfg.fidelity_samples, cfg.seed)
+        _, eval_attr = teacher_signals(teacher, evaluation, folder, f"eval{len(evaluation)}", fid_rows, cfg.ig_steps)
+        teacher_eval_attr = eval_attr
+        card["teacher"] = {"clean_acc": clean_accuracy(teacher, evaluation), "cache": str(folder)}
+        log(f"teacher: accuracy {card['teacher']['clean_acc']:.4f} on {len(evaluation)} evaluation rows")
+        if teacher_card:  # the teacher's own card: no agreement with itself
+            card["teacher"].update(evaluate(teacher, cfg, evaluation, tokenizer, None))
+
+    seed_everything(cfg.seed)
+    model, network = build_compact(cfg, student_train, num_labels, teacher)
+    log(f"{cfg.network}: {count_parameters(model):,} parameters, objective {cfg.objective.as_dict()}")
+    card["train"] = fit(model, student_train, cfg.objective, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        seed=cfg.seed, progress=cfg.network, log_every=200)
+    card.update(evaluate(model, cfg, evaluation, tokenizer, teacher_eval_attr))
+    config = {"network": network, "max_length": cfg.max_length, "dataset": cfg.dataset, "num_labels": num_labels,
+              "objective": cfg.objective.as_dict()}
+    with tempfile_dir(out) as folder:
+        card.update(save_artifact(folder, model, config))
+        card.update(check_int8(folder, evaluation, cfg))
+        if cfg.export and cfg.network == "student":
+            card.update(export_all(folder, evaluation, cfg))
+        atomic_write_json(folder / "card.json", card)
+    return card
+
+
+class tempfile_dir:
+    """The artifact folder, or a throwaway one when no ``out`` is given (benchmarks)."""
+
+    def __init__(self, out: Path | None):
+        self.out, self._tmp = out, None
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        if self.out is None:
+            self._tmp = tempfile.TemporaryDirectory()
+            return Path(self._tmp.name)
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        return Path(self.out)
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def check_int8(folder: Path, evaluation: EncodedData, cfg: DistillConfig) -> dict:
+    """Accuracy of the int8 weights and how often they agree with the float model."""
+    from models.artifact import load_artifact
+
+    float_model, _ = load_artifact(folder)
+    int8_model, _ = load_artifact(folder, int8=True)
+    float_pred = predict_logits(float_model, evaluation).argmax(1)
+    int8_pred = predict_logits(int8_model, evaluation).argmax(1)
+    return {"int8_acc": float((int8_pred == evaluation.labels).mean()),
+            "int8_agreement": float((int8_pred == float_pred).mean())}
+
+
+def export_all(folder: Path, evaluation: EncodedData, cfg: DistillConfig) -> dict:
+    """TorchScript + int8 ONNX of the int8-weight model; ONNX Runtime vs PyTorch on real rows."""
+    from models.artifact import load_artifact
+
+    model, _ = load_artifact(folder, int8=True)
+    example = evaluation.batch(np.arange(min(4, len(evaluation)))).ids
+    export_torchscript(model, folder / "model.torchscript.pt", example)
+    export_onnx_int8(model, folder / "model.int8.onnx", example)
+    rows = take(len(evaluation), 300, cfg.seed)
+    torch_pred, onnx_pred = [], []
+    for batch in evaluation.subset(rows).batches(64):
+        with torch.no_grad():
+            torch_pred.append(model(batch.ids).argmax(-1).numpy())
+        onnx_pred.append(onnx_logits(folder / "model.int8.onnx", batch.ids.numpy()).argmax(-1))
+    torch_pred, onnx_pred = np.concatenate(torch_pred), np.concatenate(onnx_pred)
+    return {"onnx_int8_bytes": (folder / "model.int8.onnx").stat().st_size,
+            "onnx_agreement": float((torch_pred == onnx_pred).mean())}

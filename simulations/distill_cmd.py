@@ -1,0 +1,46 @@
+"""`fedrex distill`: train and export the global model, then print its card in brief."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from simulations.overrides import apply_overrides
+
+
+def run(args) -> int:
+    from server.distill import DistillConfig, distill
+
+    config = DistillConfig.quick() if args.quick else DistillConfig()
+    config = apply_overrides(config, [f"dataset={args.dataset}", f"seed={args.seed}", *(args.set or [])])
+    if args.data_dir:
+        config = apply_overrides(config, [f"data_dir={args.data_dir}"])
+    if args.network:
+        config = apply_overrides(config, [f"network={args.network}"])
+    card = distill(config, Path(args.out))
+    print(format_card(card))
+    print(f"wrote {args.out}/card.json")
+    return 0
+
+
+def format_card(card: dict) -> str:
+    lines = [
+        f"model            {card['config']['network']}  ({card['params']:,} params, int8 {card['int8_bytes'] / 1024:.0f} KB)",
+        f"clean accuracy   {card['clean_acc']:.4f}  (int8 {card['int8_acc']:.4f}, agreement {card['int8_agreement']:.3f})",
+    ]
+    if "teacher" in card:
+        lines.append(f"teacher accuracy {card['teacher']['clean_acc']:.4f}")
+    for name, summary in card["attacks"].items():
+        lines.append(f"under {name:<10} acc {summary['adv_acc']:.4f}  success {summary['success_rate']:.3f}  "
+                     f"words {summary['words_changed_pct']:.1f}%  queries {summary['queries']:.1f}")
+    fid = card["fidelity"]
+    lines.append(f"fidelity         comprehensiveness {fid['comprehensiveness']:.4f}  sufficiency {fid['sufficiency']:.4f}"
+                 + (f"  teacher spearman {fid['agreement_spearman']:.3f}" if "agreement_spearman" in fid else ""))
+    lines.append(f"latency          {card['latency_ms']['median']:.2f} ms/sentence (batch 1, 1 thread)")
+    if "onnx_agreement" in card:
+        lines.append(f"onnx int8        {card['onnx_int8_bytes'] / 1024:.0f} KB, agrees with PyTorch on {card['onnx_agreement']:.1%}")
+    return "\n".join(lines)
+
+
+def dump(card: dict) -> str:
+    return json.dumps(card, indent=2, default=float)
