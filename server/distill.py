@@ -199,25 +199,22 @@ def distill(cfg: DistillConfig, out: Path | None = None, teacher_card: bool = Fa
 
     # The teacher is needed for KD/EXPL, for the PCA embedding init, and to score every model's
     # attributions against it; it is cached, so asking for it costs once per data+config.
-    needs_teacher = True
-    teacher = teacher_eval_attr = None
     card: dict = {"config": cfg.as_dict()}
     student_rows = take(len(train), cfg.student_samples, cfg.seed + 1)
     student_train = train.subset(student_rows)
-    if needs_teacher:
-        key = teacher_key(cfg, train_ds)
-        teacher, folder = get_teacher(cfg, train, num_labels, key)
-        attr_rows = take(len(student_train), cfg.attr_samples, cfg.seed + 2)
-        logits, attr = teacher_signals(teacher, student_train, folder, f"train{len(student_rows)}", attr_rows,
-                                       cfg.ig_steps)
-        student_train.teacher_logits, student_train.teacher_attr = logits, attr
-        fid_rows = take(len(evaluation), cfg.fidelity_samples, cfg.seed)
-        _, eval_attr = teacher_signals(teacher, evaluation, folder, f"eval{len(evaluation)}", fid_rows, cfg.ig_steps)
-        teacher_eval_attr = eval_attr
-        card["teacher"] = {"clean_acc": clean_accuracy(teacher, evaluation), "cache": str(folder)}
-        log(f"teacher: accuracy {card['teacher']['clean_acc']:.4f} on {len(evaluation)} evaluation rows")
-        if teacher_card:  # the teacher's own card: no agreement with itself
-            card["teacher"].update(evaluate(teacher, cfg, evaluation, tokenizer, None))
+    key = teacher_key(cfg, train_ds)
+    teacher, folder = get_teacher(cfg, train, num_labels, key)
+    attr_rows = take(len(student_train), cfg.attr_samples, cfg.seed + 2)
+    logits, attr = teacher_signals(teacher, student_train, folder, f"train{len(student_rows)}", attr_rows,
+                                   cfg.ig_steps)
+    student_train.teacher_logits, student_train.teacher_attr = logits, attr
+    fid_rows = take(len(evaluation), cfg.fidelity_samples, cfg.seed)
+    _, teacher_eval_attr = teacher_signals(teacher, evaluation, folder, f"eval{len(evaluation)}", fid_rows,
+                                           cfg.ig_steps)
+    card["teacher"] = {"clean_acc": clean_accuracy(teacher, evaluation), "cache": str(folder)}
+    log(f"teacher: accuracy {card['teacher']['clean_acc']:.4f} on {len(evaluation)} evaluation rows")
+    if teacher_card:  # the teacher's own card: no agreement with itself
+        card["teacher"].update(evaluate(teacher, cfg, evaluation, tokenizer, None))
 
     seed_everything(cfg.seed)
     model, network = build_compact(cfg, student_train, num_labels, teacher)
