@@ -52,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override any DistillConfig field, e.g. --set objective.expl=0 --set epochs=5")
     distill.set_defaults(handler="simulations.distill_cmd:run")
+
+    for name, handler, helptext in (
+        ("simulate", "simulations.simulate:simulate_cmd", "run a federated simulation (Flower + Ray)"),
+        ("run", "simulations.simulate:run_cmd", "the main job: distill (cached) + simulate + report"),
+    ):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument("--config", default=None if name == "simulate" else "default",
+                         help="TOML run config: a file, or a packaged name (default, large)")
+        sub.add_argument("--run-config", action="append", metavar="KEY=VALUE", help="override one setting")
+        sub.add_argument("--runs-dir", default=None, help="where run folders go (default: runs)")
+        sub.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+        if name == "simulate":
+            sub.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+            sub.add_argument("--stop-after", type=int, default=0, metavar="N",
+                             help="stop cleanly after round N (resume later)")
+        sub.set_defaults(handler=handler)
     return parser
 
 

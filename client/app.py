@@ -1,0 +1,104 @@
+"""The FedREX ClientApp (Flower Message API).
+
+``query``: who am I (partition id, client id, data sizes) — lets the server sample clients by
+partition id, reproducibly. ``train``: one round of local work (see ``client/local.py``).
+``evaluate``: global and personal model metrics on the client's held-out rows.
+
+Imports stay light (torch, tokenizers, datasets, flwr; Captum and Opacus only when used), so the
+same module runs under the simulation engine and alone on a SuperNode on a small ARM device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import load_local_data
+from client.evaluate import client_profile, full_attr_list, model_metrics
+from client.local import personal_model, round_seed, train_round
+from client.state import restore
+from models.networks import build_network
+from models.run_settings import RunSettings
+from models.tokenizer import WordPieceTokenizer
+
+
+def _setup(msg: Message, context: Context, overrides: dict):
+    torch.set_num_threads(1)  # one core per simulated client; the engine runs several at once
+    settings = RunSettings.from_flower({**context.run_config, **overrides})
+    config = msg.content.config_records.get("config", ConfigRecord())
+    network = json.loads(str(config["network"])) if "network" in config else None
+    round_number = int(config.get("global-round", config.get("server-round", 0)))
+    # Where personal state is mirrored: a device names its own folder; in simulation the run dir.
+    state_dir = context.node_config.get("state-dir") or config.get("run-dir")
+    run_dir = Path(str(state_dir)) if state_dir else None
+    local = load_local_data(context.node_config, settings, network["num_labels"] if network else 2)
+    return settings, config, network, round_number, run_dir, local
+
+
+def _reply(msg: Message, details: dict, num_examples: int, arrays: ArrayRecord | None = None) -> Message:
+    """Flower's strategies need one MetricRecord with the same keys from every client, so it holds
+    only the weighting count; the per-client details (which vary: DP, tiny clients) travel as JSON."""
+    clean = {k: float(v) for k, v in details.items() if isinstance(v, (int, float)) and v == v}
+    content = RecordDict({"metrics": MetricRecord({"num-examples": int(num_examples)}),
+                          "details": ConfigRecord({"json": json.dumps(clean)})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, reply_to=msg)
+
+
+def build_client_app(overrides: dict | None = None) -> ClientApp:
+    """A ClientApp whose settings are ``context.run_config`` with ``overrides`` on top (the
+    simulation entry point passes the resolved run settings this way)."""
+    overrides = dict(overrides or {})
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        settings, _, _, _, _, local = _setup(msg, context, overrides)
+        info = ConfigRecord({"client-id": local.client_id, "partition-id": local.partition_id,
+                             "n-train": len(local.train), "n-test": len(local.test)})
+        return Message(RecordDict({"info": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        settings, config, network, round_number, run_dir, local = _setup(msg, context, overrides)
+        global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+        state = restore(context, run_dir, local.partition_id, round_number)
+        sent, metrics = train_round(lambda: build_network(network), global_state, local.train, settings, state,
+                                    round_number, local.partition_id, float(config.get("proximal-mu", 0.0)))
+        state.to_context(context)
+        if run_dir is not None:
+            state.save(run_dir, local.partition_id, round_number)
+        metrics.update(partition_id=local.partition_id, n_train=len(local.train))
+        return _reply(msg, metrics, len(local.train), ArrayRecord(sent))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        settings, config, network, round_number, run_dir, local = _setup(msg, context, overrides)
+        global_state = msg.content.array_records["arrays"].to_torch_state_dict()
+        state = restore(context, run_dir, local.partition_id, round_number + 1)
+        metrics = {"partition_id": local.partition_id, **client_profile(local, state, settings.delta)}
+        if len(local.test) > 0:
+            tokenizer = WordPieceTokenizer(settings.max_length)
+            seed = round_seed(settings, round_number, local.partition_id, salt=7)
+            build = lambda: build_network(network)  # noqa: E731
+            global_model = build()
+            global_model.load_state_dict(global_state)
+            global_model.eval()
+            global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, seed)
+            reference = (full_attr_list(global_attr, len(local.test), settings.fidelity_examples, seed)
+                         if global_attr is not None else None)
+            personal = personal_model(build, global_state, state, settings, local.train, seed)
+            personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, seed, reference)
+            metrics.update({f"global.{k}": v for k, v in global_metrics.items()})
+            metrics.update({f"personal.{k}": v for k, v in personal_metrics.items()})
+        return _reply(msg, metrics, len(local.test))
+
+    return app
+
+
+app = build_client_app()

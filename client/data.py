@@ -1,0 +1,81 @@
+"""A client's own data, by the same code path in simulation and on a device.
+
+- Simulation: ``node_config["partition-id"]`` picks a partition of the run's dataset (cut by
+  flwr-datasets from one memory-mapped table, cached once per process).
+- Device: ``node_config["data-file"]`` names a local .csv/.parquet/.json of the user's own texts
+  (``client-id`` optional); it is split train/test like any partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from models.datasets import cached_text_dataset
+from models.encoded import EncodedData
+from models.errors import FedrexError
+from models.partitioning import ClientData, FederatedData, PartitionConfig, split_indices
+from models.run_settings import RunSettings
+from models.tokenizer import WordPieceTokenizer
+
+
+@dataclass
+class LocalData:
+    partition_id: int
+    client_id: str
+    train: EncodedData
+    test: EncodedData
+    num_labels: int
+
+    @property
+    def label_counts(self) -> np.ndarray:
+        return np.bincount(np.concatenate([self.train.labels, self.test.labels]), minlength=self.num_labels)
+
+
+def partition_config(settings: RunSettings) -> PartitionConfig:
+    return PartitionConfig(settings.partitioner, settings.num_partitions, settings.alpha, settings.min_samples,
+                           settings.test_fraction, settings.seed)
+
+
+@lru_cache(maxsize=2)
+def federated_data(settings_key: tuple, dataset: str, data_dir: str, config: PartitionConfig) -> FederatedData:
+    table, num_labels = cached_text_dataset(dataset, "train", data_dir or None)
+    return FederatedData(table, num_labels, config)
+
+
+def federation(settings: RunSettings) -> FederatedData:
+    config = partition_config(settings)
+    return federated_data((settings.dataset, settings.data_dir, config), settings.dataset, settings.data_dir, config)
+
+
+@lru_cache(maxsize=512)
+def _encoded(settings: RunSettings, partition_id: int) -> LocalData:
+    fed = federation(settings)
+    client = fed.client(partition_id)
+    return _encode(client, fed.num_labels, settings.max_length)
+
+
+def _encode(client: ClientData, num_labels: int, max_length: int) -> LocalData:
+    tokenizer = WordPieceTokenizer(max_length)
+    return LocalData(client.partition_id, client.client_id, EncodedData.from_dataset(client.train, tokenizer),
+                     EncodedData.from_dataset(client.test, tokenizer), num_labels)
+
+
+@lru_cache(maxsize=4)
+def _device_file(path: str, client_id: str, settings: RunSettings, num_labels: int) -> LocalData:
+    table, found_labels = cached_text_dataset(path, "train")
+    config = PartitionConfig(kind="iid", num_partitions=1, test_fraction=settings.test_fraction, seed=settings.seed)
+    train_idx, test_idx = split_indices(table, config, 0)
+    client = ClientData(0, client_id, table.select(train_idx), table.select(test_idx))
+    return _encode(client, max(num_labels, found_labels), settings.max_length)
+
+
+def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2) -> LocalData:
+    if "data-file" in node_config:
+        return _device_file(str(node_config["data-file"]), str(node_config.get("client-id", "device")), settings,
+                            num_labels)
+    if "partition-id" not in node_config:
+        raise FedrexError("this node has neither a partition-id (simulation) nor a data-file (device) in its node config")
+    return _encoded(settings, int(node_config["partition-id"]))

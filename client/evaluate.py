@@ -1,0 +1,53 @@
+"""What every client measures on its own held-out rows, for the global and the personal model:
+accuracy, accuracy under the character-level attack and its success rate, explanation fidelity
+(ERASER comprehensiveness/sufficiency of its IG maps) and, for the personal model, agreement of its
+attributions with the global model's. Plus who the client is: sizes, label balance, privacy spent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from client.data import LocalData
+from models.evaluation import fidelity, robustness
+from models.tokenizer import WordPieceTokenizer
+from models.training import accuracy
+
+
+def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokenizer, seed: int,
+                  reference_attr=None) -> tuple[dict, list]:
+    test = local.test
+    metrics = {"acc": accuracy(model, test)}
+    if settings.attack_examples > 0:
+        summary = robustness(model, tokenizer, test, ("char",), settings.attack_budget, settings.attack_examples,
+                             seed)["char"]
+        metrics.update(adv_acc=summary["adv_acc"], attack_success=summary["success_rate"],
+                       words_changed_pct=summary["words_changed_pct"])
+    attr = None
+    if settings.fidelity_examples > 0:
+        fid, attr = fidelity(model, test, reference_attr, settings.ig_steps, settings.fidelity_examples, seed)
+        metrics.update(comprehensiveness=fid["comprehensiveness"], sufficiency=fid["sufficiency"])
+        if reference_attr is not None:
+            metrics.update(agreement_spearman=fid["agreement_spearman"], agreement_topk=fid["agreement_topk_overlap"])
+    return metrics, attr
+
+
+def client_profile(local: LocalData, state, delta: float) -> dict:
+    from client.privacy import epsilon_of
+
+    counts = local.label_counts
+    total = max(int(counts.sum()), 1)
+    return {"n_train": len(local.train), "n_test": len(local.test),
+            "majority_share": float(counts.max() / total), "single_label": float(np.count_nonzero(counts) == 1),
+            "epsilon": epsilon_of(state.dp_history, delta), "train_seconds": state.train_seconds,
+            "has_personal": float(state.personal is not None)}
+
+
+def full_attr_list(attr, n_rows: int, limit: int, seed: int):
+    """Spread the attributions of the evaluated subset back to row positions (None elsewhere)."""
+    from models.evaluation import take
+
+    out: list = [None] * n_rows
+    for position, row in enumerate(take(n_rows, limit, seed)):
+        out[row] = attr[position]
+    return out

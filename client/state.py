@@ -1,0 +1,83 @@
+"""What a client keeps between rounds: its personal weights and its privacy ledger.
+
+Kept in Flower's ``Context.state`` (the native place, alive for the whole run) and mirrored to
+``<run dir>/client_state/p<partition>/round-<r>.safetensors`` so that a resumed run, whose
+contexts start empty, continues from exactly the state the interrupted run had after the last
+completed round. Files are versioned by round and written atomically: a crash mid-round leaves
+newer files that a resume from an earlier round ignores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from models.artifact import atomic_write_json, load_weights, save_weights
+
+KEEP_VERSIONS = 3
+
+
+class ClientState:
+    def __init__(self, personal: dict[str, torch.Tensor] | None = None, dp_history: list | None = None,
+                 last_round: int = 0, train_seconds: float = 0.0):
+        self.personal = personal
+        self.dp_history = dp_history or []  # [(noise_multiplier, sample_rate, steps), ...] for Opacus' RDP
+        self.last_round = last_round
+        self.train_seconds = train_seconds
+
+    # ---- Flower Context.state --------------------------------------------------------------
+    @classmethod
+    def from_context(cls, context) -> "ClientState | None":
+        if "fedrex" not in context.state.config_records:
+            return None
+        meta = json.loads(context.state.config_records["fedrex"]["meta"])
+        personal = None
+        if "personal" in context.state.array_records:
+            personal = context.state.array_records["personal"].to_torch_state_dict()
+        return cls(personal, [tuple(h) for h in meta["dp_history"]], meta["last_round"], meta["train_seconds"])
+
+    def to_context(self, context) -> None:
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        context.state.config_records["fedrex"] = ConfigRecord({"meta": json.dumps(self._meta())})
+        if self.personal is not None:
+            context.state.array_records["personal"] = ArrayRecord(self.personal)
+
+    def _meta(self) -> dict:
+        return {"dp_history": [list(h) for h in self.dp_history], "last_round": self.last_round,
+                "train_seconds": self.train_seconds}
+
+    # ---- disk mirror -------------------------------------------------------------------------
+    @staticmethod
+    def folder(run_dir: Path, partition_id: int) -> Path:
+        return Path(run_dir) / "client_state" / f"p{partition_id:05d}"
+
+    def save(self, run_dir: Path, partition_id: int, round_number: int) -> None:
+        folder = self.folder(run_dir, partition_id)
+        if self.personal is not None:
+            save_weights(folder / f"round-{round_number:04d}.safetensors", self.personal)
+        atomic_write_json(folder / f"round-{round_number:04d}.json", {**self._meta(), "has_personal": self.personal is not None})
+        for old in sorted(folder.glob("round-*.json"))[:-KEEP_VERSIONS]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, run_dir: Path, partition_id: int, before_round: int) -> "ClientState | None":
+        """The newest saved state from a round before ``before_round`` (None when there is none)."""
+        folder = cls.folder(run_dir, partition_id)
+        candidates = [p for p in sorted(folder.glob("round-*.json")) if int(p.stem.split("-")[1]) < before_round]
+        if not candidates:
+            return None
+        meta = json.loads(candidates[-1].read_text())
+        personal = load_weights(candidates[-1].with_suffix(".safetensors")) if meta["has_personal"] else None
+        return cls(personal, [tuple(h) for h in meta["dp_history"]], meta["last_round"], meta["train_seconds"])
+
+
+def restore(context, run_dir: Path | None, partition_id: int, current_round: int) -> ClientState:
+    """Context.state first; after a resume (empty context) the disk mirror; else a fresh state."""
+    state = ClientState.from_context(context)
+    if state is None and run_dir is not None:
+        state = ClientState.load(run_dir, partition_id, current_round)
+    return state or ClientState()

@@ -1,0 +1,154 @@
+"""The settings of a federated run, shared by the ServerApp and the ClientApp.
+
+Flower hands both apps a flat ``run_config`` (hyphenated keys, from pyproject.toml's
+``[tool.flwr.app.config]``, a TOML file or ``--run-config k=v``); ``RunSettings.from_flower``
+parses and validates it once, with one clear error per bad key. It lives in ``models/`` because
+it is the one package both apps import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from models.errors import FedrexError
+from models.objectives import ObjectiveConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+MODES = ("finetune", "fedper", "fedrep", "ditto")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # data and partitioning
+    dataset: str = "rt_critics"
+    data_dir: str = ""
+    partitioner: str = "natural"
+    num_partitions: int = 0
+    alpha: float = 0.5
+    min_samples: int = 0
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_length: int = 64
+    # global model: a distilled artifact folder; "" = distill (quick, cached) on distill-dataset
+    artifact: str = ""
+    distill_dataset: str = "sst2"
+    # federation
+    strategy: str = "fedavg"
+    num_rounds: int = 3
+    fraction_train: float = 0.2
+    min_train_clients: int = 2
+    fraction_evaluate: float = 1.0
+    evaluate_every: int = 1
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    trimmed_beta: float = 0.2
+    krum_byzantine: int = 1
+    round_timeout: float = 600.0
+    # local training
+    local_epochs: float = 1.0
+    local_max_steps: int = 50
+    batch_size: int = 16
+    lr: float = 1e-3
+    # adversarial hardening and explanation preservation
+    adv_weight: float = 0.0
+    adv_ratio: float = 0.5
+    adv_epsilon: float = 0.1
+    adv_steps: int = 2
+    expl_weight: float = 0.0
+    # differential privacy (Opacus DP-SGD on the update that leaves the device)
+    dp: bool = False
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0  # > 0: pick the noise multiplier for this budget over all rounds
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    # personalization
+    mode: str = "finetune"
+    personal_epochs: float = 1.0
+    ditto_lambda: float = 0.1
+    # per-client evaluation
+    attack_examples: int = 20
+    attack_budget: float = 0.2
+    fidelity_examples: int = 20
+    ig_steps: int = 8
+    # bookkeeping
+    runs_dir: str = "runs"
+    run_id: str = ""
+
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_flower(cls, run_config: dict) -> "RunSettings":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                valid = ", ".join(sorted(k.replace("_", "-") for k in known))
+                raise FedrexError(f"unknown run-config key {key!r}; valid keys: {valid}")
+            values[name] = _coerce(raw, known[name].default, key)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_flower(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes) -> "RunSettings":
+        return dataclasses.replace(self, **changes)
+
+    def objective(self) -> ObjectiveConfig:
+        return ObjectiveConfig(adv=self.adv_weight, expl=self.expl_weight, adv_ratio=self.adv_ratio,
+                               adv_epsilon=self.adv_epsilon, adv_steps=self.adv_steps)
+
+    def validate(self) -> None:
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),
+            (0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}"),
+            (0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),
+            (self.evaluate_every >= 1, f"evaluate-every must be >= 1, got {self.evaluate_every}"),
+            (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
+            (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
+            (self.batch_size >= 1 and self.lr > 0, "batch-size must be >= 1 and lr > 0"),
+            (not self.dp or self.noise_multiplier > 0 or self.target_epsilon > 0,
+             "dp needs noise-multiplier > 0 or target-epsilon > 0"),
+            (self.max_grad_norm > 0 and 0 < self.delta < 1, "max-grad-norm must be > 0 and delta in (0, 1)"),
+            (not (self.dp and self.expl_weight > 0),
+             "dp with expl-weight > 0 is not supported (Opacus cannot take per-sample gradients of a gradient)"),
+            (0 < self.attack_budget <= 1, f"attack-budget must be in (0, 1], got {self.attack_budget}"),
+            (self.attack_examples >= 0 and self.fidelity_examples >= 0, "attack/fidelity examples must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FedrexError(message)
+        self.objective().validate()
+
+
+def _coerce(raw, default, key: str):
+    try:
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(raw).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int) and not isinstance(raw, bool):
+            as_float = float(raw)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if isinstance(default, float) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(default, str):
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    raise FedrexError(f"run-config {key}={raw!r}: expected {type(default).__name__}")
+
+
+def encode_json(value) -> str:
+    return json.dumps(value, sort_keys=True)

@@ -1,0 +1,28 @@
+"""Per-round summaries of per-client metrics: weighted mean (by test rows), median, p10, min."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+STATS = ("mean", "weighted_mean", "median", "p10", "min", "max", "count")
+
+
+def summarize(rows: pd.DataFrame, weights: pd.Series | None = None) -> pd.DataFrame:
+    """``rows``: tidy (client_id, model, metric, value) for one round. ``weights``: client_id ->
+    weight (test rows). Returns tidy (model, metric, stat, value)."""
+    out = []
+    for (model, metric), group in rows.groupby(["model", "metric"], observed=True, sort=True):
+        values = group["value"].to_numpy(dtype=float)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        finite = group[np.isfinite(group["value"].to_numpy(dtype=float))]
+        w = (finite["client_id"].map(weights).fillna(0).to_numpy(dtype=float) if weights is not None
+             else np.ones(len(finite)))
+        weighted = float(np.average(values, weights=w)) if w.sum() > 0 else float("nan")
+        stats = {"mean": float(values.mean()), "weighted_mean": weighted, "median": float(np.median(values)),
+                 "p10": float(np.percentile(values, 10)), "min": float(values.min()), "max": float(values.max()),
+                 "count": float(values.size)}
+        out += [{"model": model, "metric": metric, "stat": s, "value": v} for s, v in stats.items()]
+    return pd.DataFrame(out, columns=["model", "metric", "stat", "value"])

@@ -1,0 +1,110 @@
+"""The FedREX ServerApp: distributes the distilled global model, runs the chosen Flower strategy,
+and persists every client's metrics each round (resumable)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from models.artifact import load_artifact
+from models.errors import FedrexError
+from models.run_settings import RunSettings
+from server.recorder import Recorder
+from server.store import RunStore
+from server.strategy import make_strategy
+
+CONTROL_KEYS = ("resume", "stop-after")  # run-control, not part of a run's identity
+
+
+def log(message: str) -> None:
+    print(f"[server] {message}", file=sys.stderr, flush=True)
+
+
+def global_model(settings: RunSettings):
+    """The distilled artifact named by ``artifact``, or a quick distillation (cached) when unset."""
+    if settings.artifact:
+        return load_artifact(Path(settings.artifact))
+    from server.distill import DistillConfig, distill
+    from models.datasets import cache_dir
+
+    folder = cache_dir() / "artifacts" / f"{settings.distill_dataset}-quick-s{settings.seed}-L{settings.max_length}"
+    if not (folder / "card.json").exists():
+        log(f"no artifact given: distilling a quick global model on {settings.distill_dataset} into {folder}")
+        distill(DistillConfig.quick(dataset=settings.distill_dataset, seed=settings.seed,
+                                    max_length=settings.max_length), folder)
+    return load_artifact(folder)
+
+
+def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[dict, dict]:
+    """Ask every connected node who it is: node id -> partition id, partition id -> client id."""
+    config = ConfigRecord({"network": json.dumps(network)})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in sorted(grid.get_node_ids())]
+    replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    partition_of, client_of = {}, {}
+    for msg in replies:
+        if msg.has_error():
+            log(f"node {msg.metadata.src_node_id} did not answer the query: {msg.error.reason}")
+            continue
+        info = msg.content.config_records["info"]
+        partition_of[msg.metadata.src_node_id] = int(info["partition-id"])
+        client_of[int(info["partition-id"])] = str(info["client-id"])
+    if len(partition_of) < settings.min_train_clients:
+        raise FedrexError(f"only {len(partition_of)} clients answered; min-train-clients is {settings.min_train_clients}")
+    return partition_of, client_of
+
+
+def open_store(settings: RunSettings, control: dict) -> tuple[RunStore, int]:
+    identity = {k: v for k, v in settings.to_flower().items()}
+    if control.get("resume"):
+        store = RunStore.open(Path(str(control["resume"])))
+        return store, store.completed_rounds
+    return RunStore.create(Path(settings.runs_dir), identity, settings.run_id), 0
+
+
+def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None) -> RunStore:
+    control = control or {}
+    store, offset = open_store(settings, control)
+    if offset >= settings.num_rounds:
+        log(f"{store.folder} already completed {offset} rounds")
+        store.finish()
+        return store
+    model, config = global_model(settings)
+    network = config["network"]
+    store.meta["network"] = network
+    state = store.load_checkpoint(offset) if offset else model.state_dict()
+    log(f"run {store.run_id}: {settings.strategy}, mode {settings.mode}, rounds {offset + 1}..{settings.num_rounds}"
+        f" -> {store.folder}")
+    partition_of, client_of = discover_clients(grid, settings, network)
+    recorder = Recorder(store, settings, offset, partition_of, client_of)
+    strategy = make_strategy(settings, recorder)
+    stop_after = int(control.get("stop-after") or 0)
+    last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
+    shared = {"network": json.dumps(network), "run-dir": str(store.folder.resolve())}
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=last - offset,
+                   timeout=settings.round_timeout, train_config=ConfigRecord(dict(shared)),
+                   evaluate_config=ConfigRecord(dict(shared)), evaluate_fn=recorder.commit)
+    store.finish("completed" if store.completed_rounds >= settings.num_rounds else "stopped")
+    log(f"run {store.run_id}: {store.completed_rounds}/{settings.num_rounds} rounds done, outputs in {store.folder}")
+    return store
+
+
+def build_server_app(overrides: dict | None = None, control: dict | None = None) -> ServerApp:
+    overrides, control = dict(overrides or {}), dict(control or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = {k: v for k, v in {**context.run_config, **overrides}.items() if k not in CONTROL_KEYS}
+        settings = RunSettings.from_flower(run_config)
+        run_federated(grid, settings, {**{k: context.run_config[k] for k in CONTROL_KEYS
+                                          if k in context.run_config}, **control})
+
+    return app
+
+
+app = build_server_app()

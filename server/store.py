@@ -1,0 +1,133 @@
+"""A run's folder and its atomic, per-round persistence.
+
+    runs/<run-id>/
+      run.json              resolved settings, seed, status, last completed round
+      clients/round-NNNN.parquet   tidy per-client rows of one round (the source of truth)
+      clients.parquet       all rounds, tidy: run_id, round, client_id, partition_id, model, metric, value
+      rounds.parquet        per-round summaries: run_id, round, model, metric, stat, value
+      checkpoints/round-NNNN.safetensors   global weights after each round
+      client_state/...      each client's personal state, versioned by round (client/state.py)
+      events.jsonl          failures and notes, one JSON object per line
+
+A round is committed in this order: checkpoint, its clients part, the rebuilt clients.parquet and
+rounds.parquet, then run.json's ``completed_rounds``. Every file is written to a temporary name and
+renamed, so a crash leaves either the old or the new file, and ``completed_rounds`` never points at
+a round whose outputs are incomplete; parts from a round after it are ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from models.artifact import atomic_write_bytes, atomic_write_json, load_weights, save_weights
+from models.errors import FedrexError
+from server.aggregate import summarize
+
+CLIENT_COLUMNS = ["run_id", "round", "client_id", "partition_id", "model", "metric", "value"]
+ROUND_COLUMNS = ["run_id", "round", "model", "metric", "stat", "value"]
+
+
+def new_run_id() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+class RunStore:
+    def __init__(self, folder: Path, meta: dict):
+        self.folder, self.meta = Path(folder), meta
+
+    @property
+    def run_id(self) -> str:
+        return self.meta["run_id"]
+
+    @property
+    def completed_rounds(self) -> int:
+        return int(self.meta.get("completed_rounds", 0))
+
+    # -------------------------------------------------------------------------------- open
+    @classmethod
+    def create(cls, runs_dir: Path, settings: dict, run_id: str = "") -> "RunStore":
+        run_id = run_id or new_run_id()
+        folder = Path(runs_dir) / run_id
+        if (folder / "run.json").exists():
+            raise FedrexError(f"{folder} already holds a run; use --resume {folder} or another run id")
+        meta = {"run_id": run_id, "settings": settings, "completed_rounds": 0, "status": "running",
+                "created": dt.datetime.now(dt.timezone.utc).isoformat()}
+        store = cls(folder, meta)
+        store._write_meta()
+        return store
+
+    @classmethod
+    def open(cls, folder: Path) -> "RunStore":
+        path = Path(folder) / "run.json"
+        if not path.exists():
+            raise FedrexError(f"{folder} is not a FedREX run (no run.json)")
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise FedrexError(f"{path} is corrupted") from None
+        return cls(Path(folder), meta)
+
+    def _write_meta(self) -> None:
+        atomic_write_json(self.folder / "run.json", self.meta)
+
+    # ------------------------------------------------------------------------------- rounds
+    def checkpoint_path(self, round_number: int) -> Path:
+        return self.folder / "checkpoints" / f"round-{round_number:04d}.safetensors"
+
+    def load_checkpoint(self, round_number: int):
+        return load_weights(self.checkpoint_path(round_number))
+
+    def commit_round(self, round_number: int, weights: dict, rows: pd.DataFrame, weights_by_client=None,
+                     extra_summary: list[dict] | None = None, keep_checkpoints: int = 2) -> None:
+        save_weights(self.checkpoint_path(round_number), weights)
+        rows = rows.assign(run_id=self.run_id, round=round_number)[CLIENT_COLUMNS]
+        write_parquet(self.folder / "clients" / f"round-{round_number:04d}.parquet", rows)
+        clients = self.read_parts(upto=round_number)
+        write_parquet(self.folder / "clients.parquet", clients)
+        summary = summarize(rows, weights_by_client)
+        if extra_summary:
+            summary = pd.concat([summary, pd.DataFrame(extra_summary)], ignore_index=True)
+        summary = summary.assign(run_id=self.run_id, round=round_number)[ROUND_COLUMNS]
+        previous = self.read_rounds()
+        previous = previous[previous["round"] < round_number] if len(previous) else previous
+        write_parquet(self.folder / "rounds.parquet", pd.concat([previous, summary], ignore_index=True))
+        self.meta["completed_rounds"] = round_number
+        self._write_meta()
+        for old in sorted((self.folder / "checkpoints").glob("round-*.safetensors"))[:-keep_checkpoints]:
+            old.unlink(missing_ok=True)
+
+    def read_parts(self, upto: int) -> pd.DataFrame:
+        parts = [p for p in sorted((self.folder / "clients").glob("round-*.parquet"))
+                 if int(p.stem.split("-")[1]) <= upto]
+        if not parts:
+            return pd.DataFrame(columns=CLIENT_COLUMNS)
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+    def read_rounds(self) -> pd.DataFrame:
+        path = self.folder / "rounds.parquet"
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=ROUND_COLUMNS)
+
+    def finish(self, status: str = "completed") -> None:
+        self.meta["status"] = status
+        self._write_meta()
+
+    def event(self, **payload) -> None:
+        line = json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(), **payload}, default=str)
+        with open(self.folder / "events.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
