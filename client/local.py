@@ -62,7 +62,10 @@ def with_reference_saliency(model, data: EncodedData) -> EncodedData:
 
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,
               epochs: float, extra_loss=None, trainable=None) -> dict:
-    """``fit`` restricted to the ``trainable`` parameters (all when None)."""
+    """``fit`` restricted to the ``trainable`` parameters (all when None). Seeds torch first:
+    dropout draws from the global generator, whose state would otherwise depend on whatever the
+    same Ray actor ran before."""
+    seed_everything(seed)
     if trainable is not None:
         for name, param in model.named_parameters():
             param.requires_grad_(trainable(name))
@@ -140,5 +143,5 @@ def train_round(build, global_state: dict[str, torch.Tensor], data: EncodedData,
         state.personal = {k: v.detach().clone() for k, v in personal.state_dict().items()}
     state.last_round = round_number
     state.train_seconds = time.time() - start
-    metrics = {**metrics, "train_seconds": state.train_seconds}
+    metrics = {**{k: v for k, v in metrics.items() if k != "seconds"}, "train_seconds": state.train_seconds}
     return sent, metrics

@@ -118,10 +118,10 @@ def load_text_dataset(
         num_labels = spec.num_labels
     elif Path(name).suffix.lower() in LOCAL_FORMATS:
         raw = _load_local_file(Path(name))
-        mapping, label_map, num_labels = _override_mapping(columns), None, columns.num_labels
+        mapping, label_map, num_labels = _override_mapping(columns, raw.column_names), None, columns.num_labels
     elif "/" in name and not Path(name).exists():
         raw = _load_hub(name, split)
-        mapping, label_map, num_labels = _override_mapping(columns), None, columns.num_labels
+        mapping, label_map, num_labels = _override_mapping(columns, raw.column_names), None, columns.num_labels
     else:
         known = ", ".join(sorted(REGISTRY))
         raise FedrexError(
@@ -130,9 +130,12 @@ def load_text_dataset(
     return canonicalize(raw, mapping, num_labels, label_map, source=name)
 
 
-def _override_mapping(columns: ColumnOverrides) -> dict[str, str | None]:
-    return {TEXT: columns.text or TEXT, LABEL: columns.label or LABEL, USER: columns.user,
-            TIME: columns.time}
+def _override_mapping(columns: ColumnOverrides, present: list[str]) -> dict[str, str | None]:
+    """Given names win; otherwise canonical names are used, and the optional user and time
+    columns are picked up when a file already has them under their canonical names."""
+    return {TEXT: columns.text or TEXT, LABEL: columns.label or LABEL,
+            USER: columns.user or (USER if USER in present else None),
+            TIME: columns.time or (TIME if TIME in present else None)}
 
 
 def _load_registered(spec: DatasetSpec, split: str, local_root: Path | None):
