@@ -66,6 +66,8 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings, config, network, round_number, run_dir, local = _setup(msg, context, overrides)
+        if settings.crashes(local.partition_id):
+            raise RuntimeError(f"injected crash of partition {local.partition_id} (crash-clients)")
         global_state = msg.content.array_records["arrays"].to_torch_state_dict()
         state = restore(context, run_dir, local.partition_id, round_number)
         sent, metrics = train_round(lambda: build_network(network), global_state, local.train, settings, state,

@@ -75,6 +75,11 @@ class RunSettings:
     # bookkeeping
     runs_dir: str = "runs"
     run_id: str = ""
+    # failure drills: comma-separated partition ids whose ClientApp raises in train
+    crash_clients: str = ""
+
+    def crashes(self, partition_id: int) -> bool:
+        return str(partition_id) in {p.strip() for p in self.crash_clients.split(",") if p.strip()}
 
     # -----------------------------------------------------------------------------------------
     @classmethod

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--stop-after", type=int, default=0, metavar="N",
                              help="stop cleanly after round N (resume later)")
         sub.set_defaults(handler=handler)
+
+    report = commands.add_parser("report", help="write report.md and report.html for a run")
+    report.add_argument("run_dir")
+    report.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
+                        help="another run to compare methods with (repeatable)")
+    report.set_defaults(handler="analysis.report:report_cmd")
     return parser
 
 

@@ -1,0 +1,131 @@
+"""Read a FedREX run folder into pandas. Only files are read (parquet, JSON): a run copied to a
+laptop is analysed there with pandas, pyarrow and matplotlib, and nothing from FedREX's server,
+client or models packages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CATEGORICAL = ["run_id", "client_id", "model", "metric"]
+
+
+def load_run(run_dir) -> pd.DataFrame:
+    """The tidy per-client table: run_id, round, client_id, partition_id, model, metric, value."""
+    path = Path(run_dir) / "clients.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no clients.parquet: is it a FedREX run folder?")
+    frame = pd.read_parquet(path)
+    for column in CATEGORICAL:
+        frame[column] = frame[column].astype("category")
+    frame["round"] = frame["round"].astype("int64")
+    frame["partition_id"] = frame["partition_id"].astype("int64")
+    frame["value"] = frame["value"].astype("float64")
+    return frame
+
+
+def run_info(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+def last_round(df: pd.DataFrame, metric: str = "acc") -> int:
+    rounds = df.loc[df["metric"] == metric, "round"]
+    return int(rounds.max()) if len(rounds) else int(df["round"].max())
+
+
+def per_client(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
+    """Wide: one row per client, one column per ``model.metric`` (at ``round``, default the last
+    evaluated round)."""
+    round = last_round(df) if round is None else round
+    rows = df[df["round"] == round]
+    wide = rows.pivot_table(index="client_id", columns=["model", "metric"], values="value", aggfunc="last",
+                            observed=True)
+    wide.columns = [f"{m}.{k}" for m, k in wide.columns]
+    return wide.sort_index()
+
+
+def personalization_gain(df: pd.DataFrame, metric: str = "acc", round: int | None = None) -> pd.DataFrame:
+    """Per client: global, personal and gain = personal - global for ``metric``."""
+    wide = per_client(df, round)
+    out = pd.DataFrame({"global": wide[f"global.{metric}"], "personal": wide[f"personal.{metric}"]})
+    out["gain"] = out["personal"] - out["global"]
+    return out.dropna()
+
+
+def fairness(df: pd.DataFrame, metric: str = "acc", round: int | None = None) -> pd.DataFrame:
+    """Per model: mean, median, p10, worst-decile mean of ``metric`` across clients, and the share
+    of clients whose personal model is worse than the global one (harmed by personalization)."""
+    gain = personalization_gain(df, metric, round)
+    rows = []
+    for model in ("global", "personal"):
+        values = np.sort(gain[model].to_numpy())
+        worst = values[: max(1, int(np.ceil(0.1 * len(values))))]
+        rows.append({"model": model, "clients": len(values), "mean": values.mean(), "median": np.median(values),
+                     "p10": np.percentile(values, 10), "worst_decile_mean": worst.mean()})
+    table = pd.DataFrame(rows).set_index("model")
+    table["share_harmed"] = [np.nan, float((gain["gain"] < 0).mean())]
+    return table
+
+
+def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
+    """Per client and model: clean accuracy, accuracy under attack, and the drop between them."""
+    wide = per_client(df, round)
+    parts = []
+    for model in ("global", "personal"):
+        if f"{model}.adv_acc" not in wide:
+            continue
+        part = pd.DataFrame({"model": model, "clean_acc": wide[f"{model}.acc"], "adv_acc": wide[f"{model}.adv_acc"]})
+        part["drop"] = part["clean_acc"] - part["adv_acc"]
+        parts.append(part)
+    return pd.concat(parts).reset_index().dropna() if parts else pd.DataFrame()
+
+
+def round_summary(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
+    """Per round and model: clients evaluated, mean, median, p10 and min of ``metric``."""
+    rows = df[df["metric"] == metric]
+    grouped = rows.groupby(["round", "model"], observed=True)["value"]
+    table = pd.DataFrame({"clients": grouped.count(), "mean": grouped.mean(), "median": grouped.median(),
+                          "p10": grouped.quantile(0.1), "min": grouped.min()})
+    return table.reset_index()
+
+
+def participation(df: pd.DataFrame) -> pd.Series:
+    """Rounds in which each client trained (clients that never trained count 0)."""
+    trained = df[(df["model"] == "train") & (df["metric"] == "n_train")].groupby("client_id", observed=True)["round"]
+    counts = trained.nunique()
+    everyone = pd.Index(df["client_id"].unique().astype(str), name="client_id")
+    counts.index = counts.index.astype(str)
+    return counts.reindex(everyone, fill_value=0).sort_values(ascending=False)
+
+
+def failures(df: pd.DataFrame) -> pd.DataFrame:
+    rows = df[df["metric"] == "failed"]
+    return rows[["round", "client_id", "model"]].rename(columns={"model": "phase"}).reset_index(drop=True)
+
+
+def missing_rounds(run_dir, df: pd.DataFrame) -> list[int]:
+    planned = int(run_info(run_dir)["settings"].get("num-rounds", 0))
+    present = set(int(r) for r in df["round"].unique())
+    return [r for r in range(1, planned + 1) if r not in present]
+
+
+def compare_runs(run_dirs: list) -> pd.DataFrame:
+    """One row per run x method: the run's strategy and mode, and fairness of ``acc`` at its last
+    evaluated round, for both models."""
+    rows = []
+    for run_dir in run_dirs:
+        info, df = run_info(run_dir), load_run(run_dir)
+        settings = info["settings"]
+        table = fairness(df)
+        wide = per_client(df)
+        for model, stats in table.iterrows():
+            row = {"run_id": info["run_id"], "strategy": settings.get("strategy"), "mode": settings.get("mode"),
+                   "dp": settings.get("dp"), "adv_weight": settings.get("adv-weight"), "model": model,
+                   "round": last_round(df), **stats.to_dict()}
+            if f"{model}.adv_acc" in wide:
+                row["adv_acc_mean"] = wide[f"{model}.adv_acc"].mean()
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,197 @@
+"""`fedrex report RUN_DIR`: report.md and a self-contained report.html (plots embedded as PNG
+data URIs) in the run folder, plus the PNGs under report/. Every table is computed by the
+functions in ``analysis.load`` from the run's parquet files, so an analyst can reproduce each
+number in pandas."""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import (compare_runs, failures, fairness, last_round, load_run, missing_rounds, participation,
+                           per_client, personalization_gain, robustness_tradeoff, round_summary, run_info)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
+    plt = _plt()
+    folder.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    gain = personalization_gain(df) if {"global", "personal"} <= set(df["model"].astype(str)) else pd.DataFrame()
+    if len(gain):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for model in ("global", "personal"):
+            values = np.sort(gain[model].to_numpy())
+            ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=model)
+        ax.set(xlabel="per-client accuracy", ylabel="share of clients", title="Accuracy CDF")
+        ax.legend()
+        plots["Per-client accuracy CDF, global vs personalized"] = _save(fig, folder, "accuracy_cdf")
+
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.hist(gain["gain"], bins=20, color="tab:green")
+        ax.axvline(0, color="black", lw=1)
+        ax.set(xlabel="personal - global accuracy", ylabel="clients", title="Personalization gain")
+        plots["Personalization gain per client"] = _save(fig, folder, "gain_histogram")
+
+    tradeoff = robustness_tradeoff(df)
+    if len(tradeoff):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for model, part in tradeoff.groupby("model"):
+            ax.scatter(part["clean_acc"], part["adv_acc"], s=14, alpha=0.7, label=model)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        ax.set(xlabel="clean accuracy", ylabel="accuracy under char attack", title="Robustness per client")
+        ax.legend()
+        plots["Clean vs attacked accuracy per client"] = _save(fig, folder, "robustness")
+
+    wide = per_client(df)
+    fid_cols = [c for c in wide.columns if c.split(".")[1] in ("comprehensiveness", "sufficiency", "agreement_spearman")]
+    if fid_cols:
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        data = [wide[c].dropna() for c in fid_cols]
+        ax.boxplot(data, tick_labels=[c.replace(".", "\n") for c in fid_cols])
+        ax.set(title="Explanation fidelity per client")
+        ax.tick_params(axis="x", labelsize=7)
+        plots["Explanation fidelity distributions"] = _save(fig, folder, "fidelity")
+
+    summary = round_summary(df)
+    if len(summary):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for model, part in summary.groupby("model"):
+            ax.plot(part["round"], part["median"], marker="o", label=f"{model} median")
+            ax.plot(part["round"], part["p10"], ls="--", marker=".", label=f"{model} p10")
+        ax.set(xlabel="round", ylabel="accuracy", title="Accuracy per round")
+        ax.legend(fontsize=7)
+        plots["Metrics per round"] = _save(fig, folder, "per_round")
+
+    counts = participation(df)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.hist(counts.to_numpy(), bins=np.arange(counts.max() + 2) - 0.5 if len(counts) else 1, color="tab:purple")
+    ax.set(xlabel="rounds trained", ylabel="clients", title="Participation per client")
+    plots["Participation per client"] = _save(fig, folder, "participation")
+    return plots
+
+
+
+
+def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
+    out: dict[str, pd.DataFrame] = {"Summary per round (acc)": round_summary(df)}
+    if {"global", "personal"} <= set(df["model"].astype(str)):
+        out["Fairness at the last evaluated round (acc)"] = fairness(df).reset_index()
+        gain = personalization_gain(df).sort_values("personal")
+        out["Bottom 5 clients (personal acc)"] = gain.head(5).reset_index()
+        out["Top 5 clients (personal acc)"] = gain.tail(5).iloc[::-1].reset_index()
+    if compare:
+        out["Method comparison"] = compare_runs([run_dir, *compare])
+    return out
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A plain GitHub table with 4-decimal floats (no extra dependency)."""
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        cells = [f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir, compare: list | None = None) -> Path:
+    run_dir = Path(run_dir)
+    compare = list(compare or [])
+    info, df = run_info(run_dir), load_run(run_dir)
+    settings = info["settings"]
+    plots = make_plots(df, run_dir / "report")
+    missing, failed = missing_rounds(run_dir, df), failures(df)
+
+    md = [f"# FedREX run {info['run_id']}", "",
+          f"{settings.get('dataset')} ({settings.get('partitioner')}), strategy {settings.get('strategy')}, "
+          f"mode {settings.get('mode')}, {info.get('completed_rounds')}/{settings.get('num-rounds')} rounds, "
+          f"status {info.get('status')}, seed {settings.get('seed')}; last evaluated round {last_round(df)}.", ""]
+    if missing:
+        md += [f"**Missing rounds:** {', '.join(map(str, missing))} (not completed: resume with "
+               f"`fedrex simulate --resume {run_dir}`).", ""]
+    if len(failed):
+        per = failed.groupby(["round", "phase"]).size().reset_index(name="failed clients")
+        md += [f"**Failed clients:** {len(failed)} replies failed or timed out "
+               f"({', '.join(sorted(failed['client_id'].astype(str).unique())[:10])}"
+               f"{'...' if failed['client_id'].nunique() > 10 else ''}); see events.jsonl.", "",
+               markdown_table(per), ""]
+    for title, frame in tables(run_dir, df, compare).items():
+        md += [f"## {title}", "", markdown_table(frame), ""]
+    for title, path in plots.items():
+        md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
+    text = "\n".join(md)
+    _atomic_write(run_dir / "report.md", text.encode())
+    _atomic_write(run_dir / "report.html", to_html(text, plots).encode())
+    return run_dir / "report.md"
+
+
+def to_html(markdown_text: str, plots: dict[str, Path]) -> str:
+    """A minimal, dependency-free rendering: headings, paragraphs, tables; images inlined."""
+    body, table = [], []
+
+    def flush_table():
+        if table:
+            rows = [r.strip("|").split("|") for r in table if not set(r) <= set("|-")]
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+                                  for r in rest) + "</table>")
+            table.clear()
+
+    images = {f"report/{p.name}": p for p in plots.values()}
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](")
+            data = base64.b64encode(images[src.rstrip(")")].read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>FedREX report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def report_cmd(args) -> int:
+    path = write_report(args.run_dir, args.compare)
+    print(path)
+    return 0

@@ -1,0 +1,138 @@
+"""Reports and pandas analysis of a tiny real run (6 critics, 2 rounds, one crashing client)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.load import (fairness, load_run, participation, per_client, personalization_gain,
+                           robustness_tradeoff, round_summary)
+from analysis.report import write_report
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    from simulations.simulate import load_settings, simulate
+
+    runs = tmp_path_factory.mktemp("runs")
+    settings = load_settings(None, ["dataset=rt_critics", "min-samples=350", "num-rounds=2", "fraction-train=1.0",
+                                    "local-max-steps=8", "attack-examples=5", "fidelity-examples=5", "ig-steps=4",
+                                    "crash-clients=1", "run-id=tiny", f"runs-dir={runs}"])
+    run_dir = simulate(settings)
+    write_report(run_dir)
+    return run_dir
+
+
+def md_tables(text: str) -> dict[str, list[list[str]]]:
+    """Tables of report.md by their heading."""
+    out, heading = {}, None
+    for block in text.split("\n\n"):
+        if block.startswith("## "):
+            heading = block[3:].strip()
+        elif block.startswith("|") and heading:
+            rows = [r.strip("|").split("|") for r in block.splitlines() if not set(r) <= set("|-")]
+            out[heading] = [[c.strip() for c in r] for r in rows]
+    return out
+
+
+def test_load_run_has_proper_dtypes(reported_run):
+    df = load_run(reported_run)
+    for column in ("run_id", "client_id", "model", "metric"):
+        assert isinstance(df[column].dtype, pd.CategoricalDtype)
+    assert df["value"].dtype == np.float64 and df["round"].dtype == np.int64
+
+
+def test_every_report_number_equals_the_pandas_computation(reported_run):
+    raw = pd.read_parquet(reported_run / "clients.parquet")  # plain pandas, no FedREX helpers
+    tables = md_tables((reported_run / "report.md").read_text())
+    summary = tables["Summary per round (acc)"]
+    acc = raw[raw["metric"] == "acc"]
+    for row in summary[1:]:
+        rnd, model, clients, mean, median, p10, minimum = row
+        values = acc[(acc["round"] == int(rnd)) & (acc["model"] == model)]["value"]
+        assert int(clients) == len(values)
+        assert float(mean) == pytest.approx(values.mean(), abs=5e-5)
+        assert float(median) == pytest.approx(values.median(), abs=5e-5)
+        assert float(p10) == pytest.approx(values.quantile(0.1), abs=5e-5)
+        assert float(minimum) == pytest.approx(values.min(), abs=5e-5)
+    last = acc[acc["round"] == acc["round"].max()].pivot(index="client_id", columns="model", values="value")
+    harmed = (last["personal"] < last["global"]).mean()
+    fair = {r[0]: r for r in tables["Fairness at the last evaluated round (acc)"][1:]}
+    assert float(fair["personal"][6]) == pytest.approx(harmed, abs=5e-5)
+    assert float(fair["global"][3]) == pytest.approx(last["global"].median(), abs=5e-5)
+    worst = np.sort(last["personal"].to_numpy())[: int(np.ceil(0.1 * len(last)))].mean()
+    assert float(fair["personal"][5]) == pytest.approx(worst, abs=5e-5)
+    bottom = tables["Bottom 5 clients (personal acc)"][1:]
+    expected = last.sort_values("personal").head(5)
+    assert [r[0] for r in bottom] == list(expected.index)
+
+
+def test_helpers_agree_with_each_other(reported_run):
+    df = load_run(reported_run)
+    wide = per_client(df)
+    gain = personalization_gain(df)
+    assert np.allclose(gain["gain"], wide.loc[gain.index, "personal.acc"] - wide.loc[gain.index, "global.acc"])
+    trade = robustness_tradeoff(df)
+    assert set(trade["model"]) == {"global", "personal"} and (trade["drop"] >= -1).all()
+    assert fairness(df).loc["personal", "clients"] == len(gain)
+    assert len(round_summary(df)) == 4  # 2 rounds x 2 models
+
+
+def test_html_is_one_file_with_its_images_inside(reported_run):
+    page = (reported_run / "report.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 5
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert 'src="report/' not in page and "http" not in page.split("<body>")[1][:2000]
+    pngs = sorted((reported_run / "report").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"accuracy_cdf", "gain_histogram", "robustness", "fidelity", "per_round",
+                                      "participation"}
+
+
+def test_crashed_client_is_recorded_named_and_nothing_is_lost(reported_run):
+    df = load_run(reported_run)
+    failed = df[df["metric"] == "failed"]
+    assert sorted(failed["round"].unique()) == [1, 2] and failed["client_id"].nunique() == 1
+    crashed = str(failed["client_id"].iloc[0])
+    assert participation(df)[crashed] == 0
+    assert (participation(df).drop(crashed) == 2).all()  # everyone else trained both rounds
+    events = [json.loads(line) for line in (reported_run / "events.jsonl").read_text().splitlines()]
+    assert any("injected crash" in e["error"] for e in events)
+    text = (reported_run / "report.md").read_text()
+    assert "Failed clients" in text and crashed in text
+    evaluated = df[(df["metric"] == "acc") & (df["round"] == 2)]["client_id"].nunique()
+    assert evaluated == df["client_id"].nunique()  # the crashing client still evaluates
+
+
+def test_a_run_with_missing_rounds_still_reports_and_names_them(reported_run, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(reported_run, partial)
+    meta = json.loads((partial / "run.json").read_text())
+    meta["settings"]["num-rounds"] = 4
+    meta["status"] = "stopped"
+    (partial / "run.json").write_text(json.dumps(meta))
+    text = write_report(partial).read_text()
+    assert "Missing rounds:** 3, 4" in text
+
+
+def test_compare_runs_gives_one_row_per_run_and_model(reported_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(reported_run, other)
+    meta = json.loads((other / "run.json").read_text())
+    meta["run_id"], meta["settings"]["mode"] = "other", "ditto"
+    (other / "run.json").write_text(json.dumps(meta))
+    from analysis.load import compare_runs
+
+    table = compare_runs([reported_run, other])
+    assert len(table) == 4 and set(table["mode"]) == {"finetune", "ditto"}
+    write_report(reported_run, [other])
+    assert "## Method comparison" in (reported_run / "report.md").read_text()
