@@ -127,3 +127,28 @@ def test_bad_run_configs_fail_before_ray_starts(tmp_path):
         load_settings(None, ["num-rounds=2.5"])
     with pytest.raises(FedrexError, match="not supported"):
         load_settings(None, ["dp=true", "expl-weight=1"])
+
+
+def test_flwr_run_dot_runs_the_flower_app(tmp_path):
+    """The repository is a Flower App: `flwr run .` starts Flower's own local SuperLink, which runs
+    the ServerApp and ClientApps from pyproject.toml's components with its run config."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "FLWR_HOME": str(tmp_path / "flwr-home"),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    runs = tmp_path / "runs"
+    overrides = (f'min-samples=300 num-rounds=1 attack-examples=3 fidelity-examples=3 local-max-steps=5 '
+                 f'run-id="via-flwr" runs-dir="{runs}"')
+    try:
+        result = subprocess.run([str(Path(bin_dir) / "flwr"), "run", ".", "--run-config", overrides,
+                                 "--federation-config", "num-supernodes=8", "--stream"],
+                                cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                                timeout=600)
+    finally:
+        subprocess.run(["pkill", "-f", f"flower-superlink.*{tmp_path.name}"], check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    frame = pd.read_parquet(runs / "via-flwr" / "clients.parquet")
+    assert frame[frame["metric"] == "acc"]["client_id"].nunique() == 8
