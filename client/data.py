@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -64,17 +65,20 @@ def _encode(client: ClientData, num_labels: int, max_length: int) -> LocalData:
 
 
 @lru_cache(maxsize=4)
-def _device_file(path: str, client_id: str, settings: RunSettings, num_labels: int) -> LocalData:
+def _device_file(path: str, client_id: str, partition_id: int, settings: RunSettings, num_labels: int) -> LocalData:
     table, found_labels = cached_text_dataset(path, "train")
     config = PartitionConfig(kind="iid", num_partitions=1, test_fraction=settings.test_fraction, seed=settings.seed)
     train_idx, test_idx = split_indices(table, config, 0)
-    client = ClientData(0, client_id, table.select(train_idx), table.select(test_idx))
+    client = ClientData(partition_id, client_id, table.select(train_idx), table.select(test_idx))
     return _encode(client, max(num_labels, found_labels), settings.max_length)
 
 
 def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2) -> LocalData:
     if "data-file" in node_config:
-        return _device_file(str(node_config["data-file"]), str(node_config.get("client-id", "device")), settings,
+        client_id = str(node_config.get("client-id", "device"))
+        # The server keys clients by partition id; a device without one gets a stable id from its name.
+        partition_id = int(node_config.get("partition-id", zlib.crc32(client_id.encode()) % 2**31))
+        return _device_file(str(node_config["data-file"]), client_id, partition_id, settings,
                             num_labels)
     if "partition-id" not in node_config:
         raise FedrexError("this node has neither a partition-id (simulation) nor a data-file (device) in its node config")
