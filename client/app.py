@@ -27,8 +27,9 @@ from models.tokenizer import WordPieceTokenizer
 
 
 def _setup(msg: Message, context: Context, overrides: dict):
-    torch.set_num_threads(1)  # one core per simulated client; the engine runs several at once
     settings = RunSettings.from_flower({**context.run_config, **overrides})
+    # One core per simulated client by default: the engine runs several clients at once.
+    torch.set_num_threads(settings.client_threads)
     config = msg.content.config_records.get("config", ConfigRecord())
     network = json.loads(str(config["network"])) if "network" in config else None
     round_number = int(config.get("global-round", config.get("server-round", 0)))

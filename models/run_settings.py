@@ -46,6 +46,10 @@ class RunSettings:
     trimmed_beta: float = 0.2
     krum_byzantine: int = 1
     round_timeout: float = 600.0
+    # simulation engine: CPU cores Ray reserves per client actor (actors = cores / client-cpus)
+    # and torch threads each client uses
+    client_cpus: float = 1.0
+    client_threads: int = 1
     # local training
     local_epochs: float = 1.0
     local_max_steps: int = 50
@@ -115,6 +119,7 @@ class RunSettings:
             (0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),
             (self.evaluate_every >= 1, f"evaluate-every must be >= 1, got {self.evaluate_every}"),
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
+            (self.client_cpus > 0 and self.client_threads >= 1, "client-cpus must be > 0 and client-threads >= 1"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
             (self.batch_size >= 1 and self.lr > 0, "batch-size must be >= 1 and lr > 0"),
             (not self.dp or self.noise_multiplier > 0 or self.target_epsilon > 0,

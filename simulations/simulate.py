@@ -85,7 +85,7 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
         server_app=build_server_app(overrides, control),
         client_app=build_client_app(overrides),
         num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        backend_config={"client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
                         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
                                       "log_to_driver": verbose}},
         verbose_logging=verbose,

@@ -1,0 +1,223 @@
+"""Simulation overhead: FedREX's real client work under Flower's simulation engine (Ray) versus a
+plain Python loop doing exactly the same work in one process, and the peak memory of each.
+
+    python benchmarks/simulation.py [--registered 100,500,1000] [--per-round 10,100] [--rounds 2]
+
+For every (registered clients N, clients per round K) it
+1. runs `fedrex simulate` in a subprocess on SST-2 cut into N Dirichlet(1.0) partitions, K clients
+   training per round (adversarial hardening on, a few local steps, no evaluation phase, so the
+   work is the training the overhead question is about), and samples the proportional set size
+   (PSS: shared memory-mapped pages counted once) of its whole process tree, Ray's included;
+2. replays the same rounds in a plain loop (`--plain RUN_DIR`, its own subprocess): for each round
+   the partitions the simulation sampled, the same `train_round` with the same seeds, FedAvg.
+Overhead = simulation seconds / plain-loop seconds, for the rounds alone and end to end (Ray start,
+client discovery included). Results go to results/simulation.json (after each cell, so a rerun
+skips what is done) and results/simulation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+
+WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate=0", "attack-examples=0",
+        "fidelity-examples=0", "local-max-steps=5", "batch-size=16", "adv-weight=0.5", "mode=finetune",
+        "seed=0"]
+
+
+# ----------------------------------------------------------------------------- memory sampling
+def tree_pss_mb(root_pid: int) -> float:
+    """Sum of PSS over ``root_pid`` and all its descendants (Ray's raylet, GCS and workers too)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total_kb = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total_kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+def run_sampled(command: list[str], env: dict) -> tuple[int, float, float, str]:
+    """Run ``command``; return (exit code, wall seconds, peak PSS of its process tree in MB, stderr tail)."""
+    start = time.time()
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_pss_mb(process.pid))
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stderr_lines = []
+    for line in process.stderr:  # stream progress through, keep the tail for errors
+        stderr_lines.append(line)
+        if line.startswith(("[round", "[fedrex]", "[plain]")):
+            print("   " + line.rstrip(), file=sys.stderr, flush=True)
+    process.wait()
+    stop.set()
+    sampler.join()
+    return process.returncode, time.time() - start, peak[0], "".join(stderr_lines[-30:])
+
+
+# ----------------------------------------------------------------------------- the plain loop
+def plain_replay(run_dir: Path) -> dict:
+    """Replay a simulation's training rounds in one process: same partitions, same seeds, FedAvg."""
+    import pandas as pd
+    import torch
+
+    from client.data import load_local_data
+    from client.local import train_round
+    from client.state import ClientState
+    from models.networks import build_network
+    from models.run_settings import RunSettings
+    from server.app import global_model
+
+    setup_start = time.time()
+    meta = json.loads((run_dir / "run.json").read_text())
+    settings = RunSettings.from_flower(meta["settings"])
+    model, config = global_model(settings)
+    network = config["network"]
+    weights = model.state_dict()
+    rows = pd.read_parquet(run_dir / "clients.parquet")
+    trained = rows[(rows["model"] == "train") & (rows["metric"] == "n_train")]
+    setup_seconds = time.time() - setup_start
+    round_seconds = []
+    for round_number in sorted(trained["round"].unique()):
+        start = time.time()
+        total, summed = 0, None
+        for pid in sorted(trained.loc[trained["round"] == round_number, "partition_id"].unique()):
+            local = load_local_data({"partition-id": int(pid)}, settings, network["num_labels"])
+            sent, _ = train_round(lambda: build_network(network), weights, local.train, settings, ClientState(),
+                                  int(round_number), int(pid), 0.0)
+            n = len(local.train)
+            total += n
+            summed = ({k: v.double() * n for k, v in sent.items()} if summed is None
+                      else {k: summed[k] + v.double() * n for k, v in sent.items()})
+        weights = {k: (v / total).to(weights[k].dtype) for k, v in summed.items()}
+        round_seconds.append(time.time() - start)
+        print(f"[plain] round {round_number}: {round_seconds[-1]:.1f}s", file=sys.stderr, flush=True)
+    return {"setup_seconds": setup_seconds, "round_seconds": round_seconds, "torch_threads": torch.get_num_threads(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# ----------------------------------------------------------------------------- the grid
+def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: dict, extra: list[str]) -> dict:
+    import pandas as pd
+
+    run_id = f"n{registered}-k{per_round}"
+    pairs = [*WORK, f"num-partitions={registered}", f"fraction-train={per_round / registered}",
+             f"min-train-clients={per_round}", f"num-rounds={rounds}", f"run-id={run_id}",
+             f"runs-dir={workdir}", *extra]
+    command = [sys.executable, "-m", "simulations.cli", "simulate"]
+    for pair in pairs:
+        command += ["--run-config", pair]
+    code, sim_wall, sim_pss, tail = run_sampled(command, env)
+    if code != 0:
+        raise SystemExit(f"simulation {run_id} failed:\n{tail}")
+    run_dir = workdir / run_id
+    rounds_frame = pd.read_parquet(run_dir / "rounds.parquet")
+    sim_rounds = rounds_frame[(rounds_frame["model"] == "round") & (rounds_frame["metric"] == "seconds")]["value"]
+    out_json = workdir / f"{run_id}-plain.json"
+    code, plain_wall, plain_pss, tail = run_sampled(
+        [sys.executable, __file__, "--plain", str(run_dir), "--plain-out", str(out_json)], env)
+    if code != 0:
+        raise SystemExit(f"plain replay of {run_id} failed:\n{tail}")
+    plain = json.loads(out_json.read_text())
+    sim_round_s, plain_round_s = float(sim_rounds.sum()), float(sum(plain["round_seconds"]))
+    return {"registered": registered, "per_round": per_round, "rounds": rounds, "extra": extra,
+            "sim_wall_s": sim_wall, "sim_rounds_s": sim_round_s, "sim_peak_pss_mb": sim_pss,
+            "plain_wall_s": plain_wall, "plain_rounds_s": plain_round_s, "plain_peak_pss_mb": plain_pss,
+            "overhead_rounds": sim_round_s / plain_round_s, "overhead_wall": sim_wall / plain_wall,
+            "plain_torch_threads": plain["torch_threads"]}
+
+
+def table(rows: list[dict]) -> str:
+    head = ["registered", "per round", "variant", "sim rounds s", "plain rounds s", "overhead (rounds)",
+            "sim wall s", "plain wall s", "overhead (wall)", "sim peak PSS MB", "plain peak PSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            str(r["registered"]), str(r["per_round"]), " ".join(r["extra"]) or "default",
+            f"{r['sim_rounds_s']:.1f}", f"{r['plain_rounds_s']:.1f}", f"{r['overhead_rounds']:.2f}x",
+            f"{r['sim_wall_s']:.1f}", f"{r['plain_wall_s']:.1f}", f"{r['overhead_wall']:.2f}x",
+            f"{r['sim_peak_pss_mb']:.0f}", f"{r['plain_peak_pss_mb']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--registered", default="100,500,1000")
+    parser.add_argument("--per-round", default="10,100")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra run-config for every cell (a variant, e.g. client-cpus=2)")
+    parser.add_argument("--workdir", default="/tmp/fedrex-simbench")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    parser.add_argument("--plain", help=argparse.SUPPRESS)
+    parser.add_argument("--plain-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain:
+        atomic_write_json(Path(args.plain_out), plain_replay(Path(args.plain)))
+        return 0
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    workdir = Path(args.workdir)
+    json_path = Path(args.out) / "simulation.json"
+    done = json.loads(json_path.read_text())["rows"] if json_path.exists() else []
+    rows = list(done)
+    for registered in map(int, args.registered.split(",")):
+        for per_round in map(int, args.per_round.split(",")):
+            if per_round > registered:
+                continue
+            if any(r["registered"] == registered and r["per_round"] == per_round and r["extra"] == args.set
+                   and r["rounds"] == args.rounds for r in done):
+                print(f"[bench] N={registered} K={per_round}: already measured", file=sys.stderr)
+                continue
+            print(f"[bench] N={registered} registered, K={per_round} per round, {args.rounds} rounds",
+                  file=sys.stderr, flush=True)
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            rows.append(measure(registered, per_round, args.rounds, workdir, env, args.set))
+            atomic_write_json(json_path, {"machine": {"cpus": os.cpu_count()}, "rows": rows})
+    md = table(rows)
+    atomic_write_bytes(json_path.with_suffix(".md"), (md + "\n").encode())
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
