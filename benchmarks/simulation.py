@@ -98,7 +98,7 @@ def plain_replay(run_dir: Path) -> dict:
     import pandas as pd
     import torch
 
-    from client.data import load_local_data
+    from client.data import federation, load_local_data
     from client.local import train_round
     from client.state import ClientState
     from models.networks import build_network
@@ -113,6 +113,7 @@ def plain_replay(run_dir: Path) -> dict:
     weights = model.state_dict()
     rows = pd.read_parquet(run_dir / "clients.parquet")
     trained = rows[(rows["model"] == "train") & (rows["metric"] == "n_train")]
+    federation(settings)  # load and partition once, before the clock starts (as the simulation does)
     setup_seconds = time.time() - setup_start
     round_seconds = []
     for round_number in sorted(trained["round"].unique()):

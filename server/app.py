@@ -15,7 +15,7 @@ from models.errors import FedrexError
 from models.run_settings import RunSettings
 from server.recorder import Recorder
 from server.store import RunStore
-from server.strategy import make_strategy
+from server.strategy import ProgressGrid, make_strategy
 
 CONTROL_KEYS = ("resume", "stop-after")  # run-control, not part of a run's identity
 
@@ -85,8 +85,8 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     stop_after = int(control.get("stop-after") or 0)
     last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
     shared = {"network": json.dumps(network), "run-dir": str(store.folder.resolve())}
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=last - offset,
-                   timeout=settings.round_timeout, train_config=ConfigRecord(dict(shared)),
+    strategy.start(grid=ProgressGrid(grid, show=recorder.show_progress), initial_arrays=ArrayRecord(state),
+                   num_rounds=last - offset, timeout=settings.round_timeout, train_config=ConfigRecord(dict(shared)),
                    evaluate_config=ConfigRecord(dict(shared)), evaluate_fn=recorder.commit)
     store.finish("completed" if store.completed_rounds >= settings.num_rounds else "stopped")
     log(f"run {store.run_id}: {store.completed_rounds}/{settings.num_rounds} rounds done, outputs in {store.folder}")

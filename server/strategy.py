@@ -12,6 +12,8 @@ optimizer, Krum's selection) and changes three things:
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import numpy as np
 from flwr.app import MetricRecord
@@ -40,6 +42,39 @@ class SampledGrid:
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
+
+
+class ProgressGrid:
+    """The grid handed to the strategy: ``send_and_receive`` pushes, then pulls replies itself so
+    that a long round shows how many clients have answered (every ``every`` seconds, on stderr)."""
+
+    def __init__(self, grid, every: float = 15.0, show: bool = True):
+        self._grid, self.every, self.show = grid, every, show
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if not messages:
+            return []
+        phase = messages[0].metadata.message_type
+        pending = set(self._grid.push_messages(messages))
+        total, replies = len(pending), []
+        start = last_shown = time.time()
+        end = start + timeout if timeout is not None else float("inf")
+        while pending and time.time() < end:
+            for reply in self._grid.pull_messages(pending):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            now = time.time()
+            if self.show and pending and now - last_shown >= self.every:
+                print(f"    {phase}: {len(replies)}/{total} clients answered ({now - start:.0f}s)", file=sys.stderr,
+                      flush=True)
+                last_shown = now
+            if pending:
+                time.sleep(getattr(self._grid, "pull_interval", 0.1))
+        return replies
 
 
 def _count_only(records, weighting_key: str) -> MetricRecord:

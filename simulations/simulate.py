@@ -80,6 +80,8 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     overrides = settings.to_flower()
+    # Silences Ray's FutureWarning about GPU visibility; no client here asks for a GPU.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     start = time.time()
     run_simulation(
         server_app=build_server_app(overrides, control),
