@@ -51,8 +51,12 @@ def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[
             log(f"node {msg.metadata.src_node_id} did not answer the query: {msg.error.reason}")
             continue
         info = msg.content.config_records["info"]
-        partition_of[msg.metadata.src_node_id] = int(info["partition-id"])
-        client_of[int(info["partition-id"])] = str(info["client-id"])
+        pid, client_id = int(info["partition-id"]), str(info["client-id"])
+        if pid in client_of:  # two devices with the same name, or one partition served twice
+            raise FedrexError(f"nodes {client_of[pid]!r} and {client_id!r} both claim partition id {pid}: "
+                              "give each device its own client-id (or partition-id) in its node config")
+        partition_of[msg.metadata.src_node_id] = pid
+        client_of[pid] = client_id
     if len(partition_of) < settings.min_train_clients:
         raise FedrexError(f"only {len(partition_of)} clients answered; min-train-clients is {settings.min_train_clients}")
     return partition_of, client_of
