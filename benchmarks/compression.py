@@ -22,6 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd  # noqa: E402
+
+from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.objectives import ObjectiveConfig  # noqa: E402
 from server.distill import DistillConfig, distill  # noqa: E402
@@ -56,7 +59,7 @@ def table(rows: list[dict]) -> str:
     attacks = sorted({a for r in rows for a in r["card"].get("attacks", {})}, key=["char", "synonym", "hotflip"].index)
     head = (["dataset", "model", "params", "int8 KB", "ms/sent", "clean acc"] + [f"acc {a}" for a in attacks]
             + ["compr.", "suff.", "teacher agr."])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         c = r["card"]
         fid = c.get("fidelity", {})
@@ -66,8 +69,8 @@ def table(rows: list[dict]) -> str:
         cells += [f"{c['attacks'][a]['adv_acc']:.3f}" if a in c.get("attacks", {}) else "–" for a in attacks]
         cells += [f"{fid.get('comprehensiveness', float('nan')):.3f}", f"{fid.get('sufficiency', float('nan')):.3f}",
                   f"{fid['agreement_spearman']:.3f}" if "agreement_spearman" in fid else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(pd.DataFrame(body, columns=head))
 
 
 def main() -> int:

@@ -24,7 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+
 from analysis.load import fairness, load_run, per_client  # noqa: E402
+from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 # Per dataset: which users take part (sent140 is cut to users with >= 10 tweets: 1-row test sets
@@ -65,21 +68,18 @@ def summarise(run_dir: Path) -> dict:
 def table(rows: list[dict]) -> str:
     head = ["dataset", "method", "users", "global mean / median / p10", "personal mean / median / p10", "harmed",
             "adv acc global / personal", "compr. personal", "agreement", "epsilon"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(value) -> str:
         return "–" if value is None else f"{value:.3f}"
 
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["dataset"], r["method"], str(r["clients"]),
-            " / ".join(fmt(r[f"global_acc_{s}"]) for s in ("mean", "median", "p10")),
-            " / ".join(fmt(r[f"personal_acc_{s}"]) for s in ("mean", "median", "p10")),
-            f"{100 * r['share_harmed']:.0f}%",
-            f"{fmt(r.get('global_adv_acc_mean'))} / {fmt(r.get('personal_adv_acc_mean'))}",
-            fmt(r.get("personal_comprehensiveness_mean")), fmt(r.get("agreement_spearman_mean")),
-            "–" if r.get("epsilon_max") is None else f"{r['epsilon_max']:.1f}"]) + " |")
-    return "\n".join(lines)
+    body = [[r["dataset"], r["method"], str(r["clients"]),
+             " / ".join(fmt(r[f"global_acc_{s}"]) for s in ("mean", "median", "p10")),
+             " / ".join(fmt(r[f"personal_acc_{s}"]) for s in ("mean", "median", "p10")),
+             f"{100 * r['share_harmed']:.0f}%",
+             f"{fmt(r.get('global_adv_acc_mean'))} / {fmt(r.get('personal_adv_acc_mean'))}",
+             fmt(r.get("personal_comprehensiveness_mean")), fmt(r.get("agreement_spearman_mean")),
+             "–" if r.get("epsilon_max") is None else f"{r['epsilon_max']:.1f}"] for r in rows]
+    return markdown_table(pd.DataFrame(body, columns=head))
 
 
 def main() -> int:

@@ -166,16 +166,17 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
 
 
 def table(rows: list[dict]) -> str:
+    import pandas as pd
+
+    from analysis.report import markdown_table
+
     head = ["registered", "per round", "variant", "sim rounds s", "plain rounds s", "overhead (rounds)",
             "sim wall s", "plain wall s", "overhead (wall)", "sim peak PSS MB", "plain peak PSS MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            str(r["registered"]), str(r["per_round"]), " ".join(r["extra"]) or "default",
-            f"{r['sim_rounds_s']:.1f}", f"{r['plain_rounds_s']:.1f}", f"{r['overhead_rounds']:.2f}x",
-            f"{r['sim_wall_s']:.1f}", f"{r['plain_wall_s']:.1f}", f"{r['overhead_wall']:.2f}x",
-            f"{r['sim_peak_pss_mb']:.0f}", f"{r['plain_peak_pss_mb']:.0f}"]) + " |")
-    return "\n".join(lines)
+    body = [[str(r["registered"]), str(r["per_round"]), " ".join(r["extra"]) or "default",
+             f"{r['sim_rounds_s']:.1f}", f"{r['plain_rounds_s']:.1f}", f"{r['overhead_rounds']:.2f}x",
+             f"{r['sim_wall_s']:.1f}", f"{r['plain_wall_s']:.1f}", f"{r['overhead_wall']:.2f}x",
+             f"{r['sim_peak_pss_mb']:.0f}", f"{r['plain_peak_pss_mb']:.0f}"] for r in rows]
+    return markdown_table(pd.DataFrame(body, columns=head))
 
 
 def main() -> int:
