@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -108,8 +109,6 @@ def main() -> int:
                 command += ["--run-config", pair]
             run_dir = Path(args.runs_dir) / run_id
             if run_dir.exists():  # a half-finished earlier attempt: start it again cleanly
-                import shutil
-
                 shutil.rmtree(run_dir)
             cell_start = time.time()
             subprocess.run(command, cwd=ROOT, check=True)

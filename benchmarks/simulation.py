@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+
+from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate=0", "attack-examples=0",
@@ -95,7 +99,6 @@ def run_sampled(command: list[str], env: dict) -> tuple[int, float, float, str]:
 # ----------------------------------------------------------------------------- the plain loop
 def plain_replay(run_dir: Path) -> dict:
     """Replay a simulation's training rounds in one process: same partitions, same seeds, FedAvg."""
-    import pandas as pd
     import torch
 
     from client.data import federation, load_local_data
@@ -136,8 +139,6 @@ def plain_replay(run_dir: Path) -> dict:
 
 # ----------------------------------------------------------------------------- the grid
 def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: dict, extra: list[str]) -> dict:
-    import pandas as pd
-
     run_id = f"n{registered}-k{per_round}"
     pairs = [*WORK, f"num-partitions={registered}", f"fraction-train={per_round / registered}",
              f"min-train-clients={per_round}", f"num-rounds={rounds}", f"run-id={run_id}",
@@ -166,10 +167,6 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
 
 
 def table(rows: list[dict]) -> str:
-    import pandas as pd
-
-    from analysis.report import markdown_table
-
     head = ["registered", "per round", "variant", "sim rounds s", "plain rounds s", "overhead (rounds)",
             "sim wall s", "plain wall s", "overhead (wall)", "sim peak PSS MB", "plain peak PSS MB"]
     body = [[str(r["registered"]), str(r["per_round"]), " ".join(r["extra"]) or "default",
@@ -209,8 +206,6 @@ def main() -> int:
                 continue
             print(f"[bench] N={registered} registered, K={per_round} per round, {args.rounds} rounds",
                   file=sys.stderr, flush=True)
-            import shutil
-
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
             rows.append(measure(registered, per_round, args.rounds, workdir, env, args.set))
