@@ -84,12 +84,29 @@ def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFr
 
 
 def round_summary(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
-    """Per round and model: clients evaluated, mean, median, p10 and min of ``metric``."""
+    """Per round (round 0 = the starting model) and model: clients evaluated, pooled value over
+    every evaluated row (weighted by each client's test rows), mean with its 95% confidence
+    half-width, median, p10 and min of ``metric``. With one or two test rows per user the median
+    moves in steps of 0.5; the pooled value and the mean's interval say what a round did."""
     rows = df[df["metric"] == metric]
-    grouped = rows.groupby(["round", "model"], observed=True)["value"]
-    table = pd.DataFrame({"clients": grouped.count(), "mean": grouped.mean(), "median": grouped.median(),
-                          "p10": grouped.quantile(0.1), "min": grouped.min()})
-    return table.reset_index()
+    n_test = df[(df["model"] == "client") & (df["metric"] == "n_test")][["round", "client_id", "value"]]
+    rows = rows.merge(n_test.rename(columns={"value": "n_test"}), on=["round", "client_id"], how="left")
+    out = []
+    for (rnd, model), group in rows.groupby(["round", "model"], observed=True):
+        values, weights = group["value"].to_numpy(), group["n_test"].fillna(0).to_numpy()
+        finite = np.isfinite(values)
+        values, weights = values[finite], weights[finite]
+        if not values.size:
+            continue
+        out.append({"round": int(rnd), "model": str(model), "clients": int(values.size),
+                    "pooled": float(np.average(values, weights=weights)) if weights.sum() else np.nan,
+                    "mean": float(values.mean()), "ci95": _ci95(values), "median": float(np.median(values)),
+                    "p10": float(np.percentile(values, 10)), "min": float(values.min())})
+    return pd.DataFrame(out, columns=["round", "model", "clients", "pooled", "mean", "ci95", "median", "p10", "min"])
+
+
+def _ci95(values: np.ndarray) -> float:
+    return float(1.96 * values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else np.nan
 
 
 def participation(df: pd.DataFrame) -> pd.Series:

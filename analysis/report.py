@@ -79,9 +79,11 @@ def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
     if len(summary):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for model, part in summary.groupby("model"):
-            ax.plot(part["round"], part["median"], marker="o", label=f"{model} median")
-            ax.plot(part["round"], part["p10"], ls="--", marker=".", label=f"{model} p10")
-        ax.set(xlabel="round", ylabel="accuracy", title="Accuracy per round")
+            ax.errorbar(part["round"], part["mean"], yerr=part["ci95"], marker="o", capsize=3,
+                        label=f"{model} mean per user (95% CI)")
+            ax.plot(part["round"], part["pooled"], ls="--", marker=".", label=f"{model} pooled over rows")
+        ax.set(xlabel="round (0 = starting model)", ylabel="accuracy", title="Accuracy per round")
+        ax.set_xticks(sorted(summary["round"].unique()))
         ax.legend(fontsize=7)
         plots["Metrics per round"] = _save(fig, folder, "per_round")
 
@@ -108,11 +110,12 @@ def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A plain GitHub table with 4-decimal floats (no extra dependency)."""
+    """A plain GitHub table with 4-decimal floats, "–" where a value does not apply (NaN)."""
     cols = list(frame.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     for _, row in frame.iterrows():
-        cells = [f"{v:.4f}" if isinstance(v, (float, np.floating)) else str(v) for v in row.tolist()]
+        cells = [("–" if np.isnan(v) else f"{v:.4f}") if isinstance(v, (float, np.floating)) else str(v)
+                 for v in row.tolist()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

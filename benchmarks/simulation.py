@@ -130,7 +130,7 @@ def plain_replay(run_dir: Path) -> dict:
             total += n
             summed = ({k: v.double() * n for k, v in sent.items()} if summed is None
                       else {k: summed[k] + v.double() * n for k, v in sent.items()})
-        weights = {k: (v / total).to(weights[k].dtype) for k, v in summed.items()}
+        weights = {**weights, **{k: (v / total).to(weights[k].dtype) for k, v in summed.items()}}  # buffers stay
         round_seconds.append(time.time() - start)
         print(f"[plain] round {round_number}: {round_seconds[-1]:.1f}s", file=sys.stderr, flush=True)
     return {"setup_seconds": setup_seconds, "round_seconds": round_seconds, "torch_threads": torch.get_num_threads(),

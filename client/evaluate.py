@@ -11,13 +11,16 @@ import numpy as np
 from client.data import LocalData
 from models.evaluation import fidelity, robustness
 from models.tokenizer import WordPieceTokenizer
-from models.training import accuracy
+from models.training import predict_logits
 
 
 def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokenizer, seed: int,
                   reference_attr=None) -> tuple[dict, list]:
     test = local.test
-    metrics = {"acc": accuracy(model, test)}
+    predicted = predict_logits(model, test).argmax(1)
+    metrics = {"acc": float((predicted == test.labels).mean())}
+    if local.num_labels == 2:  # share of the held-out rows called positive (label 1): drift shows here
+        metrics["pred_positive"] = float((predicted == 1).mean())
     if settings.attack_examples > 0:
         summary = robustness(model, tokenizer, test, ("char",), settings.attack_budget, settings.attack_examples,
                              seed)["char"]
@@ -37,7 +40,8 @@ def client_profile(local: LocalData, state, delta: float) -> dict:
 
     counts = local.label_counts
     total = max(int(counts.sum()), 1)
-    return {"n_train": len(local.train), "n_test": len(local.test),
+    binary = {"test_positive": float((local.test.labels == 1).mean())} if local.num_labels == 2 and len(local.test) else {}
+    return {**binary, "n_train": len(local.train), "n_test": len(local.test),
             "majority_share": float(counts.max() / total), "single_label": float(np.count_nonzero(counts) == 1),
             "epsilon": epsilon_of(state.dp_history, delta), "train_seconds": state.train_seconds,
             "has_personal": float(state.personal is not None)}

@@ -111,6 +111,19 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+PACKAGED = Path(__file__).resolve().parent / "artifacts"  # artifacts shipped with FedREX, by name
+
+
+def resolve_artifact(name_or_folder: str) -> Path:
+    """A packaged artifact's name (``models/artifacts/<name>``) or an artifact folder."""
+    for folder in (Path(name_or_folder), PACKAGED / name_or_folder):
+        if (folder / "config.json").exists():
+            return folder
+    shipped = ", ".join(sorted(p.parent.name for p in PACKAGED.glob("*/config.json"))) or "none"
+    raise FedrexError(f"artifact {name_or_folder!r} is neither an artifact folder nor a packaged artifact "
+                      f"(shipped: {shipped}); make one with `fedrex distill --out FOLDER`")
+
+
 def load_artifact(folder: Path, int8: bool = False) -> tuple[torch.nn.Module, dict]:
     """Rebuild the network from ``config.json`` and load its (float or int8) weights."""
     config = read_config(folder)

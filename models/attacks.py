@@ -288,7 +288,3 @@ def summarize_attack(results: list[AttackResult]) -> dict:
         if succeeded else 0.0,
         "queries": float(np.mean([r.queries for r in attacked])) if attacked else 0.0,
     }
-
-
-def result_rows(results: list[AttackResult]) -> list[dict]:
-    return [asdict(r) | {"success": r.success} for r in results]

@@ -10,13 +10,9 @@ import numpy as np
 import torch
 
 from models.encoded import EncodedData
+from models.tokenizer import content_positions
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.5)
-
-
-def content_positions(ids: np.ndarray) -> np.ndarray:
-    """Positions of real tokens: everything but [PAD], [CLS] and [SEP] (ids 0, 101, 102)."""
-    return np.flatnonzero(~np.isin(ids, (0, 101, 102)))
 
 
 def integrated_gradients(model, data: EncodedData, targets: np.ndarray | None = None, n_steps: int = 16,
@@ -54,9 +50,12 @@ def random_attributions(data: EncodedData, seed: int = 0) -> list[np.ndarray]:
 
 
 def _top_k(attr: np.ndarray, ids: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The k real tokens with the most *signed* support for the explained (predicted) class, as
+    ERASER defines rationales: a token with negative attribution is evidence against the
+    prediction, so removing it should not count as removing the rationale."""
     positions = content_positions(ids)
     k = min(len(positions), max(1, math.ceil(fraction * len(positions))))
-    ranked = positions[np.argsort(-np.abs(attr[positions]), kind="stable")]
+    ranked = positions[np.argsort(-attr[positions], kind="stable")]
     return ranked[:k], positions
 
 
@@ -67,6 +66,8 @@ def eraser_scores(model, data: EncodedData, attributions: list[np.ndarray],
     comprehensiveness = p(y|x) - p(y|x without its top-k% tokens) (higher: the attribution found
     tokens the model needs); sufficiency = p(y|x) - p(y|only the top-k% tokens) (lower: those
     tokens alone suffice). AOPC averages each over ``fractions``. Removed tokens are deleted.
+    ``attributions`` must be signed attributions for y (``integrated_gradients`` with its default
+    targets): the top tokens are ranked by signed support, not by magnitude.
     """
     from models.training import predict_logits
 

@@ -6,11 +6,12 @@ shuffled batch always carries the right teacher signal for the right row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from models.errors import FedrexError
 from models.tokenizer import WordPieceTokenizer
 
 
@@ -21,6 +22,7 @@ class Batch:
     teacher_logits: torch.Tensor | None = None  # [B, C]
     teacher_attr: torch.Tensor | None = None  # [B, L] |attribution| per token, 0 where unknown
     has_attr: torch.Tensor | None = None  # [B] bool: which rows carry a teacher attribution
+    attr_labels: torch.Tensor | None = None  # [B] the label each reference map explains
     index: torch.Tensor | None = None  # [B] positions in the EncodedData
 
     @property
@@ -35,7 +37,7 @@ class EncodedData:
     texts: list[str]
     teacher_logits: np.ndarray | None = None
     teacher_attr: list[np.ndarray | None] | None = None
-    extras: dict = field(default_factory=dict)
+    attr_labels: np.ndarray | None = None  # the label each teacher_attr map explains (default: teacher's argmax)
 
     @classmethod
     def from_texts(cls, texts: list[str], labels, tokenizer: WordPieceTokenizer) -> "EncodedData":
@@ -56,6 +58,7 @@ class EncodedData:
             [self.ids[i] for i in index], self.labels[index], [self.texts[i] for i in index],
             None if self.teacher_logits is None else self.teacher_logits[index],
             None if self.teacher_attr is None else [self.teacher_attr[i] for i in index],
+            None if self.attr_labels is None else self.attr_labels[index],
         )
 
     def batch(self, index) -> Batch:
@@ -75,6 +78,11 @@ class EncodedData:
                     attr[row, : len(self.teacher_attr[i])] = self.teacher_attr[i]
                     has[row] = True
             batch.teacher_attr, batch.has_attr = torch.from_numpy(attr), torch.from_numpy(has)
+            explained = (self.attr_labels if self.attr_labels is not None
+                         else self.teacher_logits.argmax(1) if self.teacher_logits is not None else None)
+            if explained is None:
+                raise FedrexError("reference attributions need attr_labels or teacher logits (the label they explain)")
+            batch.attr_labels = torch.from_numpy(np.asarray(explained)[index]).long()
         return batch
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, bucket: bool = True):

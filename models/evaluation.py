@@ -9,7 +9,6 @@ from models.attacks import attack_dataset
 from models.attribution import attribution_agreement, eraser_scores, integrated_gradients
 from models.encoded import EncodedData
 from models.tokenizer import WordPieceTokenizer
-from models.training import accuracy
 
 
 def take(n_rows: int, limit: int, seed: int) -> np.ndarray:
@@ -40,7 +39,3 @@ def fidelity(model, data: EncodedData, reference_attr: list[np.ndarray] | None =
         agreement = attribution_agreement(attr, [reference_attr[i] for i in rows], subset.ids)
         metrics.update({f"agreement_{k}": v for k, v in agreement.items()})
     return metrics, attr
-
-
-def clean_accuracy(model, data: EncodedData) -> float:
-    return accuracy(model, data)

@@ -19,6 +19,7 @@ every term works for every network through the shared embed/classify interface:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +27,7 @@ from torch.nn import functional as F
 
 from models.encoded import Batch
 from models.errors import FedrexError
+from models.tokenizer import content_mask
 
 
 @dataclass
@@ -58,28 +60,33 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def normalise_map(attr: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """|attr| over valid tokens, scaled to sum to one per row (all-zero rows stay zero)."""
+    """|attr| over ``mask`` (the real tokens: ``content_mask``), scaled to sum to one per row
+    (all-zero rows stay zero)."""
     attr = attr.abs() * mask
     return attr / attr.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def saliency(model, emb: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-             create_graph: bool) -> torch.Tensor:
-    """Gradient x input per token for the ``target`` logit, normalised over valid tokens."""
+             create_graph: bool, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient x input per token for the ``target`` logit, normalised over the real tokens
+    ``real`` (default: every valid token)."""
     if not emb.requires_grad:
         emb = emb.detach().requires_grad_(True)
     logits = model.classify(emb, mask)
     picked = logits.gather(1, target.view(-1, 1)).sum()
     (grad,) = torch.autograd.grad(picked, emb, create_graph=create_graph)
-    return normalise_map((grad * emb).sum(-1), mask)
+    return normalise_map((grad * emb).sum(-1), mask if real is None else real)
 
 
-def expl_loss(model, emb, mask, labels, teacher_attr, has_attr) -> torch.Tensor:
+def expl_loss(model, emb, mask, real, attr_labels, teacher_attr, has_attr) -> torch.Tensor:
+    """Cosine distance between the student's saliency and the reference map, both over real
+    tokens and both for the label the reference explains (the teacher's, or the global model's,
+    prediction): explaining another label than the target map would pull toward the wrong map."""
     rows = has_attr.nonzero().view(-1)
     if rows.numel() == 0:
         return emb.new_zeros(())
-    student = saliency(model, emb[rows], mask[rows], labels[rows], create_graph=True)
-    teacher = normalise_map(teacher_attr[rows], mask[rows])
+    student = saliency(model, emb[rows], mask[rows], attr_labels[rows], create_graph=True, real=real[rows])
+    teacher = normalise_map(teacher_attr[rows], real[rows])
     return (1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)).mean()
 
 
@@ -114,9 +121,12 @@ def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch
     return delta.detach()
 
 
-def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig) -> torch.Tensor:
-    delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
-                             config.temperature)
+def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
+             attack_guard=contextlib.nullcontext) -> torch.Tensor:
+    """``attack_guard``: a context the PGD search runs in (DP switches Opacus' hooks off there)."""
+    with attack_guard():
+        delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
+                                 config.temperature)
     logits = model.classify(emb + delta, mask)
     loss = F.cross_entropy(logits, labels)
     if teacher_logits is not None:
@@ -124,12 +134,14 @@ def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig) 
     return loss
 
 
-def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool = True):
-    """Total loss for one batch and its parts (floats) for logging."""
+def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool = True,
+                   logit_adjust: torch.Tensor | None = None, attack_guard=contextlib.nullcontext):
+    """Total loss for one batch and its parts (floats) for logging. ``logit_adjust`` (a [C] log
+    prior) is added to the logits of the cross-entropy term only (logit-adjusted loss)."""
     mask = batch.mask
     emb = model.embed(batch.ids)
     logits = model.classify(emb, mask)
-    ce = F.cross_entropy(logits, batch.labels)
+    ce = F.cross_entropy(logits if logit_adjust is None else logits + logit_adjust, batch.labels)
     total, parts = ce, {"ce": ce.item()}
     if config.kd > 0:
         if batch.teacher_logits is None:
@@ -139,9 +151,11 @@ def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool =
     if config.expl > 0:
         if batch.teacher_attr is None:
             raise FedrexError("the EXPL objective needs teacher attributions")
-        ex = expl_loss(model, emb, mask, batch.labels, batch.teacher_attr, batch.has_attr)
+        ex = expl_loss(model, emb, mask, content_mask(batch.ids), batch.attr_labels, batch.teacher_attr,
+                       batch.has_attr)
         total, parts["expl"] = total + config.expl * ex, ex.item()
     if config.adv > 0 and use_adv:
-        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits if config.kd > 0 else None, config)
+        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits if config.kd > 0 else None, config,
+                       attack_guard)
         total, parts["adv"] = total + config.adv * adv, adv.item()
     return total, parts

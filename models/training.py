@@ -3,6 +3,7 @@ fine-tuning both call ``fit``."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Callable
@@ -22,52 +23,93 @@ def seed_everything(seed: int) -> None:
 
 def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float = 1.0,
         max_steps: int | None = None, batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.0,
-        seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
-        extra_loss: Callable[[], torch.Tensor] | None = None, grad_clip: float | None = 1.0,
-        progress: str | None = None, log_every: int = 50) -> dict:
+        seed: int = 0, extra_loss: Callable[[], torch.Tensor] | None = None, grad_clip: float | None = 1.0,
+        balanced: bool = False, privacy=None, progress: str | None = None, log_every: int = 50) -> dict:
     """Train ``model`` in place. Returns {"steps", "seconds", "loss": mean total, parts...}.
 
     ``epochs`` may be fractional; ``max_steps`` caps it. ``extra_loss`` adds a term computed from
-    the model alone (FedProx/Ditto proximal terms). ``progress`` names the run in progress lines.
+    the model alone (FedProx/Ditto proximal terms). ``balanced``: logit-adjusted cross-entropy
+    (``label_log_prior``), so a client whose rows are mostly one label does not teach the shared
+    model its own label prior. ``privacy`` (``client.privacy.PrivateTraining``) makes this loop
+    DP-SGD: it supplies the batches and the optimizer step and nothing else changes.
+    ``progress`` names the run in progress lines.
     """
     objective.validate()
     if len(data) == 0:
         raise FedrexError("cannot train on an empty dataset")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    adjust = label_log_prior(data.labels, _num_labels(model)) if balanced else None
     steps_per_epoch = max(1, -(-len(data) // batch_size))
     total_steps = max(1, int(round(epochs * steps_per_epoch)))
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
+    guard = contextlib.nullcontext
+    if privacy is not None:
+        if extra_loss is not None:
+            raise FedrexError("a proximal term has no per-sample gradients: it cannot be trained under DP")
+        batches, optimizer = privacy.attach(model, optimizer, data, batch_size, total_steps)
+        guard = privacy.hooks_off
+    else:
+        batches = _shuffled_epochs(data, batch_size, seed)
     rng = np.random.default_rng(seed)
     model.train()
     sums: dict[str, float] = {}
-    step, epoch, start = 0, 0, time.time()
-    while step < total_steps:
-        for batch in data.batches(batch_size, shuffle=True, seed=seed + epoch):
+    start = time.time()
+    for step in range(1, total_steps + 1):
+        batch = next(batches)
+        if len(batch.labels) == 0:  # only a Poisson (DP) draw can be empty
+            loss, parts = privacy.empty_batch_loss(model, batch), {}
+        else:
             use_adv = objective.adv > 0 and rng.random() < objective.adv_ratio
-            loss, parts = objective_loss(model, batch, objective, use_adv=use_adv)
+            loss, parts = objective_loss(model, batch, objective, use_adv=use_adv, logit_adjust=adjust,
+                                         attack_guard=guard)
             if extra_loss is not None:
                 extra = extra_loss()
                 loss, parts["prox"] = loss + extra, extra.item()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip and not getattr(optimizer, "is_dp", False):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if privacy is not None:
+            privacy.step()
+        else:
+            if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
-            parts["loss"] = loss.item()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value
-            step += 1
-            if progress and (step % log_every == 0 or step == total_steps):
-                shown = "  ".join(f"{k} {v / step:.4f}" for k, v in sums.items())
-                print(f"[{progress}] step {step}/{total_steps}  {shown}  ({time.time() - start:.0f}s)",
-                      file=sys.stderr, flush=True)
-            if step >= total_steps:
-                break
-        epoch += 1
+        parts["loss"] = loss.item()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if progress and (step % log_every == 0 or step == total_steps):
+            shown = "  ".join(f"{k} {v / step:.4f}" for k, v in sums.items())
+            print(f"[{progress}] step {step}/{total_steps}  {shown}  ({time.time() - start:.0f}s)",
+                  file=sys.stderr, flush=True)
     model.eval()
-    return {"steps": step, "seconds": time.time() - start, **{k: v / max(step, 1) for k, v in sums.items()}}
+    result = {"steps": total_steps, "seconds": time.time() - start, **{k: v / total_steps for k, v in sums.items()}}
+    if privacy is not None:
+        result.update(privacy.finish())
+    return result
+
+
+def _shuffled_epochs(data: EncodedData, batch_size: int, seed: int):
+    """Shuffled, length-bucketed batches, epoch after epoch (epoch e shuffled with seed + e)."""
+    epoch = 0
+    while True:
+        yield from data.batches(batch_size, shuffle=True, seed=seed + epoch)
+        epoch += 1
+
+
+def label_log_prior(labels: np.ndarray, num_labels: int) -> torch.Tensor:
+    """log of the add-one smoothed label distribution of ``labels``. Added to the logits inside
+    the cross-entropy (logit adjustment, Menon et al. 2021), it absorbs a skewed local prior so the
+    weights learn what separates the labels rather than which label this client sees most."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).astype(np.float64) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
+
+
+def _num_labels(model) -> int:
+    head = getattr(model, "head", None)
+    if head is None:
+        raise FedrexError(f"{type(model).__name__} has no head: balanced loss needs the number of labels")
+    return head.out_features
 
 
 @torch.no_grad()

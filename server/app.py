@@ -10,8 +10,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from models.artifact import load_artifact
+from models.artifact import load_artifact, resolve_artifact
 from models.errors import FedrexError
+from models.personalization import get_mode
+from models.protocol import CONFIG, split_state
 from models.run_settings import RunSettings
 from server.recorder import Recorder
 from server.store import RunStore
@@ -25,9 +27,10 @@ def log(message: str) -> None:
 
 
 def global_model(settings: RunSettings):
-    """The distilled artifact named by ``artifact``, or a quick distillation (cached) when unset."""
+    """The artifact named by ``artifact`` (a packaged name or a folder), or a quick distillation
+    (cached) when it is empty."""
     if settings.artifact:
-        return load_artifact(Path(settings.artifact))
+        return load_artifact(resolve_artifact(settings.artifact))
     from server.distill import DistillConfig, distill
     from models.datasets import cache_dir
 
@@ -42,7 +45,7 @@ def global_model(settings: RunSettings):
 def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[dict, dict]:
     """Ask every connected node who it is: node id -> partition id, partition id -> client id."""
     config = ConfigRecord({"network": json.dumps(network)})
-    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY)
+    messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
     partition_of, client_of = {}, {}
@@ -80,18 +83,27 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     model, config = global_model(settings)
     network = config["network"]
     store.meta["network"] = network
-    state = store.load_checkpoint(offset) if offset else model.state_dict()
+    start = store.load_checkpoint(offset) if store.has_checkpoint(offset) else model.state_dict()
+    shared, frozen = split_state(start, get_mode(settings.mode).shared_keys(model))
     log(f"run {store.run_id}: {settings.strategy}, mode {settings.mode}, rounds {offset + 1}..{settings.num_rounds}"
-        f" -> {store.folder}")
+        f" -> {store.folder} ({len(shared)} shared tensors, {len(frozen)} kept as the artifact defines them)")
     partition_of, client_of = discover_clients(grid, settings, network)
-    recorder = Recorder(store, settings, offset, partition_of, client_of)
-    strategy = make_strategy(settings, recorder)
+    recorder = Recorder(store, settings, offset, partition_of, client_of, frozen)
+    strategy = make_strategy(settings, recorder, frozen)
+    progress_grid = ProgressGrid(grid, show=recorder.show_progress)
     stop_after = int(control.get("stop-after") or 0)
     last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
-    shared = {"network": json.dumps(network), "run-dir": str(store.folder.resolve())}
-    strategy.start(grid=ProgressGrid(grid, show=recorder.show_progress), initial_arrays=ArrayRecord(state),
-                   num_rounds=last - offset, timeout=settings.round_timeout, train_config=ConfigRecord(dict(shared)),
-                   evaluate_config=ConfigRecord(dict(shared)), evaluate_fn=recorder.commit)
+    round_config = {"network": json.dumps(network), "run-dir": str(store.folder.resolve())}
+    if offset == 0 and settings.fraction_evaluate > 0:  # round 0: every user's start, before any training
+        replies = progress_grid.send_and_receive(
+            strategy.configure_evaluate(0, ArrayRecord(shared), ConfigRecord(dict(round_config)), grid),
+            timeout=settings.round_timeout)
+        strategy.aggregate_evaluate(0, replies)
+        recorder.commit_round(0, ArrayRecord(shared))
+    strategy.start(grid=progress_grid, initial_arrays=ArrayRecord(shared),
+                   num_rounds=last - offset, timeout=settings.round_timeout,
+                   train_config=ConfigRecord(dict(round_config)), evaluate_config=ConfigRecord(dict(round_config)),
+                   evaluate_fn=recorder.commit)
     store.finish("completed" if store.completed_rounds >= settings.num_rounds else "stopped")
     log(f"run {store.run_id}: {store.completed_rounds}/{settings.num_rounds} rounds done, outputs in {store.folder}")
     return store

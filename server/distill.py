@@ -22,12 +22,12 @@ from models.artifact import atomic_write_json, load_weights, save_artifact, save
 from models.datasets import cache_dir, cached_text_dataset
 from models.encoded import EncodedData
 from models.errors import FedrexError
-from models.evaluation import clean_accuracy, fidelity, robustness, take
+from models.evaluation import fidelity, robustness, take
 from models.export import export_onnx_int8, export_torchscript, latency_ms, onnx_logits
 from models.networks import VocabMap, build_network, count_parameters, pca_init_embedding
 from models.objectives import ObjectiveConfig
 from models.tokenizer import WordPieceTokenizer
-from models.training import fit, predict_logits, seed_everything
+from models.training import accuracy, fit, predict_logits, seed_everything
 
 
 @dataclass
@@ -40,7 +40,7 @@ class DistillConfig:
     max_length: int = 64
     seed: int = 0
     # teacher: fine-tuned on a subset (CPU cost ~40-100 examples/s), signals cached
-    teacher_samples: int = 8000
+    teacher_samples: int = 20000
     teacher_epochs: float = 1.0
     teacher_lr: float = 5e-5
     teacher_batch: int = 32
@@ -177,7 +177,7 @@ def build_compact(cfg: DistillConfig, train: EncodedData, num_labels: int, teach
 # ------------------------------------------------------------------------------- evaluation
 def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teacher_eval_attr=None) -> dict:
     start = time.time()
-    card = {"clean_acc": clean_accuracy(model, evaluation), "params": count_parameters(model)}
+    card = {"clean_acc": accuracy(model, evaluation), "params": count_parameters(model)}
     card["attacks"] = robustness(model, tokenizer, evaluation, cfg.attacks, cfg.attack_budget, cfg.attack_samples,
                                  cfg.seed)
     card["fidelity"], _ = fidelity(model, evaluation, teacher_eval_attr, cfg.ig_steps, cfg.fidelity_samples, cfg.seed)
@@ -211,7 +211,7 @@ def distill(cfg: DistillConfig, out: Path | None = None, teacher_card: bool = Fa
     fid_rows = take(len(evaluation), cfg.fidelity_samples, cfg.seed)
     _, teacher_eval_attr = teacher_signals(teacher, evaluation, folder, f"eval{len(evaluation)}", fid_rows,
                                            cfg.ig_steps)
-    card["teacher"] = {"clean_acc": clean_accuracy(teacher, evaluation), "cache": str(folder)}
+    card["teacher"] = {"clean_acc": accuracy(teacher, evaluation), "cache": str(folder)}
     log(f"teacher: accuracy {card['teacher']['clean_acc']:.4f} on {len(evaluation)} evaluation rows")
     if teacher_card:  # the teacher's own card: no agreement with itself
         card["teacher"].update(evaluate(teacher, cfg, evaluation, tokenizer, None))

@@ -12,14 +12,39 @@ import time
 import numpy as np
 import pandas as pd
 
+from server.aggregate import ci95
 from server.strategy import reply_details
 from server.store import RunStore
 
 
+def evaluation_summary(rows: pd.DataFrame) -> list[str]:
+    """Per model: pooled accuracy over every evaluated row, mean per-user accuracy with its 95%
+    interval, and (binary tasks) the share of rows called positive against the true share.
+    Per-user medians of 1-2 test rows are noise; these are not."""
+    n_test = rows[(rows["model"] == "client") & (rows["metric"] == "n_test")].set_index("client_id")["value"]
+    truth = rows[(rows["model"] == "client") & (rows["metric"] == "test_positive")].set_index("client_id")["value"]
+    parts = []
+    for model in ("global", "personal"):
+        acc = rows[(rows["model"] == model) & (rows["metric"] == "acc")].set_index("client_id")["value"].dropna()
+        if not len(acc):
+            continue
+        weights = n_test.reindex(acc.index).fillna(0).to_numpy()
+        pooled = float(np.average(acc, weights=weights)) if weights.sum() else float("nan")
+        text = f"{model} pooled {pooled:.3f} mean {acc.mean():.3f}±{ci95(acc.to_numpy()):.3f}"
+        pos = rows[(rows["model"] == model) & (rows["metric"] == "pred_positive")].set_index("client_id")["value"]
+        if len(pos) and len(truth) and weights.sum():
+            w = n_test.reindex(pos.index).fillna(0).to_numpy()
+            text += (f" positive {np.average(pos, weights=w):.2f}"
+                     f" (true {np.average(truth.reindex(pos.index).fillna(0), weights=w):.2f})")
+        parts.append(text)
+    return parts
+
+
 class Recorder:
     def __init__(self, store: RunStore, settings, offset: int, partition_of: dict[int, int],
-                 client_of: dict[int, str], show_progress: bool = True):
+                 client_of: dict[int, str], frozen: dict, show_progress: bool = True):
         self.store, self.settings, self.offset = store, settings, offset
+        self.frozen = frozen  # the artifact's non-shared tensors: checkpoints hold the whole model
         self.partition_of, self.client_of = partition_of, client_of
         self.show_progress = show_progress
         self._reset()
@@ -69,17 +94,29 @@ class Recorder:
         self.counts[f"{phase}_failed"] = self.counts.get(f"{phase}_sampled", len(replies)) - len(ok)
         return [m for _, m in sorted(ok, key=lambda item: item[0])] + failed
 
+    def reject(self, server_round: int, msg, reason: str) -> None:
+        """A train reply that cannot be aggregated (wrong tensors): recorded as failed, dropped."""
+        pid = self.partition_of.get(msg.metadata.src_node_id, -1)
+        self._row(pid, "train", "failed", 1.0)
+        self.counts["train_replied"] = self.counts.get("train_replied", 1) - 1
+        self.counts["train_failed"] = self.counts.get("train_failed", 0) + 1
+        self.store.event(round=self.global_round(server_round), phase="train", partition_id=pid,
+                         client_id=self.client_of.get(pid), error=f"reply not aggregated: {reason}")
+
     def commit(self, server_round: int, arrays):
-        """Flower's evaluate_fn: persist the finished round (round 0 is the starting model)."""
+        """Flower's evaluate_fn: persist the finished round. Flower also calls it with round 0
+        before training; round 0 (the starting model) is committed by ``commit_round`` instead."""
         if server_round == 0:
             return None
-        number = self.global_round(server_round)
+        return self.commit_round(self.global_round(server_round), arrays)
+
+    def commit_round(self, number: int, arrays):
         rows = pd.DataFrame(self.rows, columns=["client_id", "partition_id", "model", "metric", "value"])
         n_test = rows[(rows["model"] == "client") & (rows["metric"] == "n_test")]
         weights = n_test.groupby("client_id")["value"].last() if len(n_test) else None
         self.counts["seconds"] = time.time() - self.started
         extra = [{"model": "round", "metric": k, "stat": "value", "value": float(v)} for k, v in self.counts.items()]
-        self.store.commit_round(number, arrays.to_torch_state_dict(), rows, weights, extra)
+        self.store.commit_round(number, {**self.frozen, **arrays.to_torch_state_dict()}, rows, weights, extra)
         if self.show_progress:
             print(self.progress_line(number, rows), file=sys.stderr, flush=True)
         self._reset()
@@ -91,11 +128,8 @@ class Recorder:
                 f"{c.get('train_sampled', 0)}")
         if c.get("train_failed"):
             line += f" ({c['train_failed']} failed)"
-        acc = rows[rows["metric"] == "acc"]
-        if len(acc):
-            med = acc.groupby("model")["value"].median()
-            line += f", evaluated {c.get('evaluate_replied', 0)}: median client acc " + "  ".join(
-                f"{m} {v:.3f}" for m, v in med.items())
+        if (rows["metric"] == "acc").any():
+            line += f", evaluated {c.get('evaluate_replied', 0)}: " + "; ".join(evaluation_summary(rows))
         eps = rows[(rows["metric"] == "epsilon") & (rows["model"] == "train")]
         if len(eps):
             line += f", epsilon max {np.max(eps['value']):.2f}"

@@ -88,6 +88,9 @@ class RunStore:
     def checkpoint_path(self, round_number: int) -> Path:
         return self.folder / "checkpoints" / f"round-{round_number:04d}.safetensors"
 
+    def has_checkpoint(self, round_number: int) -> bool:
+        return self.checkpoint_path(round_number).exists()
+
     def load_checkpoint(self, round_number: int):
         return load_weights(self.checkpoint_path(round_number))
 

@@ -1,7 +1,12 @@
 """Flower strategies, chosen by name, with FedREX's recording and reproducible sampling mixed in.
 
 The mixin keeps each Flower strategy's own logic (FedProx's proximal-mu, FedAdam's server
-optimizer, Krum's selection) and changes three things:
+optimizer, Krum's selection) and changes four things:
+- what is aggregated: only the shared tensors travel (``models/protocol.py``), and the strategy
+  aggregates each client's *update* (reply minus what was sent) rather than its weights, then
+  adds the aggregate to the sent model in the sent dtype. Averaging identical weights is not
+  exact in floating point; averaging zero updates is, so a round in which nobody learns returns
+  the model bit for bit, for every strategy (FedAdam steps from zero in update space);
 - sampling: clients are drawn by partition id from a generator seeded by (seed, global round), and
   the strategy is shown only those nodes, so the same config and seed pick the same clients;
 - replies are sorted by partition id before aggregation, so floating-point sums do not depend on
@@ -16,13 +21,15 @@ import sys
 import time
 
 import numpy as np
-from flwr.app import MetricRecord
+from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 
+from models.protocol import ARRAYS, DETAILS, FROZEN
 from models.run_settings import RunSettings
 
 FLOWER_STRATEGIES = {
     "fedavg": flwr_strategy.FedAvg,
+    "fedavgm": flwr_strategy.FedAvgM,
     "fedprox": flwr_strategy.FedProx,
     "fedadam": flwr_strategy.FedAdam,
     "fedmedian": flwr_strategy.FedMedian,
@@ -83,12 +90,42 @@ def _count_only(records, weighting_key: str) -> MetricRecord:
 
 
 def reply_details(msg) -> dict:
-    return json.loads(str(msg.content.config_records["details"]["json"]))
+    return json.loads(str(msg.content.config_records[DETAILS]["json"]))
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})  # keeps 0-d shapes
 
 
 class RecordingMixin:
     recorder = None  # set by make_strategy
     settings: RunSettings
+    frozen: ArrayRecord  # the artifact's non-shared tensors, attached to every message
+    _sent: dict[str, np.ndarray] | None = None
+
+    def _attach_frozen(self, messages) -> list:
+        messages = list(messages)
+        for msg in messages:  # Flower's strategies share one RecordDict between messages
+            msg.content[FROZEN] = self.frozen
+        return messages
+
+    def _as_update(self, msg) -> str | None:
+        """Replace the reply's weights by its update (reply - sent), in place; a reason when the
+        reply does not carry exactly the sent tensors."""
+        if ARRAYS not in msg.content.array_records:
+            return "reply carries no weights"
+        got = _numpy(msg.content.array_records[ARRAYS])
+        if set(got) != set(self._sent):
+            return f"reply tensors {sorted(set(got) ^ set(self._sent))[:3]} differ from the sent ones"
+        bad = [k for k, v in got.items() if v.shape != self._sent[k].shape or v.dtype != self._sent[k].dtype]
+        if bad:
+            return f"reply tensor {bad[0]!r} has another shape or dtype than was sent"
+        msg.content[ARRAYS] = _record({k: v - self._sent[k] for k, v in got.items()})
+        return None
 
     def _sample(self, grid, server_round: int, fraction: float, minimum: int, salt: int) -> list[int]:
         nodes = self.recorder.partition_of  # node id -> partition id, from the query stage
@@ -104,11 +141,27 @@ class RecordingMixin:
         nodes = self._sample(grid, server_round, self.settings.fraction_train, self.settings.min_train_clients, 0)
         config["global-round"] = self.recorder.global_round(server_round)
         self.recorder.note_sampled(server_round, "train", nodes)
-        return super().configure_train(server_round, arrays, config, SampledGrid(grid, nodes))
+        self._sent = _numpy(arrays)
+        return self._attach_frozen(super().configure_train(server_round, arrays, config, SampledGrid(grid, nodes)))
 
     def aggregate_train(self, server_round, replies):
         replies = self.recorder.on_replies(server_round, "train", list(replies))
-        return super().aggregate_train(server_round, replies)
+        usable = []
+        for msg in replies:
+            problem = None if msg.has_error() else self._as_update(msg)
+            if problem:
+                self.recorder.reject(server_round, msg, problem)
+            else:
+                usable.append(msg)
+        current = getattr(self, "current_arrays", None)
+        if current is not None:  # server optimizers (FedAdam, FedAvgM) step from 0 in update space
+            zeros = {k: np.zeros_like(v) for k, v in self._sent.items()}
+            self.current_arrays = _record(zeros) if isinstance(current, ArrayRecord) else zeros
+        update, metrics = super().aggregate_train(server_round, usable)
+        if update is None:
+            return None, metrics
+        step = _numpy(update)
+        return _record({k: (v + step[k]).astype(v.dtype) for k, v in self._sent.items()}), metrics
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         global_round = self.recorder.global_round(server_round)
@@ -119,20 +172,23 @@ class RecordingMixin:
         nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, 1, 1)
         config["global-round"] = global_round
         self.recorder.note_sampled(server_round, "evaluate", nodes)
-        return super().configure_evaluate(server_round, arrays, config, SampledGrid(grid, nodes))
+        return self._attach_frozen(super().configure_evaluate(server_round, arrays, config, SampledGrid(grid, nodes)))
 
     def aggregate_evaluate(self, server_round, replies):
         replies = self.recorder.on_replies(server_round, "evaluate", list(replies))
         return super().aggregate_evaluate(server_round, replies)
 
 
-def make_strategy(settings: RunSettings, recorder):
-    """An instance of the named Flower strategy with the recording mixin in front."""
+def make_strategy(settings: RunSettings, recorder, frozen: dict):
+    """An instance of the named Flower strategy with the recording mixin in front; ``frozen``:
+    the global model's tensors that are sent down but never aggregated."""
     base = FLOWER_STRATEGIES[settings.strategy]
     kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                   min_available_nodes=1, train_metrics_aggr_fn=_count_only, evaluate_metrics_aggr_fn=_count_only)
     if settings.strategy == "fedprox":
         kwargs["proximal_mu"] = settings.proximal_mu
+    elif settings.strategy == "fedavgm":
+        kwargs.update(server_learning_rate=1.0, server_momentum=settings.server_momentum)
     elif settings.strategy == "fedadam":
         kwargs.update(eta=settings.server_lr, eta_l=settings.lr)
     elif settings.strategy == "fedtrimmedavg":
@@ -141,5 +197,5 @@ def make_strategy(settings: RunSettings, recorder):
         kwargs["num_malicious_nodes"] = settings.krum_byzantine
     cls = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
     strategy = cls(**kwargs)
-    strategy.recorder, strategy.settings = recorder, settings
+    strategy.recorder, strategy.settings, strategy.frozen = recorder, settings, ArrayRecord(frozen)
     return strategy

@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "simulations.simulate:run_cmd", "the main job: distill (cached) + simulate + report"),
     ):
         sub = commands.add_parser(name, help=helptext)
-        sub.add_argument("--config", default=None if name == "simulate" else "default",
-                         help="TOML run config: a file, or a packaged name (default, large)")
+        sub.add_argument("--config", default=None,
+                         help="TOML run config overriding the defaults (the main job): a file, or a packaged name (large)")
         sub.add_argument("--run-config", action="append", metavar="KEY=VALUE", help="override one setting")
         sub.add_argument("--runs-dir", default=None, help="where run folders go (default: runs)")
         sub.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")

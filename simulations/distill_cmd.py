@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
+import torch
+
+from models.artifact import atomic_write_json
 from simulations.overrides import apply_overrides
 
 
@@ -18,6 +21,10 @@ def run(args) -> int:
     if args.network:
         config = apply_overrides(config, [f"network={args.network}"])
     card = distill(config, Path(args.out))
+    # The card says how to make this artifact again (same code, config and seed -> same weights).
+    card["reproduce"] = {"command": "fedrex " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["distill"] else "fedrex distill",
+                         "config": config.as_dict(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    atomic_write_json(Path(args.out) / "card.json", card)
     print(format_card(card))
     print(f"wrote {args.out}/card.json")
     return 0
@@ -40,7 +47,3 @@ def format_card(card: dict) -> str:
     if "onnx_agreement" in card:
         lines.append(f"onnx int8        {card['onnx_int8_bytes'] / 1024:.0f} KB, agrees with PyTorch on {card['onnx_agreement']:.1%}")
     return "\n".join(lines)
-
-
-def dump(card: dict) -> str:
-    return json.dumps(card, indent=2, default=float)

@@ -1,8 +1,8 @@
-"""`--set key=value` overrides for any dataclass config: one mechanism for every command.
+"""`--set key=value` overrides for any dataclass config (the distillation's `DistillConfig`).
 
-Values are parsed by the type of the field's current value (bool, int, float, str, tuple of str),
-and dotted keys reach into nested dataclasses (``objective.kd=0``). Unknown keys and unparsable
-values are errors that name the valid choices.
+Values are parsed by ``models.run_settings.parse_value``, the one key=value parser (by the type
+of the field's current value), and dotted keys reach into nested dataclasses (``objective.kd=0``).
+Unknown keys and unparsable values are errors that name the valid choices.
 """
 
 from __future__ import annotations
@@ -10,34 +10,13 @@ from __future__ import annotations
 import dataclasses
 
 from models.errors import FedrexError
-
-
-def parse_value(raw: str, current, key: str):
-    try:
-        if isinstance(current, bool):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(current, int):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, tuple):
-            return tuple(part.strip() for part in raw.split(",") if part.strip())
-    except ValueError:
-        raise FedrexError(f"{key}={raw!r}: expected a {type(current).__name__}") from None
-    return None if raw.lower() == "none" and current is None else raw
+from models.run_settings import parse_value, split_pairs
 
 
 def apply_overrides(config, pairs: list[str]):
     """Return a copy of the dataclass ``config`` with ``key=value`` pairs applied."""
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise FedrexError(f"override {pair!r} is not key=value")
-        key, raw = pair.split("=", 1)
-        config = _set(config, key.strip().replace("-", "_").split("."), raw.strip(), key)
+    for key, raw in split_pairs(pairs, "override").items():
+        config = _set(config, key.replace("-", "_").split("."), raw, key)
     return config
 
 

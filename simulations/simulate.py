@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from models.errors import FedrexError
-from models.run_settings import RunSettings
+from models.run_settings import RunSettings, split_pairs
 
 
 def load_settings(config_file: str | None, pairs: list[str] | None, base: dict | None = None) -> RunSettings:
@@ -27,7 +27,7 @@ def load_settings(config_file: str | None, pairs: list[str] | None, base: dict |
         if not path.exists():
             packaged = resources.files("simulations") / "configs" / f"{config_file}.toml"
             if not packaged.is_file():
-                raise FedrexError(f"config {config_file!r} is neither a file nor a packaged config (default, large)")
+                raise FedrexError(f"config {config_file!r} is neither a file nor a packaged config (large)")
             text = packaged.read_text()
         else:
             text = path.read_text()
@@ -35,11 +35,7 @@ def load_settings(config_file: str | None, pairs: list[str] | None, base: dict |
             values.update(tomllib.loads(text))
         except tomllib.TOMLDecodeError as err:
             raise FedrexError(f"{config_file}: malformed TOML ({err})") from None
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise FedrexError(f"--run-config {pair!r} is not key=value")
-        key, raw = pair.split("=", 1)
-        values[key.strip()] = raw.strip().strip('"')
+    values.update(split_pairs(pairs))
     return RunSettings.from_flower(values)
 
 
@@ -112,14 +108,11 @@ def simulate_cmd(args) -> int:
 
 def run_cmd(args) -> int:
     """distill (or reuse the cached quick artifact) + simulate + report."""
-    settings = load_settings(args.config or "default", args.run_config,
+    settings = load_settings(args.config, args.run_config,
                              {"runs-dir": args.runs_dir} if args.runs_dir else None)
     run_dir = simulate(settings, {}, args.verbose)
-    try:
-        from analysis.report import write_report
-    except ImportError:  # reports arrive with the analysis package
-        print(run_dir)
-        return 0
+    from analysis.report import write_report
+
     report = write_report(run_dir)
     print(report)
     return 0

@@ -129,6 +129,10 @@ def test_eraser_matches_a_hand_computed_example(undefended, tok):
         only = torch.softmax(undefended(torch.tensor([[101, int(data.ids[0][3]), 102]])), -1)[0]
     assert scores["comprehensiveness"] == pytest.approx(float(full[y] - without[y]), abs=1e-5)
     assert scores["sufficiency"] == pytest.approx(float(full[y] - only[y]), abs=1e-5)
+    # Evidence *against* the prediction is not a rationale: a large negative attribution on
+    # 'truly' does not move it to the top (ERASER ranks by signed support; |attr| would).
+    against = [np.array([0, 0.1, -9.0, 5.0, 0.3, 0], dtype=np.float32)]
+    assert eraser_scores(undefended, data, against, fractions=(0.25,)) == pytest.approx(scores)
 
 
 def test_fastgrnn_cell_matches_its_equations():
@@ -251,18 +255,20 @@ def test_expl_objective_pulls_student_saliency_toward_the_teacher_map(sst2):
     """With a fixed target map per example, training with EXPL raises the cosine similarity
     between the student's saliency and that map compared with CE alone."""
     from models.objectives import expl_loss
+    from models.tokenizer import content_mask
 
     train = sst2[0].subset(np.arange(2000))
     rng = np.random.default_rng(0)
     train.teacher_attr = [rng.random(len(ids)).astype(np.float32) ** 4 for ids in train.ids]
+    train.attr_labels = train.labels.copy()  # the label each target map explains
 
     def distance_after(objective):
         torch.manual_seed(0)
         model = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity())
         fit(model, train, objective, epochs=3, batch_size=64, seed=0)
         batch = train.batch(np.arange(256))
-        return float(expl_loss(model, model.embed(batch.ids), batch.mask, batch.labels, batch.teacher_attr,
-                               batch.has_attr))
+        return float(expl_loss(model, model.embed(batch.ids), batch.mask, content_mask(batch.ids),
+                               batch.attr_labels, batch.teacher_attr, batch.has_attr).detach())
 
     assert distance_after(ObjectiveConfig(expl=5.0)) < distance_after(ObjectiveConfig()) - 0.05
 

@@ -25,16 +25,19 @@ def test_pyproject_lists_every_run_setting_and_nothing_else():
 
 
 def test_flwr_run_and_fedrex_run_start_from_the_same_settings():
-    # `flwr run .` reads pyproject's config; `fedrex run` reads configs/default.toml over RunSettings.
-    assert RunSettings.from_flower(flower_app_config()) == load_settings("default", [])
+    # One source of defaults: `flwr run .` reads pyproject's config, `fedrex run` RunSettings' own
+    # defaults; the large config only overrides.
+    assert RunSettings.from_flower(flower_app_config()) == load_settings(None, []) == RunSettings()
+    large = load_settings("large", [])
+    assert large.dataset == "sent140_users" and large.mode == RunSettings().mode
 
 
 def test_run_config_values_are_coerced_and_checked():
-    settings = load_settings("default", ["num-rounds=7", "dp=true", "client-cpus=0.5", 'mode="ditto"'])
+    settings = load_settings(None, ["num-rounds=7", "dp=true", "client-cpus=0.5", 'mode="ditto"'])
     assert (settings.num_rounds, settings.dp, settings.client_cpus, settings.mode) == (7, True, 0.5, "ditto")
     with pytest.raises(FedrexError, match="unknown run-config key 'num-round'"):
-        load_settings("default", ["num-round=7"])
+        load_settings(None, ["num-round=7"])
     with pytest.raises(FedrexError, match="client-cpus must be > 0"):
-        load_settings("default", ["client-cpus=0"])
+        load_settings(None, ["client-cpus=0"])
     with pytest.raises(FedrexError, match="not key=value"):
-        load_settings("default", ["num-rounds"])
+        load_settings(None, ["num-rounds"])

@@ -1,0 +1,92 @@
+"""Differential privacy that holds against the server: noise it cannot replay, accounting at the
+sample rate Opacus really uses, a padding row that stays zero, and one training loop (DP changes
+nothing but batches, clipping and noise)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from client.local import round_seed, train_round
+from client.privacy import epsilon_of, poisson_sample_rate
+from client.state import ClientState
+from models.encoded import EncodedData
+from models.errors import FedrexError
+from models.networks import VocabMap, build_network
+from models.run_settings import RunSettings
+from models.tokenizer import WordPieceTokenizer
+
+NETWORK = {"kind": "student", "num_labels": 2, "dim": 16, "hidden": 16}
+
+
+@pytest.fixture(scope="module")
+def critic(data_dir):
+    """One critic's first 37 reviews: 37 rows, batch 16 -> Opacus samples at 1/3, not 16/37."""
+    frame = pd.read_parquet(data_dir / "rt_critics" / "reviews.parquet")
+    sizes = frame.groupby("user_id").size()
+    rows = frame[frame["user_id"] == sorted(sizes[sizes >= 37].index)[0]].head(37)
+    assert len(rows) == 37
+    return EncodedData.from_texts(rows["text"].tolist(), rows["label"].to_numpy(), WordPieceTokenizer(32))
+
+
+@pytest.fixture(scope="module")
+def start(critic):
+    torch.manual_seed(0)
+    kept = np.unique(np.concatenate(critic.ids))
+    vocab = VocabMap.pruned(30522, torch.from_numpy(kept))
+    model = build_network({**NETWORK, "vocab_size": vocab.size}, vocab)
+    return {k: v.clone() for k, v in model.state_dict().items()}, {**NETWORK, "vocab_size": vocab.size}
+
+
+def dp_round(start, critic, **kw):
+    state, config = ClientState(), start[1]
+    settings = RunSettings(dp=True, noise_multiplier=1.0, local_epochs=2.0, local_max_steps=6, batch_size=16,
+                           adv_weight=0.5, **kw)
+    settings.validate()
+    sent, metrics = train_round(lambda: build_network(config), start[0], critic, settings, state, 1, 7, 0.0)
+    return sent, metrics, state
+
+
+def test_the_server_cannot_replay_the_noise(start, critic):
+    first, _, _ = dp_round(start, critic)
+    second, _, _ = dp_round(start, critic)  # everything the server knows is the same
+    assert not torch.equal(first["conv1.weight"], second["conv1.weight"])
+    replay_a, _, _ = dp_round(start, critic, dp_reproducible_noise=True)
+    replay_b, _, _ = dp_round(start, critic, dp_reproducible_noise=True)
+    assert all(torch.equal(replay_a[k], replay_b[k]) for k in replay_a)  # the named, simulation-only option
+
+
+def test_the_ledger_uses_the_rate_opacus_samples_at(start, critic):
+    from opacus.accountants import RDPAccountant
+
+    _, metrics, state = dp_round(start, critic)
+    assert poisson_sample_rate(37, 16) == pytest.approx(1 / 3)
+    assert state.dp_history == [(1.0, pytest.approx(1 / 3), 6)]
+    independent = RDPAccountant()
+    for _ in range(6):
+        independent.step(noise_multiplier=1.0, sample_rate=1 / 3)
+    assert metrics["epsilon"] == pytest.approx(independent.get_epsilon(1e-5))
+    assert metrics["epsilon"] < epsilon_of([(1.0, 16 / 37, 6)], 1e-5)  # what the old ledger overstated
+
+
+def test_the_padding_row_stays_zero_under_dp(start, critic):
+    sent, _, _ = dp_round(start, critic)
+    assert torch.count_nonzero(sent["embedding.weight"][0]) == 0
+    assert torch.count_nonzero(sent["embedding.weight"][1:] - start[0]["embedding.weight"][1:]) > 0
+
+
+def test_dp_with_learning_rate_zero_changes_nothing(start, critic):
+    sent, metrics, _ = dp_round(start, critic, lr=0.0)  # noise moves nothing the optimizer does not apply
+    assert all(torch.equal(v, start[0][k]) for k, v in sent.items()) and metrics["epsilon"] > 0
+
+
+def test_dp_and_a_proximal_term_are_refused_not_silently_dropped():
+    with pytest.raises(FedrexError, match="proximal term has no per-sample gradients"):
+        RunSettings(dp=True, strategy="fedprox").validate()
+
+
+def test_round_seeds_are_what_the_server_could_compute():
+    """The reproducible option's seed is public: (run seed, round, partition) -> same number."""
+    assert round_seed(RunSettings(seed=3), 2, 5) == round_seed(RunSettings(seed=3), 2, 5)
