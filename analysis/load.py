@@ -71,13 +71,15 @@ def fairness(df: pd.DataFrame, metric: str = "acc", round: int | None = None) ->
 
 
 def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
-    """Per client and model: clean accuracy, accuracy under attack, and the drop between them."""
+    """Per client and model: clean accuracy and accuracy under attack on the same rows (the attacked
+    subset, ``acc_attacked_rows``), and the drop between them."""
     wide = per_client(df, round)
     parts = []
     for model in ("global", "personal"):
         if f"{model}.adv_acc" not in wide:
             continue
-        part = pd.DataFrame({"model": model, "clean_acc": wide[f"{model}.acc"], "adv_acc": wide[f"{model}.adv_acc"]})
+        clean = wide.get(f"{model}.acc_attacked_rows", wide[f"{model}.acc"])
+        part = pd.DataFrame({"model": model, "clean_acc": clean, "adv_acc": wide[f"{model}.adv_acc"]})
         part["drop"] = part["clean_acc"] - part["adv_acc"]
         parts.append(part)
     return pd.concat(parts).reset_index().dropna() if parts else pd.DataFrame()

@@ -35,7 +35,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.load import load_run, per_client, round_summary  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
-from benchmarks.references import reference_accuracy  # noqa: E402
+from references import central_student_accuracy, reference_accuracy  # noqa: E402  (this folder is on sys.path)
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.run_settings import RunSettings  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
@@ -44,7 +44,8 @@ from simulations.simulate import load_settings  # noqa: E402
 # accuracy a coin flip).
 DATASETS = {"rt_critics": ["dataset=rt_critics"], "sent140_users": ["dataset=sent140_users", "min-samples=10"]}
 MODES = ["finetune", "prior", "mix", "select", "ditto", "fedper"]
-HEADLINE = ["prior", "mix"]
+HEADLINE = [RunSettings().mode]  # its runs also hold the global model and round 0
+CENTRAL = "central FedREX student (start model fine-tuned on pooled user rows, 2 epochs)"
 SWEEP = [  # (name, change from the defaults)
     ("defaults", []),
     ("lr 3e-4", ["lr=0.0003"]),
@@ -55,6 +56,10 @@ SWEEP = [  # (name, change from the defaults)
     ("fedadam (eta 1e-3)", ["strategy=fedadam", "server-lr=0.001"]),
     ("fedprox (mu 0.01)", ["strategy=fedprox"]),
     ("no hardening", ["adv-weight=0"]),
+    ("lr 3e-3, 10 rounds", ["lr=0.003", "num-rounds=10", "evaluate-every=10"]),
+    ("lr 3e-3, 20 rounds", ["lr=0.003", "num-rounds=20", "evaluate-every=20"]),
+    ("lr 3e-3, fedavgm, 10 rounds", ["lr=0.003", "strategy=fedavgm", "num-rounds=10", "evaluate-every=10"]),
+    ("lr 3e-3, 50% per round, 10 rounds", ["lr=0.003", "fraction-train=0.5", "num-rounds=10", "evaluate-every=10"]),
 ]
 
 
@@ -65,6 +70,7 @@ def runs_for(part: str, datasets: list[str]) -> list[tuple[str, str, list[str]]]
         if part == "methods":
             out += [(dataset, mode, [f"mode={mode}"]) for mode in MODES]
             out.append((dataset, f"{RunSettings().mode}, no hardening", ["adv-weight=0"]))
+            out.append((dataset, f"{RunSettings().mode} +DP (noise 1.0)", ["dp=true", "noise-multiplier=1.0"]))
         elif part == "seeds":
             out += [(dataset, f"{mode} (seed {seed})", [f"mode={mode}", f"seed={seed}"])
                     for mode in HEADLINE for seed in (1, 2)]
@@ -94,9 +100,14 @@ def summarise(run_dir: Path) -> dict:
                 row[f"{tag}_{model}_pred_positive"] = float(np.average(wide[f"{model}.pred_positive"], weights=weights))
             if f"{model}.adv_acc" in wide:
                 row[f"{tag}_{model}_adv_acc"] = float(wide[f"{model}.adv_acc"].mean())
+                row[f"{tag}_{model}_acc_attacked_rows"] = float(wide[f"{model}.acc_attacked_rows"].mean())
+            if f"{model}.comprehensiveness" in wide:
+                row[f"{tag}_{model}_comprehensiveness"] = float(wide[f"{model}.comprehensiveness"].mean())
         if "client.test_positive" in wide:
             row[f"{tag}_true_positive"] = float(np.average(wide["client.test_positive"], weights=weights))
         if rnd == last:
+            epsilon = wide.get("client.epsilon")
+            row["epsilon_max"] = float(epsilon.max()) if epsilon is not None and epsilon.max() > 0 else None
             gain = (wide["personal.acc"] - wide["global.acc"]).dropna()
             row["share_harmed"] = float((gain < 0).mean())
             row["per_user"] = {"global": wide["global.acc"].dropna().to_dict(),
@@ -128,40 +139,59 @@ def user_stats(values) -> dict:
             "p10": np.percentile(values, 10), "clients": values.size}
 
 
+def _row(label: str, r: dict, tag: str, model: str, harmed: bool = False, spread: str = "") -> list[str]:
+    return [label, str(int(r[f"{tag}_{model}_clients"])),
+            f"{fmt(r[f'{tag}_{model}_mean'])} ± {fmt(r[f'{tag}_{model}_ci95'])}{spread}",
+            f"{fmt(r[f'{tag}_{model}_median'])} / {fmt(r[f'{tag}_{model}_p10'])}", fmt(r[f"{tag}_{model}_pooled"]),
+            f"{fmt(r.get(f'{tag}_{model}_pred_positive'), 2)} ({fmt(r.get(f'{tag}_true_positive'), 2)})",
+            f"{100 * r['share_harmed']:.0f}%" if harmed else "",
+            f"{fmt(r.get(f'{tag}_{model}_acc_attacked_rows'))} -> {fmt(r.get(f'{tag}_{model}_adv_acc'))}"
+            if r.get(f"{tag}_{model}_adv_acc") is not None else "–",
+            fmt(r.get(f"{tag}_{model}_comprehensiveness")), fmt(r.get("epsilon_max"), 1) if model == "global" else ""]
+
+
+HEAD = ["row", "users", "per-user acc mean ± 95% CI", "median / p10", "pooled acc", "called positive (true)",
+        "harmed", "acc clean -> under char attack (same rows)", "comprehensiveness", "epsilon"]
+
+
 def table(dataset: str, refs: dict, rows: list[dict]) -> str:
-    """One dataset's table: references, round 0, then each method (mean over seeds where run)."""
-    head = ["row", "users", "per-user acc mean ± 95% CI", "median / p10", "pooled acc", "called positive (true)",
-            "harmed", "acc under char attack"]
+    """One dataset's table: references, round 0, then the global model after the federation and
+    each mode's personal model (personal seeds' means where run)."""
     body = []
     for name, per_user in refs.items():
         s = user_stats(per_user.values())
         body.append([f"reference: {name}", str(s["clients"]), f"{fmt(s['mean'])} ± {fmt(s['ci95'])}",
-                     f"{fmt(s['median'])} / {fmt(s['p10'])}", "", "", "", ""])
+                     f"{fmt(s['median'])} / {fmt(s['p10'])}", "", "", "", "", "", ""])
+    rows = [r for r in rows if not r["name"].startswith("sweep")]
     base = next((r for r in rows if r["name"] == RunSettings().mode), rows[0] if rows else None)
     if base:
-        for model, label in (("global", "FedREX global model, round 0 (start)"),
-                             ("personal", f"local fine-tune of the start model, no federation ({base['name']})")):
-            body.append([label, str(int(base[f"r0_{model}_clients"])),
-                         f"{fmt(base[f'r0_{model}_mean'])} ± {fmt(base[f'r0_{model}_ci95'])}",
-                         f"{fmt(base[f'r0_{model}_median'])} / {fmt(base[f'r0_{model}_p10'])}",
-                         fmt(base[f"r0_{model}_pooled"]),
-                         f"{fmt(base.get(f'r0_{model}_pred_positive'), 2)} ({fmt(base.get('r0_true_positive'), 2)})",
-                         "", fmt(base.get(f"r0_{model}_adv_acc"))])
+        body.append(_row("FedREX global model, round 0 (the start)", base, "r0", "global"))
+        body.append(_row("local fine-tune of the start model, no federation", base, "r0", "personal"))
     for r in rows:
-        for model in ("global", "personal"):
-            if model == "global" and r["name"] != base["name"] and not r["name"].startswith("sweep") \
-                    and "no hardening" not in r["name"]:
-                continue  # the global model of every mode row is the same federation's; shown once
-            seeds = r.get("seed_means")
-            spread = f" (seeds: {', '.join(fmt(v) for v in seeds)})" if seeds and model == "personal" else ""
-            body.append([f"{r['name']}: {model}, round {r['last_round']}", str(int(r[f"final_{model}_clients"])),
-                         f"{fmt(r[f'final_{model}_mean'])} ± {fmt(r[f'final_{model}_ci95'])}{spread}",
-                         f"{fmt(r[f'final_{model}_median'])} / {fmt(r[f'final_{model}_p10'])}",
-                         fmt(r[f"final_{model}_pooled"]),
-                         f"{fmt(r.get(f'final_{model}_pred_positive'), 2)} ({fmt(r.get('final_true_positive'), 2)})",
-                         f"{100 * r['share_harmed']:.0f}%" if model == "personal" else "",
-                         fmt(r.get(f"final_{model}_adv_acc"))])
-    return f"### {dataset}\n\n" + markdown_table(pd.DataFrame(body, columns=head))
+        if r is base or "no hardening" in r["name"] or "+DP" in r["name"]:
+            body.append(_row(f"{r['name']}: global model, round {r['last_round']}", r, "final", "global"))
+        seeds = r.get("seed_means")
+        spread = f" (seeds {', '.join(fmt(v) for v in seeds)})" if seeds else ""
+        body.append(_row(f"{r['name']}: personal model, round {r['last_round']}", r, "final", "personal", True,
+                         spread))
+    return f"### {dataset}\n\n" + markdown_table(pd.DataFrame(body, columns=HEAD))
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """The global model per sweep run: what one change from the run's settings did."""
+    body = []
+    for r in rows:
+        effective = dict(pair.split("=", 1) for pair in r["config"])  # later pairs override earlier ones
+        change = " ".join(f"{k}={v}" for k, v in effective.items()
+                          if k not in ("dataset", "attack-examples", "fidelity-examples", "evaluate-every"))
+        body.append([change, fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
+                     f"{fmt(r['final_global_mean'])} ± {fmt(r['final_global_ci95'])}",
+                     f"{fmt(r.get('final_global_pred_positive'), 2)} ({fmt(r.get('final_true_positive'), 2)})",
+                     f"{r['seconds']:.0f}"])
+    head = ["settings (everything else: the defaults of the time, lr 1e-3)", "pooled acc, round 0", "pooled acc, last round",
+            "per-user mean ± 95% CI", "called positive (true)", "seconds"]
+    return "### rt_critics: sweep of the federation's settings (global model)\n\n" + markdown_table(
+        pd.DataFrame(body, columns=head))
 
 
 def with_seeds(rows: list[dict]) -> list[dict]:
@@ -180,7 +210,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="rt_critics,sent140_users")
     parser.add_argument("--part", default="all", choices=["methods", "sweep", "seeds", "all"])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=RunSettings().num_rounds)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs-dir", default="/tmp/fedrex-personalization")
     parser.add_argument("--out", default=str(ROOT / "results"))
@@ -196,6 +226,13 @@ def main() -> int:
             settings = load_settings(None, DATASETS[dataset])
             refs[dataset] = reference_accuracy(settings, settings.distill_dataset, settings.prior_l2)
             atomic_write_json(json_path, {"rows": rows, "references": refs})
+        if CENTRAL not in refs[dataset]:
+            print(f"[bench] {dataset}: {CENTRAL}", file=sys.stderr, flush=True)
+            refs[dataset][CENTRAL] = central_student_accuracy(load_settings(None, DATASETS[dataset]))
+            atomic_write_json(json_path, {"rows": rows, "references": refs})
+    for row in rows:  # re-read every kept run: a newer summary (columns) applies to older rows too
+        if (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
+            row.update(summarise(Path(args.runs_dir) / row["run_id"]))
     parts = ["methods", "sweep", "seeds"] if args.part == "all" else [args.part]
     for part in parts:
         for dataset, name, pairs in runs_for(part, datasets):
@@ -206,6 +243,9 @@ def main() -> int:
             rows.append(run_one(dataset, name, pairs, args.rounds, args.set, Path(args.runs_dir)))
             atomic_write_json(json_path, {"rows": rows, "references": refs})
     md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d])) for d in refs)
+    sweep = [r for r in rows if r["name"].startswith("sweep")]
+    if sweep:
+        md += "\n\n" + sweep_table(sweep)
     atomic_write_bytes(json_path.with_suffix(".md"), (md + "\n").encode())
     print(md)
     return 0

@@ -75,3 +75,27 @@ def reference_accuracy(settings, global_dataset: str = "sst2", prior_l2: float =
         rows[f"central tfidf ({global_dataset} + users)"][client_id] = float(
             (_logits(central_all(test_x)).argmax(1) == test_y).mean())
     return rows
+
+
+def central_student_accuracy(settings, epochs: float = 2.0) -> dict[str, float]:
+    """{client id: accuracy}: the run's starting model fine-tuned centrally on the pooled training
+    rows of all users (same objective, learning rate and batch size as the clients), i.e. what the
+    federation would reach with no federation constraints: the non-federated upper reference."""
+    from models.encoded import EncodedData
+    from models.tokenizer import WordPieceTokenizer
+    from models.training import fit, predict_logits, seed_everything
+    from server.app import global_model
+
+    users = user_splits(settings)
+    tokenizer = WordPieceTokenizer(settings.max_length)
+    pooled = EncodedData.from_texts([t for _, train, _, _, _ in users for t in train],
+                                    np.concatenate([y for _, _, y, _, _ in users]), tokenizer)
+    seed_everything(settings.seed)
+    model, _ = global_model(settings)
+    fit(model, pooled, settings.objective(), epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
+        seed=settings.seed, progress="central student", log_every=200)
+    out = {}
+    for client_id, _, _, test_x, test_y in users:
+        test = EncodedData.from_texts(test_x, test_y, tokenizer)
+        out[client_id] = float((predict_logits(model, test).argmax(1) == test.labels).mean())
+    return out

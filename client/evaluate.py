@@ -24,8 +24,9 @@ def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokeniz
     if settings.attack_examples > 0:
         summary = robustness(model, tokenizer, test, ("char",), settings.attack_budget, settings.attack_examples,
                              seed)["char"]
-        metrics.update(adv_acc=summary["adv_acc"], attack_success=summary["success_rate"],
-                       words_changed_pct=summary["words_changed_pct"])
+        # clean and attacked accuracy of one robustness figure come from the same (attacked) rows
+        metrics.update(acc_attacked_rows=summary["clean_acc"], adv_acc=summary["adv_acc"],
+                       attack_success=summary["success_rate"], words_changed_pct=summary["words_changed_pct"])
     attr = None
     if settings.fidelity_examples > 0:
         fid, attr = fidelity(model, test, reference_attr, settings.ig_steps, settings.fidelity_examples, seed)

@@ -62,7 +62,7 @@ def with_reference_saliency(model, data: EncodedData) -> EncodedData:
 
 
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,
-              epochs: float, extra_loss=None, trainable=None, privacy=None) -> dict:
+              epochs: float, lr: float, extra_loss=None, trainable=None, privacy=None) -> dict:
     """``fit`` restricted to the ``trainable`` parameters (all when None). Seeds torch first:
     dropout draws from the global generator, whose state would otherwise depend on whatever the
     same Ray actor ran before."""
@@ -72,7 +72,7 @@ def local_fit(model, data: EncodedData, settings: RunSettings, objective: Object
             param.requires_grad_(trainable(name))
     try:
         return fit(model, data, objective, epochs=epochs, max_steps=settings.local_max_steps,
-                   batch_size=settings.batch_size, lr=settings.lr, seed=seed, extra_loss=extra_loss,
+                   batch_size=settings.batch_size, lr=lr, seed=seed, extra_loss=extra_loss,
                    balanced=settings.balanced_loss, privacy=privacy)
     finally:
         for param in model.parameters():
@@ -95,13 +95,14 @@ class ClientTrainer:
             from client.privacy import PrivateTraining
 
             privacy = PrivateTraining(self.settings, self.state, seed)
-        return local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs,
+        return local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs, self.settings.lr,
                          extra_loss=None if privacy else proximal_term(model, self.anchor, self.proximal_mu),
                          trainable=trainable, privacy=privacy)
 
     def personal(self, model, data: EncodedData, seed: int, trainable=None, anchor=None, weight: float = 0.0) -> dict:
         return local_fit(model, data, self.settings, ObjectiveConfig(), seed, self.settings.personal_epochs,
-                         extra_loss=proximal_term(model, anchor, weight), trainable=trainable)
+                         self.settings.personal_lr, extra_loss=proximal_term(model, anchor, weight),
+                         trainable=trainable)
 
 
 def round_inputs(build, received: dict[str, torch.Tensor], data: EncodedData, settings: RunSettings, state,

@@ -114,12 +114,32 @@ def read_config(folder: Path) -> dict:
 PACKAGED = Path(__file__).resolve().parent / "artifacts"  # artifacts shipped with FedREX, by name
 
 
+def _installed_packaged_dirs() -> list[Path]:
+    """Where the installed FedREX keeps its packaged artifacts. `flwr run .` runs the app from a
+    Flower App Bundle, which carries code and JSON but never weights: there, the weights are found
+    in the installed package (a wheel's package data, or an editable install's source folder)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("fedrex")
+    except metadata.PackageNotFoundError:
+        return []
+    found = [Path(str(dist.locate_file("models/artifacts")))]
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if str(direct.get("url", "")).startswith("file://"):
+        found.append(Path(direct["url"][len("file://"):]) / "models" / "artifacts")
+    return found
+
+
 def resolve_artifact(name_or_folder: str) -> Path:
-    """A packaged artifact's name (``models/artifacts/<name>``) or an artifact folder."""
-    for folder in (Path(name_or_folder), PACKAGED / name_or_folder):
-        if (folder / "config.json").exists():
+    """A packaged artifact's name (``models/artifacts/<name>``) or an artifact folder: the first
+    candidate that holds both its config and its weights."""
+    candidates = [Path(name_or_folder), PACKAGED / name_or_folder,
+                  *(root / name_or_folder for root in _installed_packaged_dirs())]
+    for folder in candidates:
+        if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
             return folder
-    shipped = ", ".join(sorted(p.parent.name for p in PACKAGED.glob("*/config.json"))) or "none"
+    shipped = ", ".join(sorted(p.parent.name for p in PACKAGED.glob("*/model.safetensors"))) or "none here"
     raise FedrexError(f"artifact {name_or_folder!r} is neither an artifact folder nor a packaged artifact "
                       f"(shipped: {shipped}); make one with `fedrex distill --out FOLDER`")
 

@@ -284,7 +284,8 @@ def summarize_attack(results: list[AttackResult]) -> dict:
         "clean_acc": len(attacked) / n if n else float("nan"),
         "adv_acc": (len(attacked) - len(succeeded)) / n if n else float("nan"),
         "success_rate": len(succeeded) / len(attacked) if attacked else float("nan"),
+        # undefined (NaN), not 0, when nothing succeeded: a 0 would drag every mean toward "no change"
         "words_changed_pct": float(np.mean([100 * r.words_changed / max(r.n_words, 1) for r in succeeded]))
-        if succeeded else 0.0,
-        "queries": float(np.mean([r.queries for r in attacked])) if attacked else 0.0,
+        if succeeded else float("nan"),
+        "queries": float(np.mean([r.queries for r in attacked])) if attacked else float("nan"),
     }

@@ -39,11 +39,11 @@ class RunSettings:
     distill_dataset: str = "sst2"
     # federation
     strategy: str = "fedavg"
-    num_rounds: int = 3
+    num_rounds: int = 10  # the benchmark sweep: 3 rounds barely move the global model, 10 do
     fraction_train: float = 0.2
     min_train_clients: int = 2
     fraction_evaluate: float = 1.0
-    evaluate_every: int = 1
+    evaluate_every: int = 5  # evaluation costs ~10x a training round; round 0 and the last always run
     proximal_mu: float = 0.01
     server_lr: float = 0.01  # fedadam's eta
     server_momentum: float = 0.9  # fedavgm's momentum (server learning rate 1)
@@ -58,7 +58,7 @@ class RunSettings:
     local_epochs: float = 1.0
     local_max_steps: int = 30
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3  # the benchmark sweep: +1.6 points pooled over 1e-3 on critics after 10 rounds
     balanced_loss: bool = False  # logit-adjusted CE against each client's own label prior
     # adversarial hardening and explanation preservation
     adv_weight: float = 0.5
@@ -78,6 +78,7 @@ class RunSettings:
     # personalization
     mode: str = "finetune"
     personal_epochs: float = 1.0
+    personal_lr: float = 1e-3  # learning rate of weights that stay on the device (fine-tunes, heads, ditto)
     ditto_lambda: float = 0.1
     prior_l2: float = 1.0  # mode prior: L2 weight on the per-user logit bias
     holdout: float = 0.25  # modes mix/select: share of a user's training rows held in for validation
@@ -132,7 +133,8 @@ class RunSettings:
             (self.client_cpus > 0 and self.client_threads >= 1, "client-cpus must be > 0 and client-threads >= 1"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
             # lr = 0 is allowed: a round that cannot learn must return the model bit for bit (a drill)
-            (self.batch_size >= 1 and self.lr >= 0, "batch-size must be >= 1 and lr >= 0"),
+            (self.batch_size >= 1 and self.lr >= 0 and self.personal_lr >= 0,
+             "batch-size must be >= 1, lr and personal-lr >= 0"),
             (self.prior_l2 > 0 and 0 < self.holdout < 1, "prior-l2 must be > 0 and holdout in (0, 1)"),
             (not self.dp or self.noise_multiplier > 0 or self.target_epsilon > 0,
              "dp needs noise-multiplier > 0 or target-epsilon > 0"),

@@ -25,7 +25,7 @@ def reported_run(tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("runs")
     settings = load_settings(None, ["dataset=rt_critics", "min-samples=350", "num-rounds=2", "fraction-train=1.0",
-                                    "local-max-steps=8", "attack-examples=5", "fidelity-examples=5", "ig-steps=4",
+                                    "local-max-steps=8", "attack-examples=5", "fidelity-examples=5", "ig-steps=4", "evaluate-every=1",
                                     "crash-clients=1", "run-id=tiny", f"runs-dir={runs}"])
     run_dir = simulate(settings)
     write_report(run_dir)
@@ -90,6 +90,7 @@ def test_helpers_agree_with_each_other(reported_run):
     trade = robustness_tradeoff(df)
     assert set(trade["model"]) == {"global", "personal"}
     assert np.allclose(trade["drop"], trade["clean_acc"] - trade["adv_acc"])
+    assert (trade["drop"] >= 0).all()  # same rows: an attack cannot raise accuracy
     assert fairness(df).loc["personal", "clients"] == len(gain)
     assert len(round_summary(df)) == 6  # rounds 0, 1, 2 x {global, personal}
 

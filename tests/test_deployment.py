@@ -66,7 +66,8 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
                   "--port", str(free_port()), "--node-config", node_config)
         wait_for(link_log, "activate-node", 60)
         time.sleep(2)  # both nodes: the second registers right after the first
-        overrides = (f'num-rounds=2 fraction-train=1.0 mode="fedper" attack-examples=3 fidelity-examples=3 '
+        overrides = (f'num-rounds=2 evaluate-every=1 fraction-train=1.0 mode="fedper" attack-examples=3 '
+                     f'fidelity-examples=3 '
                      f'local-max-steps=5 run-id="deployed" runs-dir="{tmp_path / "runs"}"')
         result = subprocess.run([str(BIN / "flwr"), "run", ".", "deploy", "--run-config", overrides, "--stream"],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -81,10 +82,11 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(tmp_path / "runs" / "deployed" / "clients.parquet")
     accuracy = frame[frame["metric"] == "acc"]
-    # Every device reported, under the name its own node config gave it, in both rounds, for both models.
+    # Every device reported, under the name its own node config gave it, at the start (round 0) and
+    # after both rounds, for both models.
     assert set(accuracy["client_id"]) == set(critics)
     assert accuracy.groupby(["round", "client_id", "model"]).size().to_dict() == {
-        (r, c, m): 1 for r in (1, 2) for c in critics for m in ("global", "personal")}
+        (r, c, m): 1 for r in (0, 1, 2) for c in critics for m in ("global", "personal")}
     # fedper's personal head lives on the device, in the state folder its node config named.
     for i in range(2):
         assert sorted(p.name for p in (tmp_path / f"state{i}").rglob("round-*.safetensors")) == \

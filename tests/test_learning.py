@@ -193,3 +193,11 @@ def test_logit_bias_solves_its_regularised_problem():
 def test_label_log_prior_is_the_smoothed_label_share():
     prior = label_log_prior(np.array([1, 1, 1, 0]), 2)
     assert torch.allclose(prior, torch.log(torch.tensor([2 / 6, 4 / 6])))
+
+
+def test_fedper_heads_never_leave_the_device(tmp_path, critics):
+    """Only the body travels: the global head stays the artifact's, however much clients train."""
+    start, after = federated_round(tmp_path, critics, "student", strategy="fedavg", lr=1e-2, adv_weight=0.0,
+                                   mode="fedper")
+    assert torch.equal(after["head.weight"], start["head.weight"]) and torch.equal(after["head.bias"], start["head.bias"])
+    assert not torch.equal(after["conv1.weight"], start["conv1.weight"])

@@ -278,3 +278,40 @@ def test_bad_objective_weights_are_rejected():
         ObjectiveConfig(kd=-1).validate()
     with pytest.raises(FedrexError):
         ObjectiveConfig(adv_ratio=2).validate()
+
+
+def test_attack_summaries_leave_undefined_values_undefined():
+    from models.attacks import AttackResult, summarize_attack
+
+    held = [AttackResult("a b", "a b", 1, 1, 1, 0, 2, 5), AttackResult("c d", "c d", 0, 1, 1, 0, 2, 0)]
+    summary = summarize_attack(held)  # one attacked and held, one already wrong
+    assert summary["clean_acc"] == 0.5 and summary["adv_acc"] == 0.5 and summary["success_rate"] == 0.0
+    assert math.isnan(summary["words_changed_pct"])  # nothing succeeded: no words were changed by a success
+    flipped = summarize_attack([AttackResult("a b c d", "x b c d", 1, 1, 0, 1, 4, 9), *held])
+    assert flipped["words_changed_pct"] == pytest.approx(25.0) and flipped["adv_acc"] == pytest.approx(1 / 3)
+
+
+def test_expl_explains_the_reference_label_over_real_tokens(sst2):
+    """The student's saliency is taken for the label the reference map explains (not the true
+    label), and [CLS]/[SEP] carry no attribution mass on either side."""
+    from models.objectives import expl_loss, saliency
+    from models.tokenizer import content_mask
+
+    torch.manual_seed(0)
+    model = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity()).eval()  # no dropout
+    data = sst2[0].subset(np.arange(8))
+    data.teacher_attr = [np.random.default_rng(i).random(len(ids)).astype(np.float32) for i, ids in enumerate(data.ids)]
+    data.attr_labels = 1 - data.labels  # the reference explains the other label
+    batch = data.batch(np.arange(8))
+    real = content_mask(batch.ids)
+    assert not real[:, 0].any() and real.sum() == batch.mask.sum() - 2 * 8  # [CLS], [SEP] are not real tokens
+    emb = model.embed(batch.ids)
+    sal = saliency(model, emb, batch.mask, batch.attr_labels, create_graph=False, real=real)
+    assert torch.all(sal[~real] == 0) and torch.allclose(sal.sum(1), torch.ones(8))
+    loss = expl_loss(model, emb, batch.mask, real, batch.attr_labels, batch.teacher_attr, batch.has_attr)
+    target = batch.teacher_attr * real
+    target = target / target.sum(1, keepdim=True)
+    expected = (1 - F.cosine_similarity(sal, target, dim=-1)).mean()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-5)
+    wrong = saliency(model, emb, batch.mask, batch.labels, create_graph=False, real=real)
+    assert float((1 - F.cosine_similarity(wrong, target, dim=-1)).mean()) != pytest.approx(float(loss), abs=1e-5)
