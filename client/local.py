@@ -62,7 +62,8 @@ def with_reference_saliency(model, data: EncodedData) -> EncodedData:
 
 
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,
-              epochs: float, lr: float, extra_loss=None, trainable=None, privacy=None) -> dict:
+              epochs: float, lr: float, extra_loss=None, trainable=None, privacy=None,
+              optimizer: str = "adamw") -> dict:
     """``fit`` restricted to the ``trainable`` parameters (all when None). Seeds torch first:
     dropout draws from the global generator, whose state would otherwise depend on whatever the
     same Ray actor ran before."""
@@ -73,7 +74,7 @@ def local_fit(model, data: EncodedData, settings: RunSettings, objective: Object
     try:
         return fit(model, data, objective, epochs=epochs, max_steps=settings.local_max_steps,
                    batch_size=settings.batch_size, lr=lr, seed=seed, extra_loss=extra_loss,
-                   balanced=settings.balanced_loss, privacy=privacy)
+                   balanced=settings.balanced_loss, optimizer=optimizer, privacy=privacy)
     finally:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -97,7 +98,7 @@ class ClientTrainer:
             privacy = PrivateTraining(self.settings, self.state, seed)
         return local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs, self.settings.lr,
                          extra_loss=None if privacy else proximal_term(model, self.anchor, self.proximal_mu),
-                         trainable=trainable, privacy=privacy)
+                         trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer)
 
     def personal(self, model, data: EncodedData, seed: int, trainable=None, anchor=None, weight: float = 0.0) -> dict:
         return local_fit(model, data, self.settings, ObjectiveConfig(), seed, self.settings.personal_epochs,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from models.errors import FedrexError
 from models.objectives import ObjectiveConfig
 from models.personalization import MODES
+from models.training import OPTIMIZERS
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 PROXIMAL_STRATEGIES = ("fedprox",)  # strategies whose clients add the proximal term
@@ -59,6 +60,7 @@ class RunSettings:
     local_max_steps: int = 30
     batch_size: int = 16
     lr: float = 3e-3  # the benchmark sweep: +1.6 points pooled over 1e-3 on critics after 10 rounds
+    client_optimizer: str = "adamw"  # of the shared weights: "adamw" or "sgd" (fresh every round)
     balanced_loss: bool = False  # logit-adjusted CE against each client's own label prior
     # adversarial hardening and explanation preservation
     adv_weight: float = 0.5
@@ -125,6 +127,8 @@ class RunSettings:
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
+            (self.client_optimizer in OPTIMIZERS,
+             f"client-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.client_optimizer!r}"),
             (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),
             (0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}"),
             (0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),

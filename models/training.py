@@ -16,6 +16,9 @@ from models.errors import FedrexError
 from models.objectives import ObjectiveConfig, objective_loss
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -24,7 +27,8 @@ def seed_everything(seed: int) -> None:
 def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float = 1.0,
         max_steps: int | None = None, batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.0,
         seed: int = 0, extra_loss: Callable[[], torch.Tensor] | None = None, grad_clip: float | None = 1.0,
-        balanced: bool = False, privacy=None, progress: str | None = None, log_every: int = 50) -> dict:
+        balanced: bool = False, optimizer: str = "adamw", privacy=None, progress: str | None = None,
+        log_every: int = 50) -> dict:
     """Train ``model`` in place. Returns {"steps", "seconds", "loss": mean total, parts...}.
 
     ``epochs`` may be fractional; ``max_steps`` caps it. ``extra_loss`` adds a term computed from
@@ -32,13 +36,19 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     (``label_log_prior``), so a client whose rows are mostly one label does not teach the shared
     model its own label prior. ``privacy`` (``client.privacy.PrivateTraining``) makes this loop
     DP-SGD: it supplies the batches and the optimizer step and nothing else changes.
-    ``progress`` names the run in progress lines.
+    ``optimizer``: "adamw", or "sgd" (plain SGD, whose step is proportional to the gradient: with
+    the one or two local steps a tiny client takes, a fresh Adam steps +-lr on every parameter the
+    batch touches whatever the gradient's size, and averaging such sign steps over clients pushes
+    the shared model toward the majority label). ``progress`` names the run in progress lines.
     """
     objective.validate()
     if len(data) == 0:
         raise FedrexError("cannot train on an empty dataset")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer not in OPTIMIZERS:
+        raise FedrexError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+                 else torch.optim.SGD(params, lr=lr, weight_decay=weight_decay))
     adjust = label_log_prior(data.labels, _num_labels(model)) if balanced else None
     steps_per_epoch = max(1, -(-len(data) // batch_size))
     total_steps = max(1, int(round(epochs * steps_per_epoch)))

@@ -50,8 +50,11 @@ class Recorder:
         self._reset()
 
     def _reset(self) -> None:
+        """A new round: no rows, no counts, and nobody expected to answer yet (a round whose
+        evaluation is skipped must not wait for the last evaluated round's clients)."""
         self.rows: list[dict] = []
         self.counts: dict[str, float] = {}
+        self.expected: dict[str, set] = {}
         self.started = time.time()
 
     def global_round(self, server_round: int) -> int:
@@ -59,8 +62,7 @@ class Recorder:
 
     def note_sampled(self, server_round: int, phase: str, nodes: list[int]) -> None:
         self.counts[f"{phase}_sampled"] = len(nodes)
-        self._expected = getattr(self, "_expected", {})
-        self._expected[phase] = set(nodes)
+        self.expected[phase] = set(nodes)
 
     def _row(self, partition_id: int, model: str, metric: str, value: float) -> None:
         self.rows.append({"client_id": self.client_of.get(partition_id, f"partition-{partition_id}"),
@@ -85,7 +87,7 @@ class Recorder:
                 model, _, metric = key.rpartition(".") if "." in key else (phase if phase == "train" else "client", "", key)
                 self._row(pid, model, metric, value)
         answered = {m.metadata.src_node_id for m in replies}
-        for node in getattr(self, "_expected", {}).get(phase, set()) - answered:  # timed out: slow or gone
+        for node in self.expected.get(phase, set()) - answered:  # timed out: slow or gone
             pid = self.partition_of.get(node, -1)
             self._row(pid, phase, "failed", 1.0)
             self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,

@@ -71,6 +71,8 @@ def test_federated_rounds_raise_pooled_accuracy_over_round_0(tmp_path):
     by_round = dict(zip(pooled["round"], pooled["value"]))
     assert sorted(by_round) == [0, 3]
     assert by_round[3] > by_round[0] + 0.03, by_round
+    clients = pd.read_parquet(folder / "clients.parquet")
+    assert not (clients["metric"] == "failed").any()  # rounds 1-2 evaluate nobody, so nobody failed
 
 
 def test_every_evaluated_client_has_global_and_personal_accuracy(baseline):

@@ -72,8 +72,9 @@ class Grid:
         return list(self.nodes)
 
 
-def federated_round(tmp_path, critics, net: str, **settings_kw):
-    """One train round of the named strategy over CLIENTS real clients; returns (start, after)."""
+def federated_round(tmp_path, critics, net: str, tamper=None, **settings_kw):
+    """One train round of the named strategy over CLIENTS real clients; returns (start, after, store).
+    ``tamper`` may rewrite what partition 0 sends (a misbehaving device)."""
     settings = RunSettings(local_max_steps=2, batch_size=8, attack_examples=0, fidelity_examples=0,
                            min_train_clients=CLIENTS, fraction_train=1.0, krum_byzantine=1, **settings_kw)
     settings.validate()
@@ -95,17 +96,19 @@ def federated_round(tmp_path, critics, net: str, **settings_kw):
         pid = nodes[msg.metadata.dst_node_id]
         received = received_model(msg, build, mode)
         sent, metrics = train_round(build, received, critics[pid], settings, ClientState(), 1, pid, 0.0)
+        if tamper is not None and pid == 0:
+            sent = tamper(sent)
         TaskIdentity.node_id = msg.metadata.dst_node_id
         replies.append(_reply(msg, {**metrics, "partition_id": pid}, len(critics[pid]), ArrayRecord(sent)))
         TaskIdentity.node_id = 0
     aggregated, _ = strategy.aggregate_train(1, replies)
-    return start, {**frozen, **aggregated.to_torch_state_dict()}
+    return start, {**frozen, **aggregated.to_torch_state_dict()}, store
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("net", list(NETWORKS))
 def test_a_round_that_cannot_learn_returns_the_model_bit_for_bit(tmp_path, critics, net, strategy):
-    start, after = federated_round(tmp_path, critics, net, strategy=strategy, lr=0.0, adv_weight=0.5)
+    start, after, _ = federated_round(tmp_path, critics, net, strategy=strategy, lr=0.0, adv_weight=0.5)
     assert set(after) == set(start)
     for key, tensor in start.items():
         assert after[key].dtype == tensor.dtype, key
@@ -115,7 +118,7 @@ def test_a_round_that_cannot_learn_returns_the_model_bit_for_bit(tmp_path, criti
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam", "fedmedian"])
 @pytest.mark.parametrize("net", ["student", "prado"])
 def test_a_learning_round_changes_weights_but_never_buffers(tmp_path, critics, net, strategy):
-    start, after = federated_round(tmp_path, critics, net, strategy=strategy, lr=1e-2, adv_weight=0.0)
+    start, after, _ = federated_round(tmp_path, critics, net, strategy=strategy, lr=1e-2, adv_weight=0.0)
     model, _ = network(net, critics)
     buffers = dict(model.named_buffers())
     assert buffers, "every network here has an integer buffer"
@@ -197,7 +200,18 @@ def test_label_log_prior_is_the_smoothed_label_share():
 
 def test_fedper_heads_never_leave_the_device(tmp_path, critics):
     """Only the body travels: the global head stays the artifact's, however much clients train."""
-    start, after = federated_round(tmp_path, critics, "student", strategy="fedavg", lr=1e-2, adv_weight=0.0,
+    start, after, _ = federated_round(tmp_path, critics, "student", strategy="fedavg", lr=1e-2, adv_weight=0.0,
                                    mode="fedper")
     assert torch.equal(after["head.weight"], start["head.weight"]) and torch.equal(after["head.bias"], start["head.bias"])
     assert not torch.equal(after["conv1.weight"], start["conv1.weight"])
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda sent: {k: v for k, v in sent.items() if k != "head.bias"}, "differ from the sent ones"),
+    (lambda sent: {**sent, "head.bias": sent["head.bias"].double()}, "another shape or dtype"),
+])
+def test_a_reply_with_other_tensors_is_dropped_and_recorded(tmp_path, critics, tamper, reason):
+    start, after, store = federated_round(tmp_path, critics, "student", tamper=tamper, strategy="fedavg", lr=0.0)
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in start.items())
+    events = (store.folder / "events.jsonl").read_text()
+    assert "reply not aggregated" in events and reason in events
