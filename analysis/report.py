@@ -78,10 +78,10 @@ def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
     summary = round_summary(df)
     if len(summary):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for model, part in summary.groupby("model"):
-            ax.errorbar(part["round"], part["mean"], yerr=part["ci95"], marker="o", capsize=3,
+        for (model, part), color in zip(summary.groupby("model"), ("tab:blue", "tab:green", "tab:orange")):
+            ax.errorbar(part["round"], part["mean"], yerr=part["ci95"], marker="o", capsize=3, color=color,
                         label=f"{model} mean per user (95% CI)")
-            ax.plot(part["round"], part["pooled"], ls="--", marker=".", label=f"{model} pooled over rows")
+            ax.plot(part["round"], part["pooled"], ls="--", marker=".", color=color, label=f"{model} pooled over rows")
         ax.set(xlabel="round (0 = starting model)", ylabel="accuracy", title="Accuracy per round")
         ax.set_xticks(sorted(summary["round"].unique()))
         ax.legend(fontsize=7)
