@@ -102,12 +102,14 @@ def round_summary(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
             continue
         out.append({"round": int(rnd), "model": str(model), "clients": int(values.size),
                     "pooled": float(np.average(values, weights=weights)) if weights.sum() else np.nan,
-                    "mean": float(values.mean()), "ci95": _ci95(values), "median": float(np.median(values)),
+                    "mean": float(values.mean()), "ci95": ci95(values), "median": float(np.median(values)),
                     "p10": float(np.percentile(values, 10)), "min": float(values.min())})
     return pd.DataFrame(out, columns=["round", "model", "clients", "pooled", "mean", "ci95", "median", "p10", "min"])
 
 
-def _ci95(values: np.ndarray) -> float:
+def ci95(values: np.ndarray) -> float:
+    """Half-width of the normal 95% interval of the mean (NaN for fewer than 2 values). The server
+    has its twin in ``server.aggregate``: analysis imports nothing from FedREX's packages."""
     return float(1.96 * values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else np.nan
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.load import load_run, per_client, round_summary  # noqa: E402
+from analysis.load import ci95, load_run, per_client, round_summary  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
 from references import central_student_accuracy, reference_accuracy  # noqa: E402  (this folder is on sys.path)
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -144,7 +144,7 @@ def fmt(value, digits: int = 3) -> str:
 
 def user_stats(values) -> dict:
     values = np.asarray(list(values), dtype=float)
-    return {"mean": values.mean(), "ci95": 1.96 * values.std(ddof=1) / np.sqrt(values.size), "median": np.median(values),
+    return {"mean": values.mean(), "ci95": ci95(values), "median": np.median(values),
             "p10": np.percentile(values, 10), "clients": values.size}
 
 

@@ -97,7 +97,7 @@ class ClientTrainer:
 
             privacy = PrivateTraining(self.settings, self.state, seed)
         return local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs, self.settings.lr,
-                         extra_loss=None if privacy else proximal_term(model, self.anchor, self.proximal_mu),
+                         extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
                          trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer)
 
     def personal(self, model, data: EncodedData, seed: int, trainable=None, anchor=None, weight: float = 0.0) -> dict:

@@ -154,22 +154,15 @@ class RunSettings:
         for ok, message in checks:
             if not ok:
                 raise FedrexError(message)
-        mode = MODES[self.mode]
-        unsupported = [(self.dp, "dp", mode.supports_dp),
-                       (self.strategy in PROXIMAL_STRATEGIES, f"strategy {self.strategy} (proximal term)",
-                        mode.supports_proximal),
-                       (self.adv_weight > 0, "adv-weight > 0 (hardening)", mode.supports_hardening)]
-        for wanted, what, supported in unsupported:
-            if wanted and not supported:
-                able = ", ".join(n for n, m in MODES.items() if _supports(m, what))
+        wanted = [(self.dp, "dp", "supports_dp"),
+                  (self.strategy in PROXIMAL_STRATEGIES, f"strategy {self.strategy} (proximal term)",
+                   "supports_proximal"),
+                  (self.adv_weight > 0, "adv-weight > 0 (hardening)", "supports_hardening")]
+        for asked, what, capability in wanted:
+            if asked and not getattr(MODES[self.mode], capability):
+                able = ", ".join(n for n, m in MODES.items() if getattr(m, capability))
                 raise FedrexError(f"mode {self.mode} does not support {what}; modes that do: {able}")
         self.objective().validate()
-
-
-def _supports(mode, what: str) -> bool:
-    if what == "dp":
-        return mode.supports_dp
-    return mode.supports_proximal if what.startswith("strategy") else mode.supports_hardening
 
 
 def parse_value(raw, default, key: str):
