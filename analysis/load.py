@@ -1,6 +1,6 @@
 """Read a FedREX run folder into pandas. Only files are read (parquet, JSON): a run copied to a
-laptop is analysed there with pandas, pyarrow and matplotlib, and nothing from FedREX's server,
-client or models packages."""
+laptop is analysed there with pandas, pyarrow and matplotlib. The one FedREX module imported is
+``models/protocol.py``, plain Python that names the metrics the clients write."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from models.protocol import ACC_ATTACKED_ROWS, MODELS, attack_metric, metric_key
 
 CATEGORICAL = ["run_id", "client_id", "model", "metric"]
 
@@ -70,18 +72,26 @@ def fairness(df: pd.DataFrame, metric: str = "acc", round: int | None = None) ->
     return table
 
 
+def attacks_measured(wide: pd.DataFrame) -> list[str]:
+    """The attacks whose ``adv_acc`` a per-client table holds, in the order first seen."""
+    prefix = f".{attack_metric('adv_acc', '')}"
+    return list(dict.fromkeys(c.split(prefix, 1)[1] for c in wide.columns if prefix in c))
+
+
 def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
-    """Per client and model: clean accuracy and accuracy under attack on the same rows (the attacked
-    subset, ``acc_attacked_rows``), and the drop between them."""
+    """Per client, model and attack: clean accuracy and accuracy under that attack on the same rows
+    (the attacked subset, ``acc_attacked_rows``), and the drop between them."""
     wide = per_client(df, round)
     parts = []
-    for model in ("global", "personal"):
-        if f"{model}.adv_acc" not in wide:
-            continue
-        clean = wide.get(f"{model}.acc_attacked_rows", wide[f"{model}.acc"])
-        part = pd.DataFrame({"model": model, "clean_acc": clean, "adv_acc": wide[f"{model}.adv_acc"]})
-        part["drop"] = part["clean_acc"] - part["adv_acc"]
-        parts.append(part)
+    for model in MODELS:
+        for attack in attacks_measured(wide):
+            adv = metric_key(model, attack_metric("adv_acc", attack))
+            if adv not in wide:
+                continue
+            clean = wide.get(metric_key(model, ACC_ATTACKED_ROWS), wide[metric_key(model, "acc")])
+            part = pd.DataFrame({"model": model, "attack": attack, "clean_acc": clean, "adv_acc": wide[adv]})
+            part["drop"] = part["clean_acc"] - part["adv_acc"]
+            parts.append(part)
     return pd.concat(parts).reset_index().dropna() if parts else pd.DataFrame()
 
 
@@ -146,7 +156,9 @@ def compare_runs(run_dirs: list) -> pd.DataFrame:
             row = {"run_id": info["run_id"], "strategy": settings.get("strategy"), "mode": settings.get("mode"),
                    "dp": settings.get("dp"), "adv_weight": settings.get("adv-weight"), "model": model,
                    "round": last_round(df), **stats.to_dict()}
-            if f"{model}.adv_acc" in wide:
-                row["adv_acc_mean"] = wide[f"{model}.adv_acc"].mean()
+            for attack in attacks_measured(wide):
+                column = metric_key(model, attack_metric("adv_acc", attack))
+                if column in wide:
+                    row[f"adv_acc_mean.{attack}"] = wide[column].mean()
             rows.append(row)
     return pd.DataFrame(rows)

@@ -58,10 +58,10 @@ def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
     tradeoff = robustness_tradeoff(df)
     if len(tradeoff):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for model, part in tradeoff.groupby("model"):
-            ax.scatter(part["clean_acc"], part["adv_acc"], s=14, alpha=0.7, label=model)
+        for (model, attack), part in tradeoff.groupby(["model", "attack"]):
+            ax.scatter(part["clean_acc"], part["adv_acc"], s=14, alpha=0.7, label=f"{model}, {attack}")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-        ax.set(xlabel="clean accuracy", ylabel="accuracy under char attack", title="Robustness per client")
+        ax.set(xlabel="clean accuracy (attacked rows)", ylabel="accuracy under attack", title="Robustness per client")
         ax.legend()
         plots["Clean vs attacked accuracy per client"] = _save(fig, folder, "robustness")
 
@@ -104,6 +104,10 @@ def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
         gain = personalization_gain(df).sort_values("personal")
         out["Bottom 5 clients (personal acc)"] = gain.head(5).reset_index()
         out["Top 5 clients (personal acc)"] = gain.tail(5).iloc[::-1].reset_index()
+    tradeoff = robustness_tradeoff(df)
+    if len(tradeoff):  # per client: the share of its attacked rows still right under each attack
+        out["Robustness per attack (per-client means on the attacked rows)"] = (
+            tradeoff.groupby(["model", "attack"])[["clean_acc", "adv_acc", "drop"]].mean().reset_index())
     if compare:
         out["Method comparison"] = compare_runs([run_dir, *compare])
     return out

@@ -107,8 +107,8 @@ def summarise(run_dir: Path) -> dict:
         for model in ("global", "personal"):
             if f"{model}.pred_positive" in wide:
                 row[f"{tag}_{model}_pred_positive"] = float(np.average(wide[f"{model}.pred_positive"], weights=weights))
-            if f"{model}.adv_acc" in wide:
-                row[f"{tag}_{model}_adv_acc"] = float(wide[f"{model}.adv_acc"].mean())
+            if f"{model}.adv_acc.char" in wide:
+                row[f"{tag}_{model}_adv_acc"] = float(wide[f"{model}.adv_acc.char"].mean())
                 row[f"{tag}_{model}_acc_attacked_rows"] = float(wide[f"{model}.acc_attacked_rows"].mean())
             if f"{model}.comprehensiveness" in wide:
                 row[f"{tag}_{model}_comprehensiveness"] = float(wide[f"{model}.comprehensiveness"].mean())

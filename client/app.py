@@ -24,7 +24,7 @@ from client.state import restore
 from models.errors import FedrexError
 from models.networks import build_network
 from models.personalization import get_mode
-from models.protocol import ARRAYS, CONFIG, DETAILS, FROZEN, METRICS, NUM_EXAMPLES
+from models.protocol import ARRAYS, CONFIG, DETAILS, FROZEN, METRICS, NUM_EXAMPLES, metric_key
 from models.run_settings import RunSettings
 from models.tokenizer import WordPieceTokenizer
 
@@ -119,8 +119,8 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, seed, reference)
             if hasattr(personal, "chosen_alpha"):  # modes mix/select: the weight the user's rows chose
                 personal_metrics["mix_alpha"] = personal.chosen_alpha
-            metrics.update({f"global.{k}": v for k, v in global_metrics.items()})
-            metrics.update({f"personal.{k}": v for k, v in personal_metrics.items()})
+            metrics.update({metric_key("global", k): v for k, v in global_metrics.items()})
+            metrics.update({metric_key("personal", k): v for k, v in personal_metrics.items()})
         return _reply(msg, metrics, len(local.test))
 
     return app

@@ -1,5 +1,5 @@
 """What every client measures on its own held-out rows, for the global and the personal model:
-accuracy, accuracy under the character-level attack and its success rate, explanation fidelity
+accuracy, accuracy under each attack the run names (``client-attacks``) and its success rate, explanation fidelity
 (ERASER comprehensiveness/sufficiency of its IG maps) and, for the personal model, agreement of its
 attributions with the global model's. Plus who the client is: sizes, label balance, privacy spent.
 """
@@ -10,6 +10,7 @@ import numpy as np
 
 from client.data import LocalData
 from models.evaluation import fidelity, robustness
+from models.protocol import ACC_ATTACKED_ROWS, ATTACK_METRICS, attack_metric
 from models.tokenizer import WordPieceTokenizer
 from models.training import predict_logits
 
@@ -22,11 +23,15 @@ def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokeniz
     if local.num_labels == 2:  # share of the held-out rows called positive (label 1): drift shows here
         metrics["pred_positive"] = float((predicted == 1).mean())
     if settings.attack_examples > 0:
-        summary = robustness(model, tokenizer, test, ("char",), settings.attack_budget, settings.attack_examples,
-                             seed)["char"]
-        # clean and attacked accuracy of one robustness figure come from the same (attacked) rows
-        metrics.update(acc_attacked_rows=summary["clean_acc"], adv_acc=summary["adv_acc"],
-                       attack_success=summary["success_rate"], words_changed_pct=summary["words_changed_pct"])
+        summaries = robustness(model, tokenizer, test, settings.attacks(), settings.attack_budget,
+                               settings.attack_examples, seed)
+        for attack, summary in summaries.items():
+            # clean and attacked accuracy of one robustness figure come from the same (attacked) rows:
+            # every attack runs on the same seeded subset, so one clean figure serves them all
+            metrics[ACC_ATTACKED_ROWS] = summary["clean_acc"]
+            values = dict(adv_acc=summary["adv_acc"], attack_success=summary["success_rate"],
+                          words_changed_pct=summary["words_changed_pct"], queries=summary["queries"])
+            metrics.update({attack_metric(name, attack): values[name] for name in ATTACK_METRICS})
     attr = None
     if settings.fidelity_examples > 0:
         fid, attr = fidelity(model, test, reference_attr, settings.ig_steps, settings.fidelity_examples, seed)

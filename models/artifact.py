@@ -98,6 +98,22 @@ def save_artifact(folder: Path, model: torch.nn.Module, config: dict) -> dict:
             "int8_bytes": (folder / "model.int8.safetensors").stat().st_size}
 
 
+def device_package(folder: Path) -> dict:
+    """Bytes a device must hold to run this artifact: config, int8 weights, the WordPiece
+    vocabulary (gzip'd vocab.txt, from which ``models.tokenizer.tokenizer_from_vocab`` rebuilds the
+    exact tokenizer) and the word normaliser when the artifact has one."""
+    from models.normalizer import FILE as NORMALIZER_FILE
+    from models.tokenizer import vocab_gz_bytes
+
+    folder = Path(folder)
+    parts = {"config": (folder / "config.json").stat().st_size,
+             "int8_weights": (folder / "model.int8.safetensors").stat().st_size,
+             "vocab_gz": vocab_gz_bytes()}
+    if (folder / NORMALIZER_FILE).exists():
+        parts["normalizer"] = (folder / NORMALIZER_FILE).stat().st_size
+    return {**parts, "total": sum(parts.values())}
+
+
 def read_config(folder: Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.exists():

@@ -19,11 +19,13 @@ def take(n_rows: int, limit: int, seed: int) -> np.ndarray:
 
 
 def robustness(model, tokenizer: WordPieceTokenizer, data: EncodedData, attacks=("char",),
-               budget: float = 0.2, limit: int = 200, seed: int = 0) -> dict:
-    """{attack: summary} on a seeded subset of at most ``limit`` examples."""
+               budget: float = 0.2, limit: int = 200, seed: int = 0, candidates=None) -> dict:
+    """{attack: summary} on a seeded subset of at most ``limit`` examples (``candidates``:
+    HotFlip's token set)."""
     rows = take(len(data), limit, seed)
     texts, labels = [data.texts[i] for i in rows], data.labels[rows]
-    return {name: attack_dataset(name, model, tokenizer, texts, labels, budget, seed)[0] for name in attacks}
+    return {name: attack_dataset(name, model, tokenizer, texts, labels, budget, seed, candidates)[0]
+            for name in attacks}
 
 
 def fidelity(model, data: EncodedData, reference_attr: list[np.ndarray] | None = None, ig_steps: int = 8,

@@ -1,6 +1,7 @@
 """Deployment exports of a compact model and the measurements taken on them.
 
-- TorchScript (``torch.jit.trace``) of the int8-weight model: runs with libtorch alone.
+- TorchScript (``torch.jit.script``, frozen) of the int8-weight model: runs with libtorch alone,
+  exact for every input length (a trace would unroll FastGRNN's loop to the traced length).
 - ONNX: the model is exported with the dynamo exporter (dynamic batch and length), then
   ONNX Runtime's dynamic quantization turns its weights (embedding gather, convolutions, matmuls)
   into int8: ``model.int8.onnx`` is a single self-contained file.
@@ -23,10 +24,8 @@ from models.errors import FedrexError
 
 
 def export_torchscript(model, path: Path, example_ids: torch.Tensor) -> Path:
-    model.eval()
-    with torch.no_grad(), _quiet():
-        traced = torch.jit.trace(model, example_ids)
-    traced.save(str(path))
+    module, _ = deployable(model, example_ids)
+    module.save(str(path))
     return Path(path)
 
 
@@ -73,21 +72,35 @@ def _quiet():
             logging.disable(previous)
 
 
+def deployable(model, example: torch.Tensor):
+    """The model in the form a device runs: ``torch.jit.script`` (every compact network compiles:
+    loops, masks and variable lengths stay exact), frozen; a model that does not script (the
+    Hugging Face teacher) is traced on ``example`` instead. Returns (module, form)."""
+    model.eval()
+    with _quiet():
+        try:
+            return torch.jit.freeze(torch.jit.script(model)), "torchscript"
+        except Exception:  # noqa: BLE001 - any scripting failure falls back to tracing
+            with torch.no_grad():
+                return torch.jit.freeze(torch.jit.trace(model, example, check_trace=False)), "torchscript-trace"
+
+
 @torch.no_grad()
 def latency_ms(model, id_rows: list[np.ndarray], warmup: int = 5) -> dict:
-    """CPU latency of one sentence at a time (batch 1) on one thread: median and p90 in ms."""
+    """CPU latency of one sentence at a time (batch 1) on one thread, in deployable form
+    (``deployable``), the same way for every model: median and p90 in ms."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model.eval()
         tensors = [torch.from_numpy(np.asarray(r, dtype=np.int64)).view(1, -1) for r in id_rows]
+        module, form = deployable(model, tensors[0])
         for t in tensors[:warmup]:
-            model(t)
+            module(t)
         times = []
         for t in tensors:
             start = time.perf_counter()
-            model(t)
+            module(t)
             times.append((time.perf_counter() - start) * 1000)
     finally:
         torch.set_num_threads(threads)
-    return {"median": statistics.median(times), "p90": float(np.percentile(times, 90))}
+    return {"median": statistics.median(times), "p90": float(np.percentile(times, 90)), "form": form}

@@ -20,22 +20,26 @@ from torch.nn import functional as F
 from models.errors import FedrexError
 
 
-class TokenClassifier(nn.Module):
-    """Shared plumbing: ``forward(ids)`` = classify(embed(ids), ids != pad)."""
+HASH_PRIME = 2_147_483_647  # 2^31 - 1 (written out in forward(): torch.jit.script reads no globals)
 
-    pad_id = 0
+
+class TokenClassifier(nn.Module):
+    """Shared plumbing: ``forward(ids)`` = classify(embed(ids), ids != pad). Every compact network
+    compiles with ``torch.jit.script`` (the form a device runs, ``models.export``)."""
+
     kind = "base"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.embed(ids), ids != self.pad_id)
+        return self.classify(self.embed(ids), ids != 0)  # 0 = [PAD]
 
     def candidate_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids.view(1, -1))[0]
 
 
-def masked_attention_pool(hidden: torch.Tensor, mask: torch.Tensor, scorer: nn.Linear) -> torch.Tensor:
-    """Attention pooling over valid positions; rows with no valid token pool to zeros."""
-    scores = scorer(hidden).squeeze(-1).masked_fill(~mask, -1e4)
+def masked_attention_pool(hidden: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Attention pooling of ``hidden`` [B, L, D] with ``scores`` [B, L] over valid positions; rows
+    with no valid token pool to zeros."""
+    scores = scores.masked_fill(~mask, -1e4)
     weights = torch.softmax(scores, dim=-1) * mask
     return torch.einsum("bl,bld->bd", weights, hidden)
 
@@ -111,7 +115,7 @@ class FedrexStudent(TokenClassifier):
         m = mask.unsqueeze(1).to(emb.dtype)
         h = F.gelu(self.conv1(self.dropout(emb).transpose(1, 2))) * m
         h = (h + F.gelu(self.conv2(h))) * m
-        pooled = masked_attention_pool(h.transpose(1, 2), mask, self.scorer)
+        pooled = masked_attention_pool(h.transpose(1, 2), mask, self.scorer(h.transpose(1, 2)).squeeze(-1))
         return self.head(self.dropout(pooled))
 
 
@@ -173,23 +177,23 @@ class TernaryProjection(nn.Module):
     to a ternary vector in {-1, 0, 1}. Nothing is stored but 2 x features hash coefficients, so the
     model has no embedding table; hashing the WordPiece id is hashing the token string (1:1)."""
 
-    PRIME = 2_147_483_647  # 2^31 - 1
-
     def __init__(self, features: int, seed: int = 1234):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("a", torch.randint(1, self.PRIME, (features,), generator=gen))
-        self.register_buffer("b", torch.randint(0, self.PRIME, (features,), generator=gen))
+        self.register_buffer("a", torch.randint(1, HASH_PRIME, (features,), generator=gen))
+        self.register_buffer("b", torch.randint(0, HASH_PRIME, (features,), generator=gen))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        hashed = (ids.unsqueeze(-1) * self.a + self.b) % self.PRIME
+        hashed = (ids.unsqueeze(-1) * self.a + self.b) % 2147483647  # HASH_PRIME
         return (hashed % 3).to(torch.float32) - 1.0
 
 
 class Prado(TokenClassifier):
     """PRADO (Kaliamoorthi et al., 2019; seq_flow_lite defaults): ternary projection (512) ->
-    bottleneck (64) -> bigram and trigram convolutions (64 channels each) -> attention pooling
-    per channel group -> linear head. ``embed`` returns the bottleneck output."""
+    bottleneck (64) -> for each n-gram width (2, 3) a value convolution and an attention
+    convolution (64 channels each) -> projected attention as published: a softmax over time *per
+    channel* of the attention map weights the value map -> linear head. ``embed`` returns the
+    bottleneck output."""
 
     kind = "prado"
 
@@ -199,7 +203,7 @@ class Prado(TokenClassifier):
         self.projection = TernaryProjection(features)
         self.bottleneck = nn.Linear(features, dim)
         self.convs = nn.ModuleList(nn.Conv1d(dim, channels, n) for n in ngrams)
-        self.scorers = nn.ModuleList(nn.Linear(channels, 1) for _ in ngrams)
+        self.attention = nn.ModuleList(nn.Conv1d(dim, channels, n) for n in ngrams)
         self.head = nn.Linear(channels * len(ngrams), num_labels)
         self.dropout = nn.Dropout(dropout)
 
@@ -208,11 +212,14 @@ class Prado(TokenClassifier):
 
     def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.dropout(emb).transpose(1, 2) * mask.unsqueeze(1).to(emb.dtype)
+        valid = mask.unsqueeze(1)  # [B, 1, L]
         pooled = []
-        for conv, scorer in zip(self.convs, self.scorers):
+        for conv, attention in zip(self.convs, self.attention):
             n = conv.kernel_size[0]
-            h = F.relu(conv(F.pad(x, (0, n - 1)))).transpose(1, 2)  # right-pad: one output per token
-            pooled.append(masked_attention_pool(h, mask, scorer))
+            padded = F.pad(x, (0, n - 1))  # right-pad: one output per token
+            values = F.relu(conv(padded))  # [B, C, L]
+            weights = torch.softmax(attention(padded).masked_fill(~valid, -1e4), dim=-1) * valid
+            pooled.append((weights * values).sum(-1))  # rows with no valid token pool to zeros
         return self.head(self.dropout(torch.cat(pooled, dim=-1)))
 
 

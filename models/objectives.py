@@ -15,6 +15,8 @@ every term works for every network through the shared embed/classify interface:
   perturbation that pushes the student away from the teacher's clean prediction; the student
   is then trained to match the teacher's clean prediction on the perturbed input (ARD-style KL)
   plus CE on the true label. Without a teacher (client hardening) the attack and the loss use CE.
+  Whether the teacher is used depends only on whether teacher logits are present, not on the KD
+  weight: a "w/o KD" ablation removes the KD term and nothing else.
 """
 
 from __future__ import annotations
@@ -155,7 +157,6 @@ def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool =
                        batch.has_attr)
         total, parts["expl"] = total + config.expl * ex, ex.item()
     if config.adv > 0 and use_adv:
-        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits if config.kd > 0 else None, config,
-                       attack_guard)
+        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits, config, attack_guard)
         total, parts["adv"] = total + config.adv * adv, adv.item()
     return total, parts

@@ -87,6 +87,7 @@ class RunSettings:
     # per-client evaluation
     attack_examples: int = 10
     attack_budget: float = 0.2
+    client_attacks: str = "char"  # comma-separated recipes of models.attacks (char, synonym, char-beam, ...)
     fidelity_examples: int = 10
     ig_steps: int = 8
     # bookkeeping
@@ -94,6 +95,9 @@ class RunSettings:
     run_id: str = ""
     # failure drills: comma-separated partition ids whose ClientApp raises in train
     crash_clients: str = ""
+
+    def attacks(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.client_attacks.split(",") if a.strip())
 
     def crashes(self, partition_id: int) -> bool:
         return str(partition_id) in {p.strip() for p in self.crash_clients.split(",") if p.strip()}
@@ -154,6 +158,11 @@ class RunSettings:
         for ok, message in checks:
             if not ok:
                 raise FedrexError(message)
+        if self.attack_examples > 0:
+            from models.attacks import check_attacks
+
+            if not check_attacks(self.attacks()):
+                raise FedrexError("client-attacks names no attack; set attack-examples=0 to measure none")
         wanted = [(self.dp, "dp", "supports_dp"),
                   (self.strategy in PROXIMAL_STRATEGIES, f"strategy {self.strategy} (proximal term)",
                    "supports_proximal"),

@@ -49,6 +49,26 @@ def normalize_text(text: str) -> str:
     return html.unescape(text)
 
 
+@lru_cache(maxsize=1)
+def vocab_gz_bytes() -> int:
+    """Size of the gzip'd WordPiece vocabulary a device needs instead of tokenizer.json."""
+    import gzip
+
+    return len(gzip.compress((minilm_dir() / "vocab.txt").read_bytes(), compresslevel=9, mtime=0))
+
+
+def tokenizer_from_vocab(vocab_path: Path, max_length: int):
+    """The MiniLM tokenizer rebuilt from vocab.txt alone (BERT normaliser: lowercase, clean text,
+    Chinese characters split, accents kept, as MiniLM's tokenizer.json declares)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tokenizer = BertWordPieceTokenizer(str(vocab_path), lowercase=True, strip_accents=None, clean_text=True,
+                                       handle_chinese_chars=True)
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
 @lru_cache(maxsize=4)
 def _load(max_length: int):
     from tokenizers import Tokenizer
@@ -62,7 +82,7 @@ def _load(max_length: int):
 class WordPieceTokenizer:
     """Encodes text to padded id matrices; truncates to ``max_length`` ([CLS] and [SEP] included)."""
 
-    def __init__(self, max_length: int = 64):
+    def __init__(self, max_length: int = 64, normalizer=None):
         if max_length < 3:
             raise FedrexError(f"max-length must be >= 3 ([CLS], one token, [SEP]); got {max_length}")
         self.max_length = max_length
@@ -72,9 +92,15 @@ class WordPieceTokenizer:
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
         self.special_ids = frozenset({self.pad_id, self.cls_id, self.sep_id, self.mask_id})
+        # an optional text -> text defence (models.normalizer.WordNormalizer) applied before encoding,
+        # so everything that reads text through this tokenizer (evaluation, black-box attacks) sees it
+        self.normalizer = normalizer
 
     def encode_ids(self, texts: list[str]) -> list[list[int]]:
-        encodings = self._tok.encode_batch([normalize_text(t) for t in texts])
+        texts = [normalize_text(t) for t in texts]
+        if self.normalizer is not None:
+            texts = [self.normalizer(t) for t in texts]
+        encodings = self._tok.encode_batch(texts)
         return [e.ids for e in encodings]
 
     def encode(self, texts: list[str]) -> np.ndarray:

@@ -28,7 +28,7 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
         max_steps: int | None = None, batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.0,
         seed: int = 0, extra_loss: Callable[[], torch.Tensor] | None = None, grad_clip: float | None = 1.0,
         balanced: bool = False, optimizer: str = "adamw", privacy=None, progress: str | None = None,
-        log_every: int = 50) -> dict:
+        log_every: int = 50, augment: Callable[[EncodedData, int], EncodedData] | None = None) -> dict:
     """Train ``model`` in place. Returns {"steps", "seconds", "loss": mean total, parts...}.
 
     ``epochs`` may be fractional; ``max_steps`` caps it. ``extra_loss`` adds a term computed from
@@ -40,6 +40,8 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     the one or two local steps a tiny client takes, a fresh Adam steps +-lr on every parameter the
     batch touches whatever the gradient's size, and averaging such sign steps over clients pushes
     the shared model toward the majority label). ``progress`` names the run in progress lines.
+    ``augment(data, epoch)`` returns the rows to train on in that epoch (``models.augment``:
+    perturbed text drawn fresh each epoch).
     """
     objective.validate()
     if len(data) == 0:
@@ -58,10 +60,12 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     if privacy is not None:
         if extra_loss is not None:
             raise FedrexError("a proximal term has no per-sample gradients: it cannot be trained under DP")
+        if augment is not None:
+            raise FedrexError("perturbed-text training is not supported under DP (its rows change every epoch)")
         batches, optimizer = privacy.attach(model, optimizer, data, batch_size, total_steps)
         guard = privacy.hooks_off
     else:
-        batches = _shuffled_epochs(data, batch_size, seed)
+        batches = _shuffled_epochs(data, batch_size, seed, augment)
     rng = np.random.default_rng(seed)
     model.train()
     sums: dict[str, float] = {}
@@ -99,11 +103,12 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     return result
 
 
-def _shuffled_epochs(data: EncodedData, batch_size: int, seed: int):
+def _shuffled_epochs(data: EncodedData, batch_size: int, seed: int, augment=None):
     """Shuffled, length-bucketed batches, epoch after epoch (epoch e shuffled with seed + e)."""
     epoch = 0
     while True:
-        yield from data.batches(batch_size, shuffle=True, seed=seed + epoch)
+        rows = data if augment is None else augment(data, epoch)
+        yield from rows.batches(batch_size, shuffle=True, seed=seed + epoch)
         epoch += 1
 
 

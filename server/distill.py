@@ -12,19 +12,22 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.artifact import atomic_write_json, load_weights, save_artifact, save_weights
+from models.artifact import atomic_write_json, device_package, load_weights, save_artifact, save_weights
+from models.attacks import check_attacks, whole_word_candidates
 from models.datasets import cache_dir, cached_text_dataset
 from models.encoded import EncodedData
 from models.errors import FedrexError
 from models.evaluation import fidelity, robustness, take
 from models.export import export_onnx_int8, export_torchscript, latency_ms, onnx_logits
 from models.networks import VocabMap, build_network, count_parameters, pca_init_embedding
+from models.normalizer import WordNormalizer
+from models.augment import AdversarialText, PerturbedText, chain
 from models.objectives import ObjectiveConfig
 from models.tokenizer import WordPieceTokenizer
 from models.training import accuracy, fit, predict_logits, seed_everything
@@ -65,6 +68,10 @@ class DistillConfig:
     attacks: tuple[str, ...] = ("char", "synonym", "hotflip")
     fidelity_samples: int = 200
     export: bool = True
+    # defences against discrete perturbations (issue #10)
+    augment: float = 0.0  # share of training rows replaced by perturbed text each epoch (0 = off)
+    adv_text: int = 0  # rows attacked (char recipe) against the current model each epoch, trained on (0 = off)
+    normalizer: bool = False  # also evaluate behind the word normaliser (models.normalizer), shipped with the model
 
     @classmethod
     def quick(cls, **overrides) -> "DistillConfig":
@@ -73,6 +80,14 @@ class DistillConfig:
                    student_samples=4000, epochs=2.0, eval_samples=300, attack_samples=40,
                    fidelity_samples=40, attacks=("char", "hotflip"))
         return replace(base, **overrides)
+
+    def validate(self) -> None:
+        self.objective.validate()
+        check_attacks(self.attacks)
+        if not 0 <= self.augment <= 1:
+            raise FedrexError(f"augment (share of perturbed rows) must be in [0, 1], got {self.augment}")
+        if self.adv_text < 0:
+            raise FedrexError(f"adv_text (rows attacked per epoch) must be >= 0, got {self.adv_text}")
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -155,16 +170,21 @@ def teacher_signals(teacher, data: EncodedData, folder: Path, name: str, attr_ro
 
 
 # ---------------------------------------------------------------------------------- student
+def frequent_tokens(train: EncodedData, limit: int) -> np.ndarray:
+    """The ``limit`` most frequent real token ids of the training rows, most frequent first."""
+    counts = np.bincount(np.concatenate(train.ids), minlength=30522)
+    counts[[0, 101, 102]] = 0
+    kept = np.argsort(-counts, kind="stable")[:limit]
+    return kept[counts[kept] > 0]
+
+
 def build_compact(cfg: DistillConfig, train: EncodedData, num_labels: int, teacher=None):
     """The compact network: vocabulary pruned to the ``vocab_size`` most frequent training tokens,
     embedding initialised from the teacher's by PCA when a teacher is given."""
     network = {"kind": cfg.network, "num_labels": num_labels}
     if cfg.network == "prado":
         return build_network(network), network
-    counts = np.bincount(np.concatenate(train.ids), minlength=30522)
-    counts[[0, 101, 102]] = 0
-    kept = np.argsort(-counts, kind="stable")[: cfg.vocab_size - 2]
-    kept = kept[counts[kept] > 0]
+    kept = frequent_tokens(train, cfg.vocab_size - 2)
     vocab = VocabMap.pruned(30522, torch.from_numpy(kept))
     network.update(vocab_size=vocab.size, dim=cfg.dim, hidden=cfg.hidden)
     model = build_network(network, vocab)
@@ -175,11 +195,14 @@ def build_compact(cfg: DistillConfig, train: EncodedData, num_labels: int, teach
 
 
 # ------------------------------------------------------------------------------- evaluation
-def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teacher_eval_attr=None) -> dict:
+def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teacher_eval_attr=None,
+             candidates=None) -> dict:
+    """Clean accuracy, accuracy under each attack, fidelity and latency. ``candidates``: HotFlip's
+    token set, the same for every model of a benchmark."""
     start = time.time()
     card = {"clean_acc": accuracy(model, evaluation), "params": count_parameters(model)}
     card["attacks"] = robustness(model, tokenizer, evaluation, cfg.attacks, cfg.attack_budget, cfg.attack_samples,
-                                 cfg.seed)
+                                 cfg.seed, candidates)
     card["fidelity"], _ = fidelity(model, evaluation, teacher_eval_attr, cfg.ig_steps, cfg.fidelity_samples, cfg.seed)
     card["latency_ms"] = latency_ms(model, [evaluation.ids[i] for i in take(len(evaluation), 100, cfg.seed)])
     log(f"evaluated {type(model).__name__}: clean acc {card['clean_acc']:.4f} "
@@ -187,9 +210,29 @@ def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teac
     return card
 
 
-def distill(cfg: DistillConfig, out: Path | None = None, teacher_card: bool = False) -> dict:
-    """Run the whole pipeline; write the artifact to ``out`` (when given) and return its card."""
-    cfg.objective.validate()
+def evaluate_normalized(model, cfg: DistillConfig, evaluation: EncodedData, normalizer: WordNormalizer) -> dict:
+    """The same model behind the word normaliser: clean accuracy on the normalised evaluation text
+    and the black-box attacks, which now query normaliser + model (HotFlip edits token ids behind
+    any text-level defence, so it is not repeated here)."""
+    start = time.time()
+    tokenizer = WordPieceTokenizer(cfg.max_length, normalizer=normalizer)
+    normalized = EncodedData.from_texts(evaluation.texts, evaluation.labels, tokenizer)
+    rows = [evaluation.texts[i] for i in take(len(evaluation), 200, cfg.seed)]
+    card = {"clean_acc": accuracy(model, normalized), "words": len(normalizer.counts),
+            "ms_per_sentence": normalizer.ms_per_sentence(rows),
+            "changed_clean_share": float(np.mean([normalizer(t) != t for t in evaluation.texts]))}
+    black_box = tuple(a for a in cfg.attacks if a != "hotflip")
+    card["attacks"] = robustness(model, tokenizer, evaluation, black_box, cfg.attack_budget, cfg.attack_samples,
+                                 cfg.seed)
+    log(f"behind the normaliser: clean acc {card['clean_acc']:.4f} "
+        + " ".join(f"{k} {v['adv_acc']:.3f}" for k, v in card["attacks"].items()) + f" ({time.time() - start:.0f}s)")
+    return card
+
+
+def distill(cfg: DistillConfig, out: Path | None = None, teacher_only: bool = False) -> dict:
+    """Run the whole pipeline; write the artifact to ``out`` (when given) and return its card.
+    ``teacher_only``: stop after the teacher and return the teacher's own evaluation card."""
+    cfg.validate()
     seed_everything(cfg.seed)
     tokenizer = WordPieceTokenizer(cfg.max_length)
     train_ds, eval_ds, num_labels = load_splits(cfg)
@@ -213,19 +256,33 @@ def distill(cfg: DistillConfig, out: Path | None = None, teacher_card: bool = Fa
                                            cfg.ig_steps)
     card["teacher"] = {"clean_acc": accuracy(teacher, evaluation), "cache": str(folder)}
     log(f"teacher: accuracy {card['teacher']['clean_acc']:.4f} on {len(evaluation)} evaluation rows")
-    if teacher_card:  # the teacher's own card: no agreement with itself
-        card["teacher"].update(evaluate(teacher, cfg, evaluation, tokenizer, None))
+    # one HotFlip dictionary for every model: the whole words among the frequent training tokens
+    candidates = whole_word_candidates(tokenizer, frequent_tokens(train, cfg.vocab_size - 2))
+    normalizer = WordNormalizer.from_texts(train.texts) if cfg.normalizer else None
+    if teacher_only:  # the teacher's own card: no agreement with itself
+        card["teacher"].update(evaluate(teacher, cfg, evaluation, tokenizer, None, candidates))
+        if normalizer is not None:
+            card["teacher"]["normalized"] = evaluate_normalized(teacher, cfg, evaluation, normalizer)
+        return card["teacher"]
 
     seed_everything(cfg.seed)
     model, network = build_compact(cfg, student_train, num_labels, teacher)
     log(f"{cfg.network}: {count_parameters(model):,} parameters, objective {cfg.objective.as_dict()}")
+    augment = chain(PerturbedText(tokenizer, row_share=cfg.augment, seed=cfg.seed) if cfg.augment > 0 else None,
+                    AdversarialText(model, tokenizer, rows=cfg.adv_text, budget=cfg.attack_budget, seed=cfg.seed)
+                    if cfg.adv_text > 0 else None)
     card["train"] = fit(model, student_train, cfg.objective, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=cfg.seed, progress=cfg.network, log_every=200)
-    card.update(evaluate(model, cfg, evaluation, tokenizer, teacher_eval_attr))
+                        seed=cfg.seed, progress=cfg.network, log_every=200, augment=augment)
+    card.update(evaluate(model, cfg, evaluation, tokenizer, teacher_eval_attr, candidates))
+    if normalizer is not None:
+        card["normalized"] = evaluate_normalized(model, cfg, evaluation, normalizer)
     config = {"network": network, "max_length": cfg.max_length, "dataset": cfg.dataset, "num_labels": num_labels,
               "objective": cfg.objective.as_dict()}
     with tempfile_dir(out) as folder:
         card.update(save_artifact(folder, model, config))
+        if normalizer is not None:
+            normalizer.save(folder)
+        card["device_package"] = device_package(folder)
         card.update(check_int8(folder, evaluation, cfg))
         if cfg.export and cfg.network == "student":
             card.update(export_all(folder, evaluation, cfg))

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from models.protocol import split_metric_key
 from server.aggregate import ci95
 from server.strategy import reply_details
 from server.store import RunStore
@@ -84,8 +85,8 @@ class Recorder:
             for key, value in reply_details(msg).items():
                 if key == "partition_id":
                     continue
-                model, _, metric = key.rpartition(".") if "." in key else (phase if phase == "train" else "client", "", key)
-                self._row(pid, model, metric, value)
+                model, metric = split_metric_key(key)
+                self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
         answered = {m.metadata.src_node_id for m in replies}
         for node in self.expected.get(phase, set()) - answered:  # timed out: slow or gone
             pid = self.partition_of.get(node, -1)

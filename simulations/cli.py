@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override any DistillConfig field, e.g. --set objective.expl=0 --set epochs=5")
     distill.set_defaults(handler="simulations.distill_cmd:run")
 
+    certs = commands.add_parser("certs", help="TLS certificates and SuperNode keys for a secure deployment")
+    certs.add_argument("--out", required=True, help="folder to write")
+    certs.add_argument("--supernodes", type=int, default=3, help="how many SuperNode key pairs")
+    certs.add_argument("--host", action="append", default=[], help="extra SuperLink host name or IP (repeatable)")
+    certs.set_defaults(handler="simulations.certs:certs_cmd")
+
     for name, handler, helptext in (
         ("simulate", "simulations.simulate:simulate_cmd", "run a federated simulation (Flower + Ray)"),
         ("run", "simulations.simulate:run_cmd", "the main job: distill (cached) + simulate + report"),

@@ -43,7 +43,16 @@ def format_card(card: dict) -> str:
     fid = card["fidelity"]
     lines.append(f"fidelity         comprehensiveness {fid['comprehensiveness']:.4f}  sufficiency {fid['sufficiency']:.4f}"
                  + (f"  teacher spearman {fid['agreement_spearman']:.3f}" if "agreement_spearman" in fid else ""))
-    lines.append(f"latency          {card['latency_ms']['median']:.2f} ms/sentence (batch 1, 1 thread)")
+    if "normalized" in card:
+        norm = card["normalized"]
+        lines.append(f"normaliser       clean acc {norm['clean_acc']:.4f}, "
+                     + ", ".join(f"{k} {v['adv_acc']:.4f}" for k, v in norm["attacks"].items())
+                     + f" ({norm['ms_per_sentence']:.2f} ms/sentence)")
+    lines.append(f"latency          {card['latency_ms']['median']:.2f} ms/sentence (batch 1, 1 thread, "
+                 f"{card['latency_ms'].get('form', 'eager')})")
+    if "device_package" in card:
+        lines.append(f"device package   {card['device_package']['total'] / 1024:.0f} KB (int8 weights, vocabulary"
+                     + (", normaliser)" if "normalizer" in card["device_package"] else ")"))
     if "onnx_agreement" in card:
         lines.append(f"onnx int8        {card['onnx_int8_bytes'] / 1024:.0f} KB, agrees with PyTorch on {card['onnx_agreement']:.1%}")
     return "\n".join(lines)

@@ -38,3 +38,21 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from models.tokenizer import WordPieceTokenizer
+
+    return WordPieceTokenizer(64)
+
+
+@pytest.fixture(scope="session")
+def sst2(tok):
+    """(the first 20,000 SST-2 training rows, the whole dev set), encoded."""
+    from models.datasets import cached_text_dataset
+    from models.encoded import EncodedData
+
+    train, _ = cached_text_dataset("sst2", "train")
+    dev, _ = cached_text_dataset("sst2", "validation")
+    return EncodedData.from_dataset(train.select(range(20_000)), tok), EncodedData.from_dataset(dev, tok)

@@ -26,7 +26,7 @@ def reported_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     settings = load_settings(None, ["dataset=rt_critics", "min-samples=350", "num-rounds=2", "fraction-train=1.0",
                                     "local-max-steps=8", "attack-examples=5", "fidelity-examples=5", "ig-steps=4", "evaluate-every=1",
-                                    "crash-clients=1", "run-id=tiny", f"runs-dir={runs}"])
+                                    "client-attacks=char,synonym", "crash-clients=1", "run-id=tiny", f"runs-dir={runs}"])
     run_dir = simulate(settings)
     write_report(run_dir)
     return run_dir
@@ -89,6 +89,8 @@ def test_helpers_agree_with_each_other(reported_run):
     assert np.allclose(gain["gain"], wide.loc[gain.index, "personal.acc"] - wide.loc[gain.index, "global.acc"])
     trade = robustness_tradeoff(df)
     assert set(trade["model"]) == {"global", "personal"}
+    assert set(trade["attack"]) == {"char", "synonym"}  # each named attack, under its own metric name
+    assert {"global.adv_acc.char", "global.adv_acc.synonym", "global.queries.synonym"} <= set(wide.columns)
     assert np.allclose(trade["drop"], trade["clean_acc"] - trade["adv_acc"])
     assert (trade["drop"] >= 0).all()  # same rows: an attack cannot raise accuracy
     assert fairness(df).loc["personal", "clients"] == len(gain)

@@ -36,49 +36,62 @@ def wait_for(log: Path, text: str, timeout: float = 120.0) -> None:
     raise AssertionError(f"{log.name} never said {text!r}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
+class Cluster:
+    """Flower processes started for one test (SuperLink, SuperNodes), each logging to a file, all
+    stopped on exit; ``env`` points the `flwr` CLI at a private FLWR_HOME whose config.toml names
+    the federation ``name`` (``connection``: its TOML lines beside the address)."""
+
+    def __init__(self, tmp_path: Path, name: str, connection: str):
+        self.tmp_path, self.port, self.processes = tmp_path, free_port(), []
+        home = tmp_path / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+                                          f'address = "127.0.0.1:{self.port}"\n{connection}\n')
+        self.env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ["PATH"], "FLWR_HOME": str(home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+    def start(self, name: str, *args: str) -> Path:
+        log = self.tmp_path / f"{name}.log"
+        self.processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, cwd=self.tmp_path,
+                                               stdout=log.open("w"), stderr=subprocess.STDOUT))
+        return log
+
+    def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
     reviews = pd.read_parquet(data_dir() / "rt_critics" / "reviews.parquet")
     critics = reviews["user_id"].value_counts().index[:2]
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ["PATH"], "FLWR_HOME": str(home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    processes = []
-
-    def start(name: str, *args: str) -> Path:
-        log = tmp_path / f"{name}.log"
-        processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=tmp_path,
-                                          stdout=log.open("w"), stderr=subprocess.STDOUT))
-        return log
-
-    try:
-        link_log = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                         "--port", str(port))
+    with Cluster(tmp_path, "deploy", "insecure = true") as cluster:
+        link_log = cluster.start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                                 "--port", str(cluster.port))
         wait_for(link_log, "Uvicorn running")
         for i, critic in enumerate(critics):
             data_file = tmp_path / f"device{i}.csv"
             reviews[reviews["user_id"] == critic].head(60)[["text", "label"]].to_csv(data_file, index=False)
             node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{tmp_path / f"state{i}"}"'
-            start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                  "--port", str(free_port()), "--node-config", node_config)
+            cluster.start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{cluster.port}",
+                          "--port", str(free_port()), "--node-config", node_config)
         wait_for(link_log, "activate-node", 60)
         time.sleep(2)  # both nodes: the second registers right after the first
         overrides = (f'num-rounds=2 evaluate-every=1 fraction-train=1.0 mode="fedper" attack-examples=3 '
                      f'fidelity-examples=3 '
                      f'local-max-steps=5 run-id="deployed" runs-dir="{tmp_path / "runs"}"')
-        result = subprocess.run([str(BIN / "flwr"), "run", ".", "deploy", "--run-config", overrides, "--stream"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        result = cluster.flwr("run", ".", "deploy", "--run-config", overrides, "--stream")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(tmp_path / "runs" / "deployed" / "clients.parquet")
     accuracy = frame[frame["metric"] == "acc"]
@@ -93,3 +106,52 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
             ["round-0001.safetensors", "round-0002.safetensors"]
     has_personal = frame[(frame["metric"] == "has_personal") & (frame["round"] == 2)]
     assert (has_personal["value"] == 1.0).all() and len(has_personal) == 2
+
+
+def test_tls_and_supernode_auth_admit_registered_devices_and_refuse_the_rest(tmp_path):
+    """A SuperLink over TLS with SuperNode authentication; three SuperNodes whose public keys were
+    registered (`flwr supernode register`) run two rounds; a fourth with an unregistered key is
+    refused and never becomes a client; every admitted device writes its per-client rows."""
+    from simulations.certs import make_certificates
+
+    reviews = pd.read_parquet(data_dir() / "rt_critics" / "reviews.parquet")
+    critics = list(reviews["user_id"].value_counts().index[:3])
+    certs = make_certificates(tmp_path / "certs", supernodes=4)
+    with Cluster(tmp_path, "secure", f'root-certificates = "{certs["ca"]}"') as cluster:
+        link_log = cluster.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs["ca"]),
+                                 "--ssl-certfile", str(certs["server_cert"]), "--ssl-keyfile", str(certs["server_key"]),
+                                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                                 "--port", str(cluster.port))
+        wait_for(link_log, "Uvicorn running")
+        for key in certs["supernode_keys"][:3]:
+            registered = cluster.flwr("supernode", "register", f"{key}.pub", "secure", timeout=120)
+            assert registered.returncode == 0, registered.stdout[-2000:] + registered.stderr[-2000:]
+        node_logs = []
+        for i, critic in enumerate([*critics, "intruder"]):
+            data_file = tmp_path / f"device{i}.csv"
+            rows = reviews[reviews["user_id"] == (critic if i < 3 else critics[0])].head(40)
+            rows[["text", "label"]].to_csv(data_file, index=False)
+            node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{tmp_path / f"state{i}"}"'
+            node_logs.append(cluster.start(f"supernode{i}", "flower-supernode", "--root-certificates", str(certs["ca"]),
+                                           "--auth-supernode-private-key", str(certs["supernode_keys"][i]),
+                                           "--superlink", f"127.0.0.1:{cluster.port}", "--port", str(free_port()),
+                                           "--max-retries", "3", "--node-config", node_config))
+        deadline = time.time() + 90
+        while time.time() < deadline and link_log.read_text(errors="replace").count("activate-node") < 3:
+            time.sleep(0.5)
+        time.sleep(2)
+        overrides = (f'num-rounds=2 evaluate-every=1 fraction-train=1.0 attack-examples=2 fidelity-examples=0 '
+                     f'local-max-steps=3 run-id="secure" runs-dir="{tmp_path / "runs"}"')
+        result = cluster.flwr("run", ".", "secure", "--run-config", overrides, "--stream")
+        intruder_exit = cluster.processes[-1].poll()  # still running would mean it was let in
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    frame = pd.read_parquet(tmp_path / "runs" / "secure" / "clients.parquet")
+    accuracy = frame[frame["metric"] == "acc"]
+    assert set(accuracy["client_id"]) == set(critics)  # the three registered devices, not the intruder
+    assert accuracy.groupby(["round", "client_id", "model"]).size().to_dict() == {
+        (r, c, m): 1 for r in (0, 1, 2) for c in critics for m in ("global", "personal")}
+    # The SuperLink refused the unregistered key (Flower's ApiError 2004) and that SuperNode gave up.
+    intruder = node_logs[3].read_text(errors="replace")
+    assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
+    assert intruder_exit not in (None, 0)
+    assert "ApiError:2004" in link_log.read_text(errors="replace")

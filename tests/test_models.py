@@ -14,27 +14,13 @@ import torch
 from torch.nn import functional as F
 
 from models.artifact import load_artifact, read_config
-from models.attacks import attack_dataset, word_budget
+from models.attacks import ATTACKS, attack_dataset, word_budget
 from models.attribution import eraser_scores, integrated_gradients, random_attributions
-from models.datasets import cached_text_dataset
 from models.encoded import EncodedData
 from models.errors import FedrexError
 from models.networks import FastGRNNCell, Prado, VocabMap, build_network
 from models.objectives import ObjectiveConfig, kd_loss
-from models.tokenizer import WordPieceTokenizer
 from models.training import accuracy, fit, predict_logits
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return WordPieceTokenizer(64)
-
-
-@pytest.fixture(scope="module")
-def sst2(tok):
-    train, _ = cached_text_dataset("sst2", "train")
-    dev, _ = cached_text_dataset("sst2", "validation")
-    return EncodedData.from_dataset(train.select(range(20_000)), tok), EncodedData.from_dataset(dev, tok)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +77,7 @@ def test_kd_lowers_student_teacher_kl_versus_ce_alone(quick_artifact, sst2):
     assert kd_dev < 0.95 * ce_dev
 
 
-@pytest.mark.parametrize("attack", ["char", "synonym", "hotflip"])
+@pytest.mark.parametrize("attack", ATTACKS)
 def test_attacks_flip_an_undefended_model_within_budget(attack, undefended, sst2, tok):
     dev = sst2[1]
     texts, labels = dev.texts[:40], dev.labels[:40]

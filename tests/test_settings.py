@@ -41,3 +41,23 @@ def test_run_config_values_are_coerced_and_checked():
         load_settings(None, ["client-cpus=0"])
     with pytest.raises(FedrexError, match="not key=value"):
         load_settings(None, ["num-rounds"])
+
+
+def test_client_attacks_are_checked_against_the_recipes():
+    from models.errors import FedrexError
+    from models.run_settings import RunSettings
+
+    assert RunSettings(client_attacks="char, synonym-sim").attacks() == ("char", "synonym-sim")
+    with pytest.raises(FedrexError, match="unknown attack 'typo'"):
+        RunSettings(client_attacks="char,typo").validate()
+    with pytest.raises(FedrexError, match="names no attack"):
+        RunSettings(client_attacks=" ,").validate()
+    RunSettings(client_attacks="", attack_examples=0).validate()  # measuring none is fine
+
+
+def test_metric_keys_round_trip_through_the_protocol():
+    from models.protocol import attack_metric, metric_key, split_metric_key
+
+    key = metric_key("global", attack_metric("adv_acc", "char-beam"))
+    assert key == "global.adv_acc.char-beam" and split_metric_key(key) == ("global", "adv_acc.char-beam")
+    assert split_metric_key("n_train") == ("", "n_train")

@@ -1,0 +1,193 @@
+"""Defences against discrete perturbations and the parts attacks are composed of (issue #10):
+query budgets, the similarity constraint, the word normaliser, perturbed-text training, the
+one-change KD ablation, deployable forms and the device package."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.attacks import RECIPES, CharEdits, SentenceSimilarity, attack_dataset, sentence_embeddings, word_budget
+from models.augment import PerturbedText
+from models.datasets import cached_text_dataset
+from models.errors import FedrexError
+from models.networks import VocabMap, build_network
+from models.normalizer import WordNormalizer
+from models.objectives import ObjectiveConfig, objective_loss
+from models.tokenizer import WordPieceTokenizer
+from models.training import fit
+
+
+@pytest.fixture(scope="module")
+def model(sst2):
+    torch.manual_seed(0)
+    net = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity())
+    fit(net, sst2[0].subset(np.arange(8000)), ObjectiveConfig(), epochs=2, batch_size=64, seed=0)
+    return net
+
+
+@pytest.fixture(scope="module")
+def normalizer():
+    train, _ = cached_text_dataset("sst2", "train")
+    return WordNormalizer.from_texts(train["text"])
+
+
+def test_char_beam_stays_within_its_query_and_word_budgets(model, sst2, tok):
+    dev = sst2[1]
+    summary, results = attack_dataset("char-beam", model, tok, dev.texts[:30], dev.labels[:30], budget=0.2, seed=0)
+    limit = RECIPES["char-beam"]().query_budget
+    assert all(r.queries <= limit for r in results)
+    assert all(r.words_changed <= word_budget(r.n_words, 0.2) for r in results)
+    assert summary["success_rate"] > 0.3 and summary["queries_per_success"] <= limit
+    # a beam sees more of the space than the greedy walk: it flips at least as many rows here
+    greedy, _ = attack_dataset("char", model, tok, dev.texts[:30], dev.labels[:30], budget=0.2, seed=0)
+    assert summary["adv_acc"] <= greedy["adv_acc"]
+
+
+def test_similarity_constraint_holds_for_every_successful_attack(model, sst2, tok):
+    dev = sst2[1]
+    _, results = attack_dataset("synonym-sim", model, tok, dev.texts[:25], dev.labels[:25], budget=0.2, seed=0)
+    changed = [r for r in results if r.words_changed]
+    assert changed, "the attack changed nothing: the constraint was not exercised"
+    # the constraint compares each swap's text with the original; the final text is checked too
+    for r in changed:
+        a, b = sentence_embeddings([r.original, r.perturbed])
+        # each single swap kept >= 0.85; several swaps compound, so the final text may drift lower
+        assert float(a @ b) >= 0.85 - 0.05 * (r.words_changed - 1)
+    keep = SentenceSimilarity(0.85)("a truly wonderful film", ["a truly marvellous film", "a truly awful film today"])
+    assert keep.dtype == bool and keep.shape == (2,)
+
+
+def test_normaliser_undoes_single_edits_and_leaves_corpus_words_alone(normalizer):
+    text = "a gripping , funny and wonderful film"
+    assert normalizer(text) == text  # every word is a corpus word
+    assert normalizer("a grippnig , fnny and wonderfl flim") == text  # transposition, deletions
+    assert normalizer("w0nderful") == "wonderful"  # digits for letters
+    assert normalizer("qzxwvk") == "qzxwvk"  # nothing within one edit: passes through
+    assert normalizer("Wonderful!") == "Wonderful!"  # known word: case and punctuation kept
+    rng = np.random.default_rng(0)
+    words = [w for w in ("wonderful", "terrible", "charming", "boring", "brilliant", "mediocre", "hilarious")]
+    restored = sum(normalizer(edit) == w for w in words for edit in CharEdits()(w, rng))
+    assert restored >= 0.8 * sum(len(CharEdits()(w, np.random.default_rng(0))) for w in words)
+
+
+def test_normaliser_round_trips_through_its_file(normalizer, tmp_path):
+    normalizer.save(tmp_path)
+    again = WordNormalizer.load(tmp_path)
+    assert again.counts == normalizer.counts
+    assert again("a grippnig flim") == normalizer("a grippnig flim")
+    with pytest.raises(FedrexError, match="without a word normaliser"):
+        WordNormalizer.load(tmp_path / "missing")
+
+
+def test_normaliser_raises_accuracy_under_the_char_attack(model, sst2, normalizer):
+    dev = sst2[1]
+    texts, labels = dev.texts[:60], dev.labels[:60]
+    plain, _ = attack_dataset("char", model, WordPieceTokenizer(64), texts, labels, seed=0)
+    defended, _ = attack_dataset("char", model, WordPieceTokenizer(64, normalizer=normalizer), texts, labels, seed=0)
+    assert defended["adv_acc"] > plain["adv_acc"] + 0.1
+
+
+def test_perturbed_text_is_drawn_per_epoch_and_keeps_labels_and_teacher_logits(sst2, tok):
+    data = sst2[0].subset(np.arange(400))
+    data.teacher_logits = np.random.default_rng(0).normal(size=(400, 2)).astype(np.float32)
+    data.teacher_attr = [np.ones(len(ids), np.float32) for ids in data.ids]
+    augment = PerturbedText(tok, row_share=0.5, seed=0)
+    first, again, second = augment(data, 0), augment(data, 0), augment(data, 1)
+    changed = [i for i in range(400) if first.texts[i] != data.texts[i]]
+    assert 0.35 < len(changed) / 400 < 0.6
+    assert first.texts == again.texts and first.texts != second.texts  # seeded, fresh each epoch
+    assert np.array_equal(first.labels, data.labels) and np.array_equal(first.teacher_logits, data.teacher_logits)
+    for i in changed:
+        before, after = data.texts[i].split(), first.texts[i].split()
+        assert sum(a != b for a, b in zip(before, after)) <= word_budget(len(before), 0.2)
+        assert first.teacher_attr[i] is None  # its token positions moved
+        assert np.array_equal(first.ids[i], tok.encode_ids([first.texts[i]])[0])
+    assert data.texts[changed[0]] == sst2[0].texts[changed[0]]  # the original rows are untouched
+    with pytest.raises(FedrexError):
+        PerturbedText(tok, kinds=("leet",))
+
+
+def test_without_kd_the_adversarial_term_keeps_its_teacher_target(sst2):
+    """'w/o KD' removes the KD term only: the ADV term still matches the teacher's prediction."""
+    torch.manual_seed(0)
+    net = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity()).eval()
+    data = sst2[0].subset(np.arange(32))
+    data.teacher_logits = np.tile(np.array([[4.0, -4.0]], np.float32), (32, 1))
+    with_teacher = data.batch(np.arange(32))
+    data.teacher_logits = None
+    without = data.batch(np.arange(32))
+    config = ObjectiveConfig(kd=0.0, adv=1.0)
+    _, parts_t = objective_loss(net, with_teacher, config)
+    _, parts_n = objective_loss(net, without, config)
+    assert "kd" not in parts_t
+    assert parts_t["adv"] > parts_n["adv"] + 1e-3  # CE + KL to the teacher, not CE alone
+
+
+@pytest.mark.parametrize("kind", ["student", "fastgrnn", "prado"])
+def test_deployable_form_is_exact_for_every_length(kind, tok):
+    from models.export import deployable
+
+    torch.manual_seed(0)
+    net = build_network({"kind": kind, "num_labels": 2}, VocabMap.identity()).eval()
+    rows = tok.encode_ids(["a film", "a gripping , funny and wonderful film about growing up in a small town"])
+    module, form = deployable(net, torch.tensor([rows[0]]))
+    assert form == "torchscript"  # compiled, not traced: a trace would fix FastGRNN's loop length
+    for row in rows:
+        ids = torch.tensor([row])
+        with torch.no_grad():
+            assert torch.allclose(module(ids), net(ids), atol=1e-5)
+
+
+def test_prado_attention_is_a_softmax_over_time_per_channel():
+    """Changing one attention channel's filter changes that channel's pooled feature only."""
+    from models.networks import Prado
+
+    torch.manual_seed(0)
+    net = Prado(2, channels=4, dim=8, features=16, ngrams=(2,)).eval()
+    ids = torch.tensor([[101, 2023, 3185, 2003, 2307, 102]])
+    captured = []
+    net.head.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0].clone()))
+    with torch.no_grad():
+        net(ids)
+        net.attention[0].weight[1].mul_(-3.0)
+        net(ids)
+    changed = (captured[0] - captured[1]).abs()[0] > 1e-6
+    assert changed.tolist() == [False, True, False, False]
+
+
+def test_device_tokenizer_rebuilt_from_vocab_matches_and_package_is_small(sst2, tok):
+    from models.tokenizer import minilm_dir, normalize_text, tokenizer_from_vocab, vocab_gz_bytes
+
+    rebuilt = tokenizer_from_vocab(minilm_dir() / "vocab.txt", 64)
+    texts = sst2[1].texts[:300] + ["Café naïve 日本 don't g00d!!"]
+    assert [e.ids for e in rebuilt.encode_batch([normalize_text(t) for t in texts])] == tok.encode_ids(texts)
+    assert vocab_gz_bytes() < 150_000  # the 466 KB tokenizer.json is not what a device needs
+
+
+def test_unknown_attacks_and_bad_shares_are_rejected():
+    from server.distill import DistillConfig
+
+    with pytest.raises(FedrexError, match="unknown attack"):
+        DistillConfig(attacks=("char", "typo")).validate()
+    with pytest.raises(FedrexError, match="augment"):
+        DistillConfig(augment=1.5).validate()
+
+
+def test_adversarial_text_trains_on_what_fools_the_current_model(model, sst2, tok):
+    from models.augment import AdversarialText, chain
+
+    data = sst2[0].subset(np.arange(300))
+    model.train()
+    make = AdversarialText(model, tok, rows=60, seed=0)
+    out = make(data, 0)
+    assert model.training  # the attack's eval mode does not leak into the rest of the epoch
+    changed = [i for i in range(300) if out.texts[i] != data.texts[i]]
+    assert len(changed) == make.last_found > 0
+    with torch.no_grad():
+        model.eval()
+        fooled = model(torch.from_numpy(tok.encode([out.texts[i] for i in changed]))).argmax(-1).numpy()
+    assert (fooled != out.labels[changed]).all() and np.array_equal(out.labels, data.labels)
+    both = chain(PerturbedText(tok, seed=0), None, make)
+    assert both(data, 1).texts != data.texts and chain(None) is None
