@@ -71,6 +71,8 @@ def row_key(name: str, config: DistillConfig) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line per model, and one more per model behind the word normaliser (same weights)."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))  # rows added by a later run join their dataset
+    rows = sorted(rows, key=lambda r: datasets.index(r["dataset"]))
     attacks = sorted({a for r in rows for a in r["card"].get("attacks", {})}, key=ATTACK_ORDER.index)
     head = (["dataset", "model", "params", "device KB", "ms/sent", "clean acc"] + [f"acc {a}" for a in attacks]
             + ["compr.", "suff.", "teacher agr."])
