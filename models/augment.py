@@ -20,6 +20,17 @@ from models.tokenizer import WordPieceTokenizer
 TRANSFORMATIONS = {"char": CharEdits(), "synonym": WordNetSynonyms()}
 
 
+def with_texts(data: EncodedData, rows, texts: list[str], tokenizer: WordPieceTokenizer) -> EncodedData:
+    """A copy of ``data`` whose ``rows`` carry ``texts`` instead (re-encoded); labels and teacher
+    logits stay, the attribution maps of those rows go (their token positions moved)."""
+    out = data.subset(np.arange(len(data)))
+    for i, text, ids in zip(rows, texts, tokenizer.encode_ids(list(texts)) if len(texts) else []):
+        out.texts[i], out.ids[i] = text, np.asarray(ids, dtype=np.int64)
+        if out.teacher_attr is not None:
+            out.teacher_attr[i] = None
+    return out
+
+
 def perturb(text: str, rng: np.random.Generator, word_share: float, kinds: tuple[str, ...]) -> str:
     words = text.split()
     positions = [i for i, w in enumerate(words) if has_letters_or_digits(w)]
@@ -54,13 +65,7 @@ class PerturbedText:
         rng = np.random.default_rng([self.seed, epoch])
         rows = np.flatnonzero(rng.random(len(data)) < self.row_share)
         texts = [perturb(data.texts[i], rng, self.word_share, self.kinds) for i in rows]
-        new_ids = self.tokenizer.encode_ids(texts) if texts else []
-        out = data.subset(np.arange(len(data)))
-        for i, text, ids in zip(rows, texts, new_ids):
-            out.texts[i], out.ids[i] = text, np.asarray(ids, dtype=np.int64)
-            if out.teacher_attr is not None:
-                out.teacher_attr[i] = None
-        return out
+        return with_texts(data, rows, texts, self.tokenizer)
 
 
 @dataclass
@@ -87,14 +92,8 @@ class AdversarialText:
                                     data.labels[picked], self.budget, seed=self.seed + 7919 * epoch)
         self.model.train(was_training)
         found = [(i, r.perturbed) for i, r in zip(picked, results) if r.success]
-        out = data.subset(np.arange(len(data)))
-        new_ids = self.tokenizer.encode_ids([text for _, text in found]) if found else []
-        for (i, text), ids in zip(found, new_ids):
-            out.texts[i], out.ids[i] = text, np.asarray(ids, dtype=np.int64)
-            if out.teacher_attr is not None:
-                out.teacher_attr[i] = None
         self.last_found = len(found)
-        return out
+        return with_texts(data, [i for i, _ in found], [text for _, text in found], self.tokenizer)
 
 
 def chain(*steps):
