@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.protocol import ACC_ATTACKED_ROWS, MODELS, attack_metric, metric_key
+from models.protocol import (ACC_ATTACKED_ROWS, DEVICE, DEVICE_STATUSES, DEVICE_TIERS, MODELS, attack_metric,
+                             metric_key)
 
 CATEGORICAL = ["run_id", "client_id", "model", "metric"]
 
@@ -162,3 +163,86 @@ def compare_runs(run_dirs: list) -> pd.DataFrame:
                     row[f"adv_acc_mean.{attack}"] = wide[column].mean()
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------ devices
+def device_profiles(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per client of a run with device simulation: its tier (name) and profile numbers."""
+    rows = df[df["model"] == "profile"]
+    if not len(rows):
+        return pd.DataFrame()
+    wide = rows.pivot_table(index="client_id", columns="metric", values="value", aggfunc="last", observed=True)
+    wide["tier"] = [DEVICE_TIERS[int(t)] for t in wide["tier"]]
+    return wide
+
+
+def device_rounds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (training round, client) the fleet saw: status (name), virtual times, tier."""
+    rows = df[df["model"] == DEVICE]
+    if not len(rows):
+        return pd.DataFrame()
+    wide = rows.pivot_table(index=["round", "client_id"], columns="metric", values="value", aggfunc="last",
+                            observed=True).reset_index()
+    wide["status"] = [DEVICE_STATUSES[int(s)] for s in wide["status"]]
+    tiers = device_profiles(df)["tier"]
+    wide["tier"] = wide["client_id"].astype(str).map(tiers.rename(index=str))
+    return wide
+
+
+def participation_by_tier(df: pd.DataFrame) -> pd.DataFrame:
+    """Per tier: clients, and per client per training round the share of each status (the rest
+    of the rounds the device was available but not selected), with the mean virtual round time
+    of the devices that reported."""
+    rounds, profiles = device_rounds(df), device_profiles(df)
+    if not len(rounds):
+        return pd.DataFrame()
+    n_rounds = rounds["round"].nunique()
+    out = []
+    for tier, group in profiles.groupby("tier"):
+        mine = rounds[rounds["tier"] == tier]
+        row = {"tier": tier, "clients": len(group)}
+        for status in DEVICE_STATUSES:
+            row[status] = float((mine["status"] == status).sum()) / (len(group) * n_rounds)
+        reported = mine[mine["status"].isin(["ok", "straggler", "abandoned"])]
+        row["round_s"] = float(reported["round_s"].mean()) if len(reported) else np.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def fairness_by_tier(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
+    """Per tier: aggregated updates per client over the run (status ok) and mean, p10 of the
+    global and personal accuracy at the last evaluated round: what the round rules did to the
+    users of slow or rarely available devices."""
+    profiles = device_profiles(df)
+    if not len(profiles):
+        return pd.DataFrame()
+    rounds, wide = device_rounds(df), per_client(df, round)
+    wide.index = wide.index.astype(str)
+    ok = rounds[rounds["status"] == "ok"].groupby(rounds["client_id"].astype(str), observed=True).size()
+    out = []
+    for tier, group in profiles.groupby("tier"):
+        ids = group.index.astype(str)
+        row = {"tier": tier, "clients": len(ids), "updates_per_client": float(ok.reindex(ids, fill_value=0).mean())}
+        for model in MODELS:
+            column = f"{model}.acc"
+            values = wide[column].reindex(ids).dropna() if column in wide else pd.Series(dtype=float)
+            row[f"{model}_mean"] = float(values.mean()) if len(values) else np.nan
+            row[f"{model}_p10"] = float(np.percentile(values, 10)) if len(values) else np.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def time_to_accuracy(run_dir, df: pd.DataFrame) -> pd.DataFrame:
+    """Per evaluated round: the virtual clock when it ended (rounds.parquet) and the global and
+    personal pooled accuracy: accuracy against device time rather than rounds."""
+    path = Path(run_dir) / "rounds.parquet"
+    rounds = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["model", "metric", "round", "value"])
+    clock = rounds[(rounds["model"] == "round") & (rounds["metric"] == "virtual_clock_s")].set_index("round")["value"]
+    if not len(clock):
+        return pd.DataFrame()
+    clock.loc[0] = 0.0
+    summary = round_summary(df)
+    wide = summary.pivot_table(index="round", columns="model", values="pooled")
+    wide.columns = [f"{m}_pooled" for m in wide.columns]
+    wide.insert(0, "virtual_hours", clock.reindex(wide.index) / 3600)
+    return wide.reset_index()

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import (compare_runs, failures, fairness, last_round, load_run, missing_rounds, participation,
-                           per_client, personalization_gain, robustness_tradeoff, round_summary, run_info)
+from analysis.load import (compare_runs, device_rounds, failures, fairness, fairness_by_tier, last_round, load_run,
+                           missing_rounds, participation, participation_by_tier, per_client, personalization_gain,
+                           robustness_tradeoff, round_summary, run_info, time_to_accuracy)
 
 
 def _plt():
@@ -87,6 +88,10 @@ def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
         ax.legend(fontsize=7)
         plots["Metrics per round"] = _save(fig, folder, "per_round")
 
+    timeline = device_rounds(df)
+    if len(timeline) and "finish_clock_s" in timeline:
+        plots["Device timeline (virtual clock)"] = timeline_plot(timeline, folder)
+
     counts = participation(df)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.hist(counts.to_numpy(), bins=np.arange(counts.max() + 2) - 0.5 if len(counts) else 1, color="tab:purple")
@@ -95,6 +100,30 @@ def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
     return plots
 
 
+
+
+STATUS_COLORS = {"ok": "tab:green", "straggler": "tab:orange", "dropped": "tab:red", "abandoned": "tab:brown",
+                 "failed": "black"}
+
+
+def timeline_plot(timeline: pd.DataFrame, folder: Path, max_clients: int = 40) -> Path:
+    """Each reporting device's training rounds on the virtual clock, coloured by status; clients
+    sorted by tier (the first ``max_clients`` that took part)."""
+    plt = _plt()
+    timed = timeline.dropna(subset=["finish_clock_s"])
+    order = (timed[["client_id", "tier"]].drop_duplicates("client_id").sort_values(["tier", "client_id"])
+             .head(max_clients))
+    row_of = {c: i for i, c in enumerate(order["client_id"])}
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.16 * len(row_of) + 1)))
+    for status, part in timed[timed["client_id"].isin(row_of)].groupby("status"):
+        starts = (part["finish_clock_s"] - part["round_s"]) / 60
+        ax.barh([row_of[c] for c in part["client_id"]], part["round_s"] / 60, left=starts, height=0.7,
+                color=STATUS_COLORS.get(status, "grey"), label=status)
+    ax.set_yticks(range(len(row_of)), [f"{c[:14]} ({t})" for c, t in zip(order["client_id"], order["tier"])],
+                  fontsize=5)
+    ax.set(xlabel="virtual clock (minutes)", title="Device rounds: download + compute + upload")
+    ax.legend(fontsize=7)
+    return _save(fig, folder, "device_timeline")
 
 
 def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
@@ -108,6 +137,11 @@ def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
     if len(tradeoff):  # per client: the share of its attacked rows still right under each attack
         out["Robustness per attack (per-client means on the attacked rows)"] = (
             tradeoff.groupby(["model", "attack"])[["clean_acc", "adv_acc", "drop"]].mean().reset_index())
+    by_tier = participation_by_tier(df)
+    if len(by_tier):
+        out["Participation by device tier (share of client-rounds per status)"] = by_tier
+        out["Fairness by device tier (last evaluated round)"] = fairness_by_tier(df)
+        out["Accuracy against virtual time"] = time_to_accuracy(run_dir, df)
     if compare:
         out["Method comparison"] = compare_runs([run_dir, *compare])
     return out

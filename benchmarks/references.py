@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from client.data import federation
 from models.datasets import cached_text_dataset
-from models.personalization import fit_logit_bias
+from models.linear_head import fit_logit_bias
 
 
 def user_splits(settings) -> list[tuple[str, list, np.ndarray, list, np.ndarray]]:
@@ -69,7 +69,7 @@ def reference_accuracy(settings, global_dataset: str = "sst2", prior_l2: float =
         rows["majority"][client_id] = float((test_y == majority).mean())
         test_logits = _logits(classical(test_x))
         rows[f"tfidf ({global_dataset})"][client_id] = float((test_logits.argmax(1) == test_y).mean())
-        bias = fit_logit_bias(_logits(classical(train_x)), train_y, prior_l2).numpy()
+        bias = fit_logit_bias(_logits(classical(train_x)), train_y, prior_l2)
         rows[f"tfidf ({global_dataset}) + user prior"][client_id] = float(((test_logits + bias).argmax(1) == test_y).mean())
         rows["central tfidf (users)"][client_id] = float((_logits(central(test_x)).argmax(1) == test_y).mean())
         rows[f"central tfidf ({global_dataset} + users)"][client_id] = float(

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
+from simulations.localhost import matching_pids, tree_pss_mb  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate=0", "attack-examples=0",
@@ -42,37 +43,9 @@ WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate
 
 
 # ----------------------------------------------------------------------------- memory sampling
-def tree_pss_mb(root_pid: int) -> float:
-    """Sum of PSS over ``root_pid`` and all its descendants (Ray's raylet, GCS and workers too)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    tree, frontier = {root_pid}, [root_pid]
-    while frontier:
-        pid = frontier.pop()
-        children = [c for c, p in parents.items() if p == pid and c not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    total_kb = 0
-    for pid in tree:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as handle:
-                for line in handle:
-                    if line.startswith("Pss:"):
-                        total_kb += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-    return total_kb / 1024
-
-
-def run_sampled(command: list[str], env: dict) -> tuple[int, float, float, str]:
-    """Run ``command``; return (exit code, wall seconds, peak PSS of its process tree in MB, stderr tail)."""
+def run_sampled(command: list[str], env: dict, marker: str | None = None) -> tuple[int, float, float, str]:
+    """Run ``command``; return (exit code, wall seconds, peak PSS of its process tree in MB, with
+    the trees of the SuperLinks it started when ``marker`` names them, stderr tail)."""
     start = time.time()
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0.0]
@@ -80,7 +53,10 @@ def run_sampled(command: list[str], env: dict) -> tuple[int, float, float, str]:
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], tree_pss_mb(process.pid))
+            # the detached SuperLinks `fedrex simulate` starts through `flwr run` (their FLWR_HOME lies
+            # in the run's folder, ``marker``): Ray runs under them, not under the command
+            links = matching_pids("flower-superlink", marker) if marker else []
+            peak[0] = max(peak[0], tree_pss_mb(process.pid) + sum(tree_pss_mb(pid) for pid in links))
             stop.wait(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -146,7 +122,7 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
     command = [sys.executable, "-m", "simulations.cli", "simulate"]
     for pair in pairs:
         command += ["--run-config", pair]
-    code, sim_wall, sim_pss, tail = run_sampled(command, env)
+    code, sim_wall, sim_pss, tail = run_sampled(command, env, marker=str(workdir))
     if code != 0:
         raise SystemExit(f"simulation {run_id} failed:\n{tail}")
     run_dir = workdir / run_id

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from models.datasets import cached_text_dataset
+from models.datasets import cached_text_dataset, read_user_file
 from models.encoded import EncodedData
 from models.errors import FedrexError
 from models.partitioning import ClientData, FederatedData, PartitionConfig, split_indices
@@ -66,11 +66,14 @@ def _encode(client: ClientData, num_labels: int, max_length: int) -> LocalData:
 
 @lru_cache(maxsize=4)
 def _device_file(path: str, client_id: str, partition_id: int, settings: RunSettings, num_labels: int) -> LocalData:
-    table, found_labels = cached_text_dataset(path, "train")
+    """The user's own file, read with pyarrow alone (no datasets library on a device), split
+    train/test by the run's seed."""
+    texts, labels, found_labels = read_user_file(path)
     config = PartitionConfig(kind="iid", num_partitions=1, test_fraction=settings.test_fraction, seed=settings.seed)
-    train_idx, test_idx = split_indices(table, config, 0)
-    client = ClientData(partition_id, client_id, table.select(train_idx), table.select(test_idx))
-    return _encode(client, max(num_labels, found_labels), settings.max_length)
+    train_idx, test_idx = split_indices(texts, config, 0)
+    tokenizer = WordPieceTokenizer(settings.max_length)
+    part = lambda idx: EncodedData.from_texts([texts[i] for i in idx], labels[idx], tokenizer)  # noqa: E731
+    return LocalData(partition_id, client_id, part(train_idx), part(test_idx), max(num_labels, found_labels))
 
 
 def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2) -> LocalData:
@@ -83,3 +86,18 @@ def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 
     if "partition-id" not in node_config:
         raise FedrexError("this node has neither a partition-id (simulation) nor a data-file (device) in its node config")
     return _encoded(settings, int(node_config["partition-id"]))
+
+
+def round_seed(settings: RunSettings, round_number: int, partition_id: int, salt: int = 0) -> int:
+    """Every random choice of a client in a round derives from (run seed, round, partition), so
+    results do not depend on which Ray actor or device runs it."""
+    return int(np.random.SeedSequence([settings.seed, round_number, partition_id, salt]).generate_state(1)[0])
+
+
+def data_profile(local: LocalData) -> dict:
+    """Who the client is: sizes and label balance (the share of positive test rows for binary tasks)."""
+    counts = local.label_counts
+    total = max(int(counts.sum()), 1)
+    binary = {"test_positive": float((local.test.labels == 1).mean())} if local.num_labels == 2 and len(local.test) else {}
+    return {**binary, "n_train": len(local.train), "n_test": len(local.test),
+            "majority_share": float(counts.max() / total), "single_label": float(np.count_nonzero(counts) == 1)}

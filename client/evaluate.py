@@ -6,9 +6,7 @@ attributions with the global model's. Plus who the client is: sizes, label balan
 
 from __future__ import annotations
 
-import numpy as np
-
-from client.data import LocalData
+from client.data import LocalData, data_profile
 from models.evaluation import fidelity, robustness
 from models.protocol import ACC_ATTACKED_ROWS, ATTACK_METRICS, attack_metric
 from models.tokenizer import WordPieceTokenizer
@@ -42,15 +40,12 @@ def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokeniz
 
 
 def client_profile(local: LocalData, state, delta: float) -> dict:
+    """``data_profile`` plus what the client's state says: privacy spent, last training time,
+    whether it holds personal weights."""
     from client.privacy import epsilon_of
 
-    counts = local.label_counts
-    total = max(int(counts.sum()), 1)
-    binary = {"test_positive": float((local.test.labels == 1).mean())} if local.num_labels == 2 and len(local.test) else {}
-    return {**binary, "n_train": len(local.train), "n_test": len(local.test),
-            "majority_share": float(counts.max() / total), "single_label": float(np.count_nonzero(counts) == 1),
-            "epsilon": epsilon_of(state.dp_history, delta), "train_seconds": state.train_seconds,
-            "has_personal": float(state.personal is not None)}
+    return {**data_profile(local), "epsilon": epsilon_of(state.dp_history, delta),
+            "train_seconds": state.train_seconds, "has_personal": float(state.personal is not None)}
 
 
 def full_attr_list(attr, n_rows: int, limit: int, seed: int):

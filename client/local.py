@@ -17,19 +17,15 @@ import time
 import numpy as np
 import torch
 
+from client.data import round_seed
 from models.encoded import EncodedData
+from models.linear_head import train_linear_head
 from models.errors import FedrexError
 from models.objectives import ObjectiveConfig, saliency
 from models.personalization import RoundInputs, get_mode
 from models.run_settings import RunSettings
 from models.tokenizer import content_mask
 from models.training import fit, seed_everything
-
-
-def round_seed(settings: RunSettings, round_number: int, partition_id: int, salt: int = 0) -> int:
-    """Every random choice of a client in a round derives from (run seed, round, partition), so
-    results do not depend on which Ray actor or device runs it."""
-    return int(np.random.SeedSequence([settings.seed, round_number, partition_id, salt]).generate_state(1)[0])
 
 
 def proximal_term(model, anchor: dict[str, torch.Tensor] | None, weight: float):
@@ -86,6 +82,11 @@ class ClientTrainer:
     def __init__(self, settings: RunSettings, state, proximal_mu: float = 0.0, anchor: dict | None = None):
         self.settings, self.state = settings, state
         self.proximal_mu, self.anchor = proximal_mu, anchor
+        self.samples = 0  # rows processed by every fit of the round (shared and personal): the device's work
+
+    def _count(self, result: dict) -> dict:
+        self.samples += int(result.get("samples", 0))
+        return result
 
     def shared(self, model, data: EncodedData, seed: int, trainable=None) -> dict:
         objective = self.settings.objective()
@@ -96,14 +97,27 @@ class ClientTrainer:
             from client.privacy import PrivateTraining
 
             privacy = PrivateTraining(self.settings, self.state, seed)
-        return local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs, self.settings.lr,
-                         extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
-                         trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer)
+        return self._count(local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs,
+                                     self.settings.lr, extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
+                                     trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer))
+
+    def head(self, model, data: EncodedData, seed: int) -> dict:
+        """Mode ``head``: the linear head trained in numpy on the frozen body's features, the same
+        ``train_head`` a device without torch runs on its ONNX body's features."""
+        from models.training import predict_features
+
+        weight, bias, metrics = train_linear_head(self.settings, model.head.weight.detach().numpy(),
+                                                  model.head.bias.detach().numpy(), predict_features(model, data),
+                                                  data.labels, seed)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.from_numpy(weight))
+            model.head.bias.copy_(torch.from_numpy(bias))
+        return self._count(metrics)
 
     def personal(self, model, data: EncodedData, seed: int, trainable=None, anchor=None, weight: float = 0.0) -> dict:
-        return local_fit(model, data, self.settings, ObjectiveConfig(), seed, self.settings.personal_epochs,
-                         self.settings.personal_lr, extra_loss=proximal_term(model, anchor, weight),
-                         trainable=trainable)
+        return self._count(local_fit(model, data, self.settings, ObjectiveConfig(), seed,
+                                     self.settings.personal_epochs, self.settings.personal_lr,
+                                     extra_loss=proximal_term(model, anchor, weight), trainable=trainable))
 
 
 def round_inputs(build, received: dict[str, torch.Tensor], data: EncodedData, settings: RunSettings, state,
@@ -131,11 +145,12 @@ def train_round(build, received: dict[str, torch.Tensor], data: EncodedData, set
     seed = round_seed(settings, round_number, partition_id)
     seed_everything(seed)
     mode = get_mode(settings.mode)
-    model, state.personal, metrics = mode.train_round(
-        round_inputs(build, received, data, settings, state, seed, proximal_mu), state.personal)
+    inputs = round_inputs(build, received, data, settings, state, seed, proximal_mu)
+    model, state.personal, metrics = mode.train_round(inputs, state.personal)
     weights = model.state_dict()
     sent = {k: weights[k].detach().clone() for k in mode.shared_keys(model)}
     state.last_round = round_number
     state.train_seconds = time.time() - start
-    metrics = {**{k: v for k, v in metrics.items() if k != "seconds"}, "train_seconds": state.train_seconds}
+    metrics = {**{k: v for k, v in metrics.items() if k != "seconds"}, "train_seconds": state.train_seconds,
+               "samples": inputs.trainer.samples}
     return sent, metrics

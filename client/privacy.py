@@ -35,10 +35,10 @@ from models.run_settings import RunSettings
 
 
 def epsilon_of(history: list, delta: float) -> float:
+    if not history:  # no DP round yet: a device without Opacus reports 0
+        return 0.0
     from opacus.accountants import RDPAccountant
 
-    if not history:
-        return 0.0
     accountant = RDPAccountant()
     accountant.history = [tuple(h) for h in history]
     return float(accountant.get_epsilon(delta))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from models.errors import FedrexError
+from models.packaged import candidates
 from models.networks import build_network
 
 FORMAT = "fedrex-model/1"
@@ -128,31 +129,14 @@ def read_config(folder: Path) -> dict:
 
 
 PACKAGED = Path(__file__).resolve().parent / "artifacts"  # artifacts shipped with FedREX, by name
-
-
-def _installed_packaged_dirs() -> list[Path]:
-    """Where the installed FedREX keeps its packaged artifacts. `flwr run .` runs the app from a
-    Flower App Bundle, which carries code and JSON but never weights: there, the weights are found
-    in the installed package (a wheel's package data, or an editable install's source folder)."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("fedrex")
-    except metadata.PackageNotFoundError:
-        return []
-    found = [Path(str(dist.locate_file("models/artifacts")))]
-    direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    if str(direct.get("url", "")).startswith("file://"):
-        found.append(Path(direct["url"][len("file://"):]) / "models" / "artifacts")
-    return found
+# (where `flwr run` runs the code from an App Bundle without weights, ``models.packaged`` finds
+# them in the installed package)
 
 
 def resolve_artifact(name_or_folder: str) -> Path:
     """A packaged artifact's name (``models/artifacts/<name>``) or an artifact folder: the first
     candidate that holds both its config and its weights."""
-    candidates = [Path(name_or_folder), PACKAGED / name_or_folder,
-                  *(root / name_or_folder for root in _installed_packaged_dirs())]
-    for folder in candidates:
+    for folder in [Path(name_or_folder), *candidates(f"models/artifacts/{name_or_folder}")]:
         if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
             return folder
     shipped = ", ".join(sorted(p.parent.name for p in PACKAGED.glob("*/model.safetensors"))) or "none here"

@@ -34,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from models.errors import FedrexError
+from models.protocol import ATTACKS, check_attacks
 from models.tokenizer import WordPieceTokenizer
 
 STOPWORDS = frozenset(
@@ -382,15 +383,8 @@ RECIPES = {
     "char-beam": lambda: Attack(CharEdits(), BeamSearch(width=3), query_budget=1000),
     "synonym-sim": lambda: Attack(WordNetSynonyms(), GreedyWordImportance("unk"), [SentenceSimilarity(0.85)]),
 }
-ATTACKS = (*RECIPES, "hotflip")
-
-
-def check_attacks(names) -> tuple[str, ...]:
-    names = tuple(names)
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown:
-        raise FedrexError(f"unknown attack {unknown[0]!r}: use one of {', '.join(ATTACKS)}")
-    return names
+if ATTACKS != (*RECIPES, "hotflip"):  # models/protocol.py names them for devices without torch
+    raise RuntimeError("models.protocol.ATTACKS and models.attacks.RECIPES disagree")
 
 
 def attack_dataset(name: str, model, tokenizer: WordPieceTokenizer, texts: list[str], labels,

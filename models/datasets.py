@@ -183,6 +183,52 @@ def _load_local_file(path: Path):
         raise FedrexError(f"cannot read {path}: {type(cause).__name__}: {cause}".splitlines()[0]) from None
 
 
+def read_user_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, int]:
+    """A device user's own file (.csv/.tsv/.json/.jsonl/.parquet with ``text`` and ``label``
+    columns) read with pyarrow alone, so a device needs no ``datasets`` library; the same
+    validation (and messages) as every other source. Returns (texts, labels, num_labels)."""
+    import json
+
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise FedrexError(f"data file {path} does not exist")
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise FedrexError(f"cannot read {path}: use one of {', '.join(LOCAL_FORMATS)}")
+    try:
+        if fmt == "csv":
+            _check_utf8(path)
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+        elif fmt == "json":
+            text = path.read_text(encoding="utf-8").strip()
+            rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()
+                                                                 if line.strip()]
+            table = pa.Table.from_pylist(rows)
+        else:
+            table = pq.read_table(path)
+    except FedrexError:
+        raise
+    except UnicodeDecodeError as err:
+        raise FedrexError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    except Exception as err:  # pyarrow's and json's parser errors
+        if "Empty CSV file" in str(err):
+            raise FedrexError(f"{path} is empty: no rows to train or evaluate on") from None
+        raise FedrexError(f"cannot read {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    missing = [c for c in (TEXT, LABEL) if c not in table.column_names]
+    if missing:
+        raise FedrexError(f"{path} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}); "
+                          f"a device's file needs {TEXT!r} and {LABEL!r} columns")
+    if table.num_rows == 0:
+        raise FedrexError(f"{path} is empty: no rows to train or evaluate on")
+    texts = _validate_text(table.column(TEXT), str(path))
+    labels, num_labels = _validate_labels(table.column(LABEL), None, None, str(path))
+    return texts.to_pylist(), labels, num_labels
+
+
 def _check_utf8(path: Path) -> None:
     """Fail early, with the byte offset, on text files that are not UTF-8."""
     offset = 0

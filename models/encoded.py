@@ -1,18 +1,23 @@
 """Tokenized examples plus per-example side information, batched by length.
 
 Side information (teacher logits, teacher attributions) rides along with each example so that a
-shuffled batch always carries the right teacher signal for the right row.
+shuffled batch always carries the right teacher signal for the right row. torch is imported only
+to build batches: a device without torch holds its rows in an EncodedData too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from models.errors import FedrexError
 from models.tokenizer import WordPieceTokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -62,6 +67,8 @@ class EncodedData:
         )
 
     def batch(self, index) -> Batch:
+        import torch
+
         index = np.asarray(index, dtype=np.int64)
         width = max(len(self.ids[i]) for i in index)
         ids = np.zeros((len(index), width), dtype=np.int64)

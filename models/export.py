@@ -29,7 +29,7 @@ def export_torchscript(model, path: Path, example_ids: torch.Tensor) -> Path:
     return Path(path)
 
 
-def export_onnx_int8(model, path: Path, example_ids: torch.Tensor) -> Path:
+def export_onnx_int8(model, path: Path, example_ids: torch.Tensor, output: str = "logits") -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model.eval()
@@ -40,11 +40,30 @@ def export_onnx_int8(model, path: Path, example_ids: torch.Tensor) -> Path:
         try:
             torch.onnx.export(model, (example_ids,), float_path, dynamo=True, external_data=False,
                               dynamic_shapes=({0: batch, 1: length},), input_names=["ids"],
-                              output_names=["logits"])
+                              output_names=[output])
         except Exception as exc:
             raise FedrexError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}") from None
         quantize_dynamic(float_path, str(path), weight_type=QuantType.QInt8)
     return path
+
+
+class _Body(torch.nn.Module):
+    """The network without its head: ids -> features (``TokenClassifier.features``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.features(ids)
+
+
+def body_onnx_int8(model, example_ids: torch.Tensor) -> bytes:
+    """The body a device without torch runs (``client/onnx_client.py``): ONNX with int8 weights
+    (dynamic quantization), ids [B, L] -> features [B, D], as bytes to send in a message."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx_int8(_Body(model).eval(), Path(tmp) / "body.int8.onnx", example_ids, output="features")
+        return path.read_bytes()
 
 
 def onnx_logits(path: Path, ids: np.ndarray) -> np.ndarray:

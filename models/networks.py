@@ -24,13 +24,18 @@ HASH_PRIME = 2_147_483_647  # 2^31 - 1 (written out in forward(): torch.jit.scri
 
 
 class TokenClassifier(nn.Module):
-    """Shared plumbing: ``forward(ids)`` = classify(embed(ids), ids != pad). Every compact network
-    compiles with ``torch.jit.script`` (the form a device runs, ``models.export``)."""
+    """Shared plumbing: ``forward(ids)`` = classify(embed(ids), ids != pad), and classify = the
+    linear ``head`` over ``pool(emb, mask)``, the body's features. Every compact network compiles
+    with ``torch.jit.script`` (the form a device runs, ``models.export``); ``features`` is what a
+    device without torch runs as ONNX (``models.export.body_onnx_int8``)."""
 
     kind = "base"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.classify(self.embed(ids), ids != 0)  # 0 = [PAD]
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.embed(ids), ids != 0)
 
     def candidate_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids.view(1, -1))[0]
@@ -111,12 +116,14 @@ class FedrexStudent(TokenClassifier):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.vocab(ids))
 
-    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(1).to(emb.dtype)
         h = F.gelu(self.conv1(self.dropout(emb).transpose(1, 2))) * m
         h = (h + F.gelu(self.conv2(h))) * m
-        pooled = masked_attention_pool(h.transpose(1, 2), mask, self.scorer(h.transpose(1, 2)).squeeze(-1))
-        return self.head(self.dropout(pooled))
+        return masked_attention_pool(h.transpose(1, 2), mask, self.scorer(h.transpose(1, 2)).squeeze(-1))
+
+    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.pool(emb, mask)))
 
 
 class FastGRNNCell(nn.Module):
@@ -163,13 +170,16 @@ class FastGRNN(TokenClassifier):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.vocab(ids))
 
-    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         wx = self.cell.w2(self.cell.w1(emb))  # input projection for all steps at once
         h = emb.new_zeros(emb.shape[0], self.hidden)
         keep = mask.unsqueeze(-1).to(emb.dtype)
         for t in range(emb.shape[1]):
             h = keep[:, t] * self.cell(wx[:, t], h) + (1 - keep[:, t]) * h
-        return self.head(h)
+        return h
+
+    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(emb, mask))
 
 
 class TernaryProjection(nn.Module):
@@ -210,7 +220,7 @@ class Prado(TokenClassifier):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.bottleneck(self.projection(ids)))
 
-    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.dropout(emb).transpose(1, 2) * mask.unsqueeze(1).to(emb.dtype)
         valid = mask.unsqueeze(1)  # [B, 1, L]
         pooled = []
@@ -220,7 +230,10 @@ class Prado(TokenClassifier):
             values = F.relu(conv(padded))  # [B, C, L]
             weights = torch.softmax(attention(padded).masked_fill(~valid, -1e4), dim=-1) * valid
             pooled.append((weights * values).sum(-1))  # rows with no valid token pool to zeros
-        return self.head(self.dropout(torch.cat(pooled, dim=-1)))
+        return torch.cat(pooled, dim=-1)
+
+    def classify(self, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.pool(emb, mask)))
 
 
 ARCHITECTURES = {"student": FedrexStudent, "fastgrnn": FastGRNN, "prado": Prado}

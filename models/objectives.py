@@ -22,7 +22,6 @@ every term works for every network through the shared embed/classify interface:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn import functional as F
@@ -30,29 +29,7 @@ from torch.nn import functional as F
 from models.encoded import Batch
 from models.errors import FedrexError
 from models.tokenizer import content_mask
-
-
-@dataclass
-class ObjectiveConfig:
-    kd: float = 0.0
-    expl: float = 0.0
-    adv: float = 0.0
-    temperature: float = 2.0
-    adv_epsilon: float = 0.1  # relative to the mean token norm: 0.5 was measured to stop learning
-    adv_steps: int = 2
-    adv_ratio: float = 1.0  # share of batches that get the adversarial term (cost control)
-
-    def validate(self) -> None:
-        for name in ("kd", "expl", "adv"):
-            if getattr(self, name) < 0:
-                raise FedrexError(f"objective weight {name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0 or self.adv_epsilon < 0 or self.adv_steps < 1:
-            raise FedrexError("temperature must be > 0, adv-epsilon >= 0 and adv-steps >= 1")
-        if not 0 <= self.adv_ratio <= 1:
-            raise FedrexError(f"adv-ratio must be in [0, 1], got {self.adv_ratio}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from models.training_config import ObjectiveConfig  # noqa: F401  (defined without torch: run settings use it)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -21,14 +21,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch.nn import functional as F
 
 from models.encoded import EncodedData
-from models.training import predict_logits
+from models.linear_head import fit_logit_bias
+from models.protocol import HEAD_PREFIX
 
-HEAD_PREFIX = "head."
+if TYPE_CHECKING:
+    import torch
+
+
+def predict_logits(model, data: EncodedData):
+    from models.training import predict_logits as predict  # torch: imported when a mode runs, not to list modes
+
+    return predict(model, data)
+
 
 
 def trainable_float_names(model: torch.nn.Module) -> list[str]:
@@ -41,6 +50,8 @@ class Trainer(Protocol):
 
     def personal(self, model, data: EncodedData, seed: int, trainable: Callable[[str], bool] | None = None,
                  anchor: dict | None = None, weight: float = 0.0) -> dict: ...
+
+    def head(self, model, data: EncodedData, seed: int) -> dict: ...
 
 
 @dataclass
@@ -165,11 +176,35 @@ class LabelPrior(Mode):
     def personal_model(self, inputs, personal):
         model = inputs.global_model()
         if len(inputs.data):
+            import torch
+
             bias = fit_logit_bias(predict_logits(model, inputs.data), inputs.data.labels,
                                   inputs.settings.prior_l2)
             with torch.no_grad():
-                model.head.bias.add_(bias)
+                model.head.bias.add_(torch.from_numpy(bias).to(model.head.bias.dtype))
         return model
+
+
+class Head(LabelPrior):
+    """Only the linear head is federated; the body stays as the artifact made it (sent in the
+    frozen record). The round's training is ``models.linear_head.train_head`` on the body's
+    features (eval mode, no dropout): the same numpy code on a device that computes the features
+    with torch and on one that computes them with onnxruntime (``client/onnx_client.py``), so both
+    kinds take part in one run. The personal model adds the user's logit bias (as ``prior``)."""
+
+    name = "head"
+    supports_dp = False  # DP-SGD is Opacus' (torch) and numpy has no per-sample clipping here
+    supports_proximal = False
+    supports_hardening = False  # embedding PGD needs the body's gradients
+    description = ("only the linear head is shared and trained, on the frozen body's features (devices without "
+                   "torch run the body as ONNX int8); personal = + per-user logit bias")
+
+    def shared_keys(self, model):
+        return [k for k in trainable_float_names(model) if k.startswith(HEAD_PREFIX)]
+
+    def train_round(self, inputs, personal):
+        model = inputs.global_model()
+        return model, None, inputs.trainer.head(model, inputs.data, inputs.seed)
 
 
 class Interpolate(Mode):
@@ -217,30 +252,15 @@ def _head(model) -> dict:
 
 
 def _loss(model, data: EncodedData) -> float:
+    import torch
+    from torch.nn import functional as F
+
     logits = torch.from_numpy(predict_logits(model, data))
     return float(F.cross_entropy(logits, torch.from_numpy(data.labels)))
 
 
-def fit_logit_bias(logits: np.ndarray, labels: np.ndarray, l2: float, steps: int = 200) -> torch.Tensor:
-    """argmin_b mean CE(logits + b, y) + (l2 / 2) ||b||^2: a convex problem in C numbers, solved
-    with L-BFGS. Few rows -> the L2 term keeps b near 0 (the global model's own prior)."""
-    z = torch.from_numpy(np.asarray(logits, dtype=np.float32)).double()
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    bias = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(z + bias, y) + 0.5 * l2 * (bias ** 2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return bias.detach().float()
-
-
 MODES: dict[str, Mode] = {mode.name: mode for mode in
-                          (Finetune(), FedPer(), FedRep(), Ditto(), LabelPrior(), Interpolate(), Select())}
+                          (Finetune(), FedPer(), FedRep(), Ditto(), LabelPrior(), Head(), Interpolate(), Select())}
 
 
 def get_mode(name: str) -> Mode:

@@ -21,12 +21,44 @@ CONFIG = "config"
 METRICS = "metrics"
 DETAILS = "details"
 NUM_EXAMPLES = "num-examples"
+# A device without torch (client/onnx_client.py) gets the run's body as ONNX int8 bytes in this
+# ConfigRecord (key "int8") and trains only the linear head, whose tensors are these.
+ONNX_BODY = "onnx-body"
+HEAD_PREFIX = "head."
+HEAD_KEYS = ("head.weight", "head.bias")
+RUNTIMES = ("torch", "onnx")  # what a device computes with (its profile says which)
 
 MODELS = ("global", "personal")
+# the attacks a client can be asked for (client-attacks): models/attacks.py's recipes plus the
+# white-box HotFlip; plain names here so a device without torch validates a run (a test keeps the
+# two equal)
+ATTACKS = ("char", "synonym", "char-beam", "synonym-sim", "hotflip")
 # one value per attack, keyed attack_metric(name, attack); clean accuracy on the attacked rows is
 # one number for all attacks (every attack runs on the same seeded rows): ACC_ATTACKED_ROWS
 ATTACK_METRICS = ("adv_acc", "attack_success", "words_changed_pct", "queries")
 ACC_ATTACKED_ROWS = "acc_attacked_rows"
+
+
+# Device simulation (client/device.py, server/fleet.py). The query reply's info carries the
+# client's profile as JSON under DEVICE; clients.parquet holds, per client, ``profile`` rows (once
+# per run) and per training round ``device`` rows whose ``status`` and ``tier`` values are
+# positions in these tuples (the value column is numeric); analysis/ turns them back into names.
+DEVICE = "device"
+DEVICE_TIERS = ("ideal", "flagship", "low-end", "rpi4", "fedscale")
+DEVICE_STATUSES = ("ok", "straggler", "dropped", "unavailable", "abandoned", "failed")
+PROFILE_METRICS = ("tier", "slowdown", "down_kbps", "up_kbps", "latency_s", "memory_mb", "dropout",
+                   "available_share")
+DEVICE_METRICS = ("status", "download_s", "compute_s", "upload_s", "round_s", "finish_clock_s")
+
+
+def check_attacks(names) -> tuple[str, ...]:
+    from models.errors import FedrexError
+
+    names = tuple(names)
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown:
+        raise FedrexError(f"unknown attack {unknown[0]!r}: use one of {', '.join(ATTACKS)}")
+    return names
 
 
 def metric_key(model: str, metric: str) -> str:

@@ -14,12 +14,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from models.errors import FedrexError
-from models.objectives import ObjectiveConfig
 from models.personalization import MODES
-from models.training import OPTIMIZERS
+from models.protocol import check_attacks
+from models.training_config import OPTIMIZERS, ObjectiveConfig
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
 PROXIMAL_STRATEGIES = ("fedprox",)  # strategies whose clients add the proximal term
+# run controls: in the run config (pyproject lists them, so `flwr run` accepts them) but not
+# settings and not part of a run's identity; the ServerApp reads them
+CONTROL_KEYS = ("resume", "stop-after")
+DEVICE_ASSIGNMENTS = ("random", "label")  # device-assign (server.fleet.assign_by_label)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class RunSettings:
     round_timeout: float = 600.0
     # simulation engine: CPU cores Ray reserves per client actor (actors = cores / client-cpus)
     # and torch threads each client uses
-    client_cpus: float = 1.0
+    client_cpus: int = 1  # whole cores: the supported simulation path (flwr run) reserves integers
     client_threads: int = 1
     # local training
     local_epochs: float = 1.0
@@ -93,14 +97,27 @@ class RunSettings:
     # bookkeeping
     runs_dir: str = "runs"
     run_id: str = ""
-    # failure drills: comma-separated partition ids whose ClientApp raises in train
+    # simulated devices (client/device.py, server/fleet.py): built-in tiers drawn per client
+    # ("flagship=0.3,low-end=0.5,rpi4=0.2") or a FedScale trace folder; "" = every client an ideal
+    # device (instant, always available), the plain simulation
+    device_mix: str = ""
+    device_trace: str = ""
+    # who gets which device: "random" (drawn per client) or "label" (the same devices re-dealt,
+    # slowest to the users with the fewest positive rows: slow tiers hold different users)
+    device_assign: str = "random"
+    device_ms_per_sample: float = 0.0  # the reference device's training cost; 0 = measure once per run
+    device_min_memory_mb: float = 0.0  # eligibility (Bonawitz et al. 2019 ask for >= 2048)
+    over_selection: float = 1.3  # select this many times the round's goal count (Bonawitz et al. 2019)
+    round_deadline: float = 0.0  # virtual seconds; later reports are stragglers; 0 = no deadline
+    min_report_share: float = 0.8  # fewer ok reports than this share of the goal: the round is abandoned
+    # failure drills: comma-separated partition ids whose device raises in train (client/device.py)
     crash_clients: str = ""
+    # comma-separated partition ids whose simulated device has no torch: ONNX body + numpy head
+    # (client/onnx_client.py; mode head only)
+    onnx_clients: str = ""
 
     def attacks(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.client_attacks.split(",") if a.strip())
-
-    def crashes(self, partition_id: int) -> bool:
-        return str(partition_id) in {p.strip() for p in self.crash_clients.split(",") if p.strip()}
 
     # -----------------------------------------------------------------------------------------
     @classmethod
@@ -108,6 +125,8 @@ class RunSettings:
         known = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, raw in run_config.items():
+            if key in CONTROL_KEYS:
+                continue
             name = key.replace("-", "_")
             if name not in known:
                 valid = ", ".join(sorted(k.replace("_", "-") for k in known))
@@ -138,7 +157,7 @@ class RunSettings:
             (0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),
             (self.evaluate_every >= 1, f"evaluate-every must be >= 1, got {self.evaluate_every}"),
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
-            (self.client_cpus > 0 and self.client_threads >= 1, "client-cpus must be > 0 and client-threads >= 1"),
+            (self.client_cpus >= 1 and self.client_threads >= 1, "client-cpus and client-threads must be >= 1"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
             # lr = 0 is allowed: a round that cannot learn must return the model bit for bit (a drill)
             (self.batch_size >= 1 and self.lr >= 0 and self.personal_lr >= 0,
@@ -154,13 +173,21 @@ class RunSettings:
              "dp with expl-weight > 0 is not supported (Opacus cannot take per-sample gradients of a gradient)"),
             (0 < self.attack_budget <= 1, f"attack-budget must be in (0, 1], got {self.attack_budget}"),
             (self.attack_examples >= 0 and self.fidelity_examples >= 0, "attack/fidelity examples must be >= 0"),
+            (not (self.device_mix and self.device_trace), "give device-mix or device-trace, not both"),
+            (self.device_assign in DEVICE_ASSIGNMENTS,
+             f"device-assign must be one of {', '.join(DEVICE_ASSIGNMENTS)}, got {self.device_assign!r}"),
+            (self.over_selection >= 1, f"over-selection must be >= 1, got {self.over_selection}"),
+            (self.round_deadline >= 0 and self.device_ms_per_sample >= 0 and self.device_min_memory_mb >= 0,
+             "round-deadline, device-ms-per-sample and device-min-memory-mb must be >= 0"),
+            (0 < self.min_report_share <= 1, f"min-report-share must be in (0, 1], got {self.min_report_share}"),
+            (not self.onnx_clients or self.mode == "head",
+             f"onnx-clients take part in mode=head runs only (a device without torch trains the head); "
+             f"mode is {self.mode}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise FedrexError(message)
         if self.attack_examples > 0:
-            from models.attacks import check_attacks
-
             if not check_attacks(self.attacks()):
                 raise FedrexError("client-attacks names no attack; set attack-examples=0 to measure none")
         wanted = [(self.dp, "dp", "supports_dp"),

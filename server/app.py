@@ -13,13 +13,13 @@ from flwr.serverapp import Grid, ServerApp
 from models.artifact import load_artifact, resolve_artifact
 from models.errors import FedrexError
 from models.personalization import get_mode
-from models.protocol import CONFIG, split_state
-from models.run_settings import RunSettings
+from models.protocol import CONFIG, DEVICE, split_state
+from models.run_settings import CONTROL_KEYS, RunSettings
+from server.fleet import Fleet, assign_by_label, measure_ms_per_sample, parse_profile, profile_rows
 from server.recorder import Recorder
 from server.store import RunStore
 from server.strategy import ProgressGrid, make_strategy
 
-CONTROL_KEYS = ("resume", "stop-after")  # run-control, not part of a run's identity
 
 
 def log(message: str) -> None:
@@ -42,13 +42,14 @@ def global_model(settings: RunSettings):
     return load_artifact(folder)
 
 
-def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[dict, dict]:
-    """Ask every connected node who it is: node id -> partition id, partition id -> client id."""
+def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[dict, dict, dict]:
+    """Ask every connected node who it is: node id -> partition id, partition id -> client id,
+    partition id -> device profile (a dict; ``client/device.py``)."""
     config = ConfigRecord({"network": json.dumps(network)})
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-    partition_of, client_of = {}, {}
+    partition_of, client_of, profiles, positive = {}, {}, {}, {}
     for msg in replies:
         if msg.has_error():
             log(f"node {msg.metadata.src_node_id} did not answer the query: {msg.error.reason}")
@@ -60,13 +61,54 @@ def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[
                               "give each device its own client-id (or partition-id) in its node config")
         partition_of[msg.metadata.src_node_id] = pid
         client_of[pid] = client_id
+        if DEVICE in info:
+            profiles[pid] = parse_profile(str(info[DEVICE]))
+            positive[pid] = float(info.get("train-positive", 0.0))
     if len(partition_of) < settings.min_train_clients:
         raise FedrexError(f"only {len(partition_of)} clients answered; min-train-clients is {settings.min_train_clients}")
-    return partition_of, client_of
+    if settings.device_assign == "label":
+        profiles = assign_by_label(profiles, positive)
+    return partition_of, client_of, profiles
+
+
+def onnx_devices(settings: RunSettings, model, profiles: dict, client_of: dict) -> tuple[set, bytes]:
+    """The devices without torch (their profile's runtime) and, when there are any, the run's body
+    exported once as ONNX int8 for them; such devices train only the head (mode head)."""
+    onnx = {pid for pid, profile in profiles.items() if profile.get("runtime") == "onnx"}
+    if not onnx:
+        return set(), b""
+    if settings.mode != "head":
+        names = ", ".join(sorted(client_of[p] for p in onnx)[:3])
+        raise FedrexError(f"{len(onnx)} devices have no torch ({names}...): they take part in mode=head runs only")
+    import torch
+
+    from models.export import body_onnx_int8
+
+    body = body_onnx_int8(model, torch.full((2, 8), 1996, dtype=torch.int64))  # any ids: shapes are dynamic
+    log(f"{len(onnx)} devices without torch get the body as ONNX int8 ({len(body) / 1024:.0f} KB)")
+    return onnx, body
+
+
+def start_fleet(settings: RunSettings, store: RunStore, model, profiles: dict) -> Fleet:
+    """The round rules and virtual clock; the reference ms per sample is measured once per run
+    (or given) and kept in run.json, and a resumed run continues the clock where it stopped."""
+    fleet = Fleet(profiles, settings, 0.0)
+    if not fleet.enabled:
+        return fleet
+    reference = settings.device_ms_per_sample or store.meta.get("device_ms_per_sample")
+    if not reference:
+        reference = measure_ms_per_sample(model, settings)
+        log(f"device reference: {reference:.3f} ms per training sample on one thread of this machine")
+    store.note(device_ms_per_sample=float(reference))
+    fleet.ms_per_sample = float(reference)
+    rounds = store.read_rounds()
+    clock = rounds[(rounds["model"] == "round") & (rounds["metric"] == "virtual_clock_s")]
+    fleet.clock = float(clock.sort_values("round")["value"].iloc[-1]) if len(clock) else 0.0
+    return fleet
 
 
 def open_store(settings: RunSettings, control: dict) -> tuple[RunStore, int]:
-    identity = {k: v for k, v in settings.to_flower().items()}
+    identity = settings.to_flower()
     if control.get("resume"):
         store = RunStore.open(Path(str(control["resume"])))
         return store, store.completed_rounds
@@ -87,9 +129,13 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     shared, frozen = split_state(start, get_mode(settings.mode).shared_keys(model))
     log(f"run {store.run_id}: {settings.strategy}, mode {settings.mode}, rounds {offset + 1}..{settings.num_rounds}"
         f" -> {store.folder} ({len(shared)} shared tensors, {len(frozen)} kept as the artifact defines them)")
-    partition_of, client_of = discover_clients(grid, settings, network)
+    partition_of, client_of, profiles = discover_clients(grid, settings, network)
     recorder = Recorder(store, settings, offset, partition_of, client_of, frozen)
-    strategy = make_strategy(settings, recorder, frozen)
+    fleet = start_fleet(settings, store, model, profiles)
+    if fleet.enabled and offset == 0:
+        recorder.profile_rows({pid: profile_rows(p) for pid, p in profiles.items()})
+    onnx_partitions, onnx_body = onnx_devices(settings, model, profiles, client_of)
+    strategy = make_strategy(settings, recorder, frozen, fleet, onnx_partitions, onnx_body)
     progress_grid = ProgressGrid(grid, show=recorder.show_progress)
     stop_after = int(control.get("stop-after") or 0)
     last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
@@ -109,18 +155,12 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     return store
 
 
-def build_server_app(overrides: dict | None = None, control: dict | None = None) -> ServerApp:
-    overrides, control = dict(overrides or {}), dict(control or {})
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_config = {k: v for k, v in {**context.run_config, **overrides}.items() if k not in CONTROL_KEYS}
-        settings = RunSettings.from_flower(run_config)
-        run_federated(grid, settings, {**{k: context.run_config[k] for k in CONTROL_KEYS
-                                          if k in context.run_config}, **control})
-
-    return app
+app = ServerApp()
 
 
-app = build_server_app()
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run` (and `fedrex simulate`, which calls it) hands the run config: the settings plus
+    the run controls (CONTROL_KEYS), which are not part of a run's identity."""
+    settings = RunSettings.from_flower(context.run_config)
+    run_federated(grid, settings, {k: context.run_config[k] for k in CONTROL_KEYS if k in context.run_config})

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from models.artifact import atomic_write_json, device_package, load_weights, save_artifact, save_weights
-from models.attacks import check_attacks, whole_word_candidates
+from models.attacks import whole_word_candidates
 from models.datasets import cache_dir, cached_text_dataset
 from models.encoded import EncodedData
 from models.errors import FedrexError
@@ -29,6 +29,7 @@ from models.networks import VocabMap, build_network, count_parameters, pca_init_
 from models.normalizer import WordNormalizer
 from models.augment import AdversarialText, PerturbedText, chain
 from models.objectives import ObjectiveConfig
+from models.protocol import check_attacks
 from models.tokenizer import WordPieceTokenizer
 from models.training import accuracy, fit, predict_logits, seed_everything
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from models.protocol import split_metric_key
+from models.protocol import DEVICE, DEVICE_STATUSES, split_metric_key
 from server.aggregate import ci95
 from server.strategy import reply_details
 from server.store import RunStore
@@ -64,6 +64,18 @@ class Recorder:
     def note_sampled(self, server_round: int, phase: str, nodes: list[int]) -> None:
         self.counts[f"{phase}_sampled"] = len(nodes)
         self.expected[phase] = set(nodes)
+
+    def device_row(self, partition_id: int, outcome: dict) -> None:
+        """One client's device status (a position in DEVICE_STATUSES) and virtual times this round."""
+        for metric, value in outcome.items():
+            self._row(partition_id, DEVICE, metric,
+                      DEVICE_STATUSES.index(value) if metric == "status" else value)
+
+    def profile_rows(self, rows_by_pid: dict[int, dict]) -> None:
+        """Each client's device profile (server.fleet.profile_rows), written with the run's first round."""
+        for pid, values in rows_by_pid.items():
+            for metric, value in values.items():
+                self._row(pid, "profile", metric, value)
 
     def _row(self, partition_id: int, model: str, metric: str, value: float) -> None:
         self.rows.append({"client_id": self.client_of.get(partition_id, f"partition-{partition_id}"),
@@ -133,6 +145,10 @@ class Recorder:
             line += f" ({c['train_failed']} failed)"
         if (rows["metric"] == "acc").any():
             line += f", evaluated {c.get('evaluate_replied', 0)}: " + "; ".join(evaluation_summary(rows))
+        if "virtual_clock_s" in c:
+            line += (f", virtual round {c['virtual_round_s']:.1f}s (clock {c['virtual_clock_s'] / 3600:.2f}h): "
+                     + " ".join(f"{s} {int(c[f'device_{s}'])}" for s in DEVICE_STATUSES if c.get(f"device_{s}"))
+                     + (" ABANDONED" if c.get("abandoned") else ""))
         eps = rows[(rows["metric"] == "epsilon") & (rows["model"] == "train")]
         if len(eps):
             line += f", epsilon max {np.max(eps['value']):.2f}"

@@ -124,6 +124,11 @@ class RunStore:
         path = self.folder / "rounds.parquet"
         return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=ROUND_COLUMNS)
 
+    def note(self, **values) -> None:
+        """Facts of the run that must survive a resume (run.json, atomically)."""
+        self.meta.update(values)
+        self._write_meta()
+
     def finish(self, status: str = "completed") -> None:
         self.meta["status"] = status
         self._write_meta()

@@ -8,7 +8,9 @@ optimizer, Krum's selection) and changes four things:
   exact in floating point; averaging zero updates is, so a round in which nobody learns returns
   the model bit for bit, for every strategy (FedAdam steps from zero in update space);
 - sampling: clients are drawn by partition id from a generator seeded by (seed, global round), and
-  the strategy is shown only those nodes, so the same config and seed pick the same clients;
+  the strategy is shown only those nodes, so the same config and seed pick the same clients; with
+  device simulation only devices available on the virtual clock are drawn, over-selected, and
+  only the replies the round rules accept are aggregated (``server/fleet.py``);
 - replies are sorted by partition id before aggregation, so floating-point sums do not depend on
   arrival order, and every reply (or failure) is handed to the Recorder;
 - evaluation runs every ``evaluate-every`` rounds and always on the last one.
@@ -21,11 +23,12 @@ import sys
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from models.protocol import ARRAYS, DETAILS, FROZEN
+from models.protocol import ARRAYS, DETAILS, FROZEN, ONNX_BODY
 from models.run_settings import RunSettings
+from server.fleet import Fleet
 
 FLOWER_STRATEGIES = {
     "fedavg": flwr_strategy.FedAvg,
@@ -106,12 +109,30 @@ class RecordingMixin:
     settings: RunSettings
     frozen: ArrayRecord  # the artifact's non-shared tensors, attached to every message
     _sent: dict[str, np.ndarray] | None = None
+    fleet = None  # server.fleet.Fleet, set by make_strategy
+    onnx_partitions: frozenset = frozenset()  # devices without torch (set by make_strategy)...
+    onnx_body: bytes = b""  # ...and the body they run (models.export.body_onnx_int8)
+    _target = 0  # this round's goal count of training reports
 
     def _attach_frozen(self, messages) -> list:
+        """Every message gets the frozen tensors; one to a device without torch gets the run's
+        body as ONNX instead (``onnx_body``), in a RecordDict of its own."""
         messages = list(messages)
         for msg in messages:  # Flower's strategies share one RecordDict between messages
             msg.content[FROZEN] = self.frozen
+        for msg in messages:
+            if self.recorder.partition_of.get(msg.metadata.dst_node_id) in self.onnx_partitions:
+                content = {k: v for k, v in msg.content.items() if k != FROZEN}
+                msg.content = RecordDict({**content, ONNX_BODY: ConfigRecord({"int8": self.onnx_body})})
         return messages
+
+    def _download_bytes(self, node: int) -> int:
+        """What one training device downloads this round: the shared tensors plus the frozen ones,
+        or plus the ONNX body for a device without torch."""
+        sent = sum(v.nbytes for v in self._sent.values())
+        if self.recorder.partition_of.get(node) in self.onnx_partitions:
+            return sent + len(self.onnx_body)
+        return sent + sum(v.numpy().nbytes for v in self.frozen.values())
 
     def _as_update(self, msg) -> str | None:
         """Replace the reply's weights by its update (reply - sent), in place; a reason when the
@@ -127,18 +148,39 @@ class RecordingMixin:
         msg.content[ARRAYS] = _record({k: v - self._sent[k] for k, v in got.items()})
         return None
 
-    def _sample(self, grid, server_round: int, fraction: float, minimum: int, salt: int) -> list[int]:
+    def _available(self, grid) -> list[tuple[int, int]]:
+        """(partition id, node id) of the connected clients, by partition id."""
         nodes = self.recorder.partition_of  # node id -> partition id, from the query stage
-        available = sorted((pid, node) for node, pid in nodes.items() if node in set(grid.get_node_ids()))
-        if not available:
-            return []
-        count = min(len(available), max(minimum, int(len(available) * fraction)))
+        connected = set(grid.get_node_ids())
+        return sorted((pid, node) for node, pid in nodes.items() if node in connected)
+
+    def _draw(self, candidates: list[tuple[int, int]], count: int, server_round: int, salt: int) -> list[int]:
         rng = np.random.default_rng([self.settings.seed, self.recorder.global_round(server_round), salt])
-        chosen = rng.choice(len(available), size=count, replace=False)
-        return [available[i][1] for i in sorted(chosen)]
+        chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
+        return [candidates[i][1] for i in sorted(chosen)]
+
+    def _sample(self, grid, server_round: int, fraction: float, minimum: int, salt: int) -> list[int]:
+        available = self._available(grid)
+        count = min(len(available), max(minimum, int(len(available) * fraction)))
+        return self._draw(available, count, server_round, salt) if available else []
+
+    def _sample_train(self, grid, server_round: int) -> list[int]:
+        """Training clients under the fleet's rules (server/fleet.py): only devices available on
+        the virtual clock, over-selected; without device simulation, the plain draw."""
+        available = self._available(grid)
+        pids = [pid for pid, _ in available]
+        candidates, self._target, count = self.fleet.selection(pids, self.settings.fraction_train,
+                                                               self.settings.min_train_clients)
+        unavailable = self.fleet.unavailable(pids)
+        for pid in unavailable:
+            self.recorder.device_row(pid, {"status": "unavailable"})
+        if self.fleet.enabled:
+            self.recorder.counts["device_unavailable"] = float(len(unavailable))
+        allowed = set(candidates)
+        return self._draw([a for a in available if a[0] in allowed], count, server_round, 0)
 
     def configure_train(self, server_round, arrays, config, grid):
-        nodes = self._sample(grid, server_round, self.settings.fraction_train, self.settings.min_train_clients, 0)
+        nodes = self._sample_train(grid, server_round)
         config["global-round"] = self.recorder.global_round(server_round)
         self.recorder.note_sampled(server_round, "train", nodes)
         self._sent = _numpy(arrays)
@@ -146,13 +188,17 @@ class RecordingMixin:
 
     def aggregate_train(self, server_round, replies):
         replies = self.recorder.on_replies(server_round, "train", list(replies))
-        usable = []
+        usable, failed = [], []
         for msg in replies:
             problem = None if msg.has_error() else self._as_update(msg)
-            if problem:
+            if problem and not msg.has_error():
                 self.recorder.reject(server_round, msg, problem)
+            if problem or msg.has_error():
+                failed.append(self.recorder.partition_of.get(msg.metadata.src_node_id, -1))
             else:
                 usable.append(msg)
+        if self.fleet.enabled:
+            usable = self._apply_round_rules(server_round, usable, failed)
         current = getattr(self, "current_arrays", None)
         if current is not None:  # server optimizers (FedAdam, FedAvgM) step from 0 in update space
             zeros = {k: np.zeros_like(v) for k, v in self._sent.items()}
@@ -162,6 +208,20 @@ class RecordingMixin:
             return None, metrics
         step = _numpy(update)
         return _record({k: (v + step[k]).astype(v.dtype) for k, v in self._sent.items()}), metrics
+
+    def _apply_round_rules(self, server_round, usable: list, failed: list[int]) -> list:
+        """Statuses and virtual times for this round's replies; only the ``ok`` ones aggregate."""
+        pid_of = self.recorder.partition_of
+        reports = [(pid_of[m.metadata.src_node_id], int(reply_details(m).get("samples", 0)),
+                    self._download_bytes(m.metadata.src_node_id),
+                    sum(v.numpy().nbytes for v in m.content.array_records[ARRAYS].values())) for m in usable]
+        outcome, accepted, facts = self.fleet.settle(self.recorder.global_round(server_round), reports, failed,
+                                                     self._target)
+        for pid, values in outcome.items():
+            self.recorder.device_row(pid, values)
+        self.recorder.counts.update(facts)
+        keep = set(accepted)
+        return [m for m in usable if pid_of[m.metadata.src_node_id] in keep]
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         global_round = self.recorder.global_round(server_round)
@@ -179,9 +239,12 @@ class RecordingMixin:
         return super().aggregate_evaluate(server_round, replies)
 
 
-def make_strategy(settings: RunSettings, recorder, frozen: dict):
+def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onnx_partitions=frozenset(),
+                  onnx_body: bytes = b""):
     """An instance of the named Flower strategy with the recording mixin in front; ``frozen``:
-    the global model's tensors that are sent down but never aggregated."""
+    the global model's tensors that are sent down but never aggregated; ``fleet``: the round
+    rules and virtual clock (``server/fleet.py``; None: ideal devices); ``onnx_partitions`` get
+    ``onnx_body`` instead of the frozen tensors."""
     base = FLOWER_STRATEGIES[settings.strategy]
     kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                   min_available_nodes=1, train_metrics_aggr_fn=_count_only, evaluate_metrics_aggr_fn=_count_only)
@@ -198,4 +261,6 @@ def make_strategy(settings: RunSettings, recorder, frozen: dict):
     cls = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
     strategy = cls(**kwargs)
     strategy.recorder, strategy.settings, strategy.frozen = recorder, settings, ArrayRecord(frozen)
+    strategy.fleet = fleet if fleet is not None else Fleet({}, settings, 0.0)
+    strategy.onnx_partitions, strategy.onnx_body = frozenset(onnx_partitions), onnx_body
     return strategy

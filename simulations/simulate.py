@@ -8,8 +8,9 @@ before Ray starts, so a mistake costs a one-line error, not a stack of actor log
 
 from __future__ import annotations
 
-import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 import tomllib
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from models.errors import FedrexError
 from models.run_settings import RunSettings, split_pairs
+from simulations.localhost import port_open, process_groups, stop_groups
 
 
 def load_settings(config_file: str | None, pairs: list[str] | None, base: dict | None = None) -> RunSettings:
@@ -25,9 +27,11 @@ def load_settings(config_file: str | None, pairs: list[str] | None, base: dict |
     if config_file:
         path = Path(config_file)
         if not path.exists():
-            packaged = resources.files("simulations") / "configs" / f"{config_file}.toml"
+            folder = resources.files("simulations") / "configs"
+            packaged = folder / f"{config_file}.toml"
             if not packaged.is_file():
-                raise FedrexError(f"config {config_file!r} is neither a file nor a packaged config (large)")
+                names = ", ".join(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")))
+                raise FedrexError(f"config {config_file!r} is neither a file nor a packaged config ({names})")
             text = packaged.read_text()
         else:
             text = path.read_text()
@@ -40,10 +44,16 @@ def load_settings(config_file: str | None, pairs: list[str] | None, base: dict |
 
 
 def check_before_start(settings: RunSettings) -> int:
-    """Load data and partitions, and make sure the global model exists; returns the client count."""
+    """Load data, partitions and device profiles, and make sure the global model exists; returns
+    the client count."""
     from client.data import federation
+    from client.device import fedscale_profiles, parse_mix
     from server.app import global_model
 
+    if settings.device_mix:
+        parse_mix(settings.device_mix)
+    if settings.device_trace:
+        fedscale_profiles(settings.device_trace)
     fed = federation(settings)
     count = fed.num_partitions
     _, config = global_model(settings)
@@ -54,44 +64,91 @@ def check_before_start(settings: RunSettings) -> int:
     return count
 
 
-def simulate(settings: RunSettings, control: dict | None = None, verbose: bool = False) -> Path:
-    """Run (or resume) a simulation; returns the run folder."""
-    from flwr.simulation import run_simulation
+FLOWER_NOISE = ("INFO", "WARNING", "DEBUG", "Successfully", "Starting local SuperLink", "Using SuperLink",
+                "Flower configuration", "\x1b[")  # Flower's and Ray's own lines, shown with --verbose
 
-    from client.app import build_client_app
-    from server.app import build_server_app
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def app_dir() -> Path:
+    """The Flower App (this repository: pyproject.toml with [tool.flwr.app])."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").exists():
+        raise FedrexError(f"{root} holds no pyproject.toml: install FedREX from its repository (pip install -e .) "
+                          "so that `flwr run` can build the app")
+    return root
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def simulate(settings: RunSettings, control: dict | None = None, verbose: bool = False) -> Path:
+    """Run (or resume) a simulation with Flower's supported local path, `flwr run` against a
+    managed local SuperLink in simulation mode (Ray), and return the run folder. The resolved
+    settings and run controls (resume, stop-after) travel as the run config; the ServerApp and
+    ClientApp are pyproject's components, exactly what `flwr run .` runs."""
     from server.store import RunStore, new_run_id
 
-    control = dict(control or {})
+    control = {k: v for k, v in dict(control or {}).items() if v}
     if control.get("resume"):
-        folder = Path(control["resume"])
-        saved = RunStore.open(folder).meta["settings"]
-        settings = RunSettings.from_flower(saved)
+        folder = Path(control["resume"]).resolve()
+        control["resume"] = str(folder)
+        settings = RunSettings.from_flower(RunStore.open(folder).meta["settings"])
     elif not settings.run_id:
         settings = settings.replace(run_id=new_run_id())
-    num_clients = check_before_start(settings)
+    # The simulation runs in Flower's processes with another working directory: absolute paths.
+    settings = settings.replace(runs_dir=str(Path(settings.runs_dir).resolve()),
+                                data_dir=str(Path(settings.data_dir).resolve()) if settings.data_dir else "")
     run_dir = Path(control["resume"]) if control.get("resume") else Path(settings.runs_dir) / settings.run_id
+    if not control.get("resume") and (run_dir / "run.json").exists():
+        raise FedrexError(f"{run_dir} already holds a run; use --resume {run_dir} or another run id")
+    num_clients = check_before_start(settings)
     print(f"[fedrex] {num_clients} clients ({settings.dataset}, {settings.partitioner}), run dir {run_dir}",
           file=sys.stderr, flush=True)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-    overrides = settings.to_flower()
-    # Silences Ray's FutureWarning about GPU visibility; no client here asks for a GPU.
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {**settings.to_flower(), **control}.items()))
+    # Flower's own default is 2 CPUs per simulated client (one actor on a 2-core machine).
+    federation = {"num-supernodes": num_clients, "client-resources-num-cpus": settings.client_cpus,
+                  "client-resources-num-gpus": 0.0, "init-args-num-cpus": os.cpu_count() or 1,
+                  "init-args-log-to-driver": verbose}
+    bin_dir = Path(sys.executable).parent
+    home = Path(os.environ.get("FLWR_HOME") or Path(settings.runs_dir) / ".flower")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+           # offline: the app's dependencies are this environment's, never installed at run time
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # silences Ray's GPU-visibility FutureWarning
+    port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+    started_here = not port_open(port)
+    command = [str(bin_dir / "flwr"), "run", str(app_dir()), "--run-config", str(config_file),
+               "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()), "--stream"]
     start = time.time()
-    run_simulation(
-        server_app=build_server_app(overrides, control),
-        client_app=build_client_app(overrides),
-        num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                                      "log_to_driver": verbose}},
-        verbose_logging=verbose,
-    )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run cleans up as an interrupted one
+    try:
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              bufsize=1) as process:
+            for line in process.stdout:
+                if verbose or not line.strip() or not line.lstrip().startswith(FLOWER_NOISE):
+                    if line.strip():
+                        sys.stderr.write(line)
+                        sys.stderr.flush()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        config_file.unlink(missing_ok=True)
+        if started_here:  # the managed SuperLink this call started, and the simulation processes it started
+            # in sessions of their own (they name its address); a SuperLink the user started stays
+            stop_groups(process_groups("flower-superlink", str(home)) | process_groups("flwr-", f"127.0.0.1:{port}"))
     store = RunStore.open(run_dir) if (run_dir / "run.json").exists() else None
-    if store is None or store.meta.get("status") == "running":
-        raise FedrexError(f"the simulation stopped before finishing; see {run_dir}/events.jsonl, "
-                          f"then `fedrex simulate --resume {run_dir}`")
+    if process.returncode != 0 or store is None or store.meta.get("status") == "running":
+        raise FedrexError(f"the simulation stopped before finishing (flwr exit code {process.returncode}); see "
+                          f"{run_dir}/events.jsonl, then `fedrex simulate --resume {run_dir}`")
     print(f"[fedrex] {store.completed_rounds}/{settings.num_rounds} rounds in {time.time() - start:.0f}s -> {run_dir}",
           file=sys.stderr)
     return run_dir

@@ -5,7 +5,6 @@ submitting the FedREX app to them. Nothing here goes through the simulation engi
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,25 +14,11 @@ import pandas as pd
 import pytest
 
 from models.datasets import data_dir
+from simulations.localhost import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(log: Path, text: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{log.name} never said {text!r}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 class Cluster:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -154,6 +153,13 @@ def test_bad_run_configs_fail_before_ray_starts(tmp_path):
         load_settings(None, ["num-rounds=2.5"])
     with pytest.raises(FedrexError, match="not supported"):
         load_settings(None, ["dp=true", "expl-weight=1"])
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "run.json").write_text("{}")
+    with pytest.raises(FedrexError, match="already holds a run; use --resume"):  # not a stale "success"
+        simulate(load_settings(None, ["run-id=taken", f"runs-dir={tmp_path / 'runs'}"]))
+    with pytest.raises(FedrexError, match="device-mix: unknown tier"):
+        simulate(load_settings(None, ["device-mix=iphone=1", f"runs-dir={tmp_path / 'runs'}"]))
 
 
 def test_flwr_run_dot_runs_the_flower_app(tmp_path):

@@ -18,13 +18,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import _reply, received_model
+from client.app import _reply
 from client.local import personal_model, train_round
 from client.state import ClientState
+from client.torch_client import received_model
 from models.encoded import EncodedData
 from models.errors import FedrexError
 from models.networks import VocabMap, build_network
-from models.personalization import HEAD_PREFIX, MODES, fit_logit_bias, get_mode
+from models.linear_head import fit_logit_bias
+from models.personalization import HEAD_PREFIX, MODES, get_mode
 from models.protocol import split_state
 from models.run_settings import STRATEGIES, RunSettings
 from models.tokenizer import WordPieceTokenizer
@@ -153,7 +155,9 @@ def test_every_mode_trains_and_keeps_its_personal_part_at_home(critics, mode_nam
 
     state = ClientState()
     sent, metrics = train_round(build, received, critics[0], base.replace(lr=1e-2), state, 1, 0, 0.0)
-    assert metrics["steps"] == 3 and not torch.equal(sent["conv1.weight"], received["conv1.weight"])
+    trained = "head.weight" if mode_name == "head" else "conv1.weight"  # head: only the head is shared
+    assert metrics["steps"] == 3 and not torch.equal(sent[trained], received[trained])
+    assert metrics["samples"] > 0
     if mode_name in ("fedper", "fedrep"):
         assert set(state.personal) == {"head.weight", "head.bias"}
     elif mode_name == "ditto":
@@ -165,7 +169,7 @@ def test_every_mode_trains_and_keeps_its_personal_part_at_home(critics, mode_nam
     assert set(personal.state_dict()) == set(received)
     if mode_name in ("mix", "select"):
         assert personal.chosen_alpha in mode.alphas
-    if mode_name == "prior":
+    if mode_name in ("prior", "head"):
         assert not torch.equal(personal.head.bias, received["head.bias"])
         assert torch.equal(personal.head.weight, received["head.weight"])
 
@@ -185,7 +189,7 @@ def test_unsupported_combinations_are_rejected_before_anything_starts(pairs, mes
 def test_logit_bias_solves_its_regularised_problem():
     logits = np.zeros((4, 2), np.float32)
     labels = np.array([1, 1, 1, 0])
-    bias = fit_logit_bias(logits, labels, l2=1.0).double()
+    bias = torch.from_numpy(fit_logit_bias(logits, labels, l2=1.0))
     # stationarity: mean(softmax(b) - onehot) + l2 * b = 0
     p = torch.softmax(bias, 0)
     grad = p - torch.tensor([0.25, 0.75], dtype=torch.float64) + bias

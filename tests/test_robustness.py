@@ -4,6 +4,8 @@ one-change KD ablation, deployable forms and the device package."""
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pytest
 import torch
@@ -157,12 +159,16 @@ def test_prado_attention_is_a_softmax_over_time_per_channel():
     assert changed.tolist() == [False, True, False, False]
 
 
-def test_device_tokenizer_rebuilt_from_vocab_matches_and_package_is_small(sst2, tok):
-    from models.tokenizer import minilm_dir, normalize_text, tokenizer_from_vocab, vocab_gz_bytes
+def test_device_tokenizer_rebuilt_from_the_shipped_vocab_matches_and_is_small(sst2, tok):
+    """A device without the teacher package tokenizes from models/vocab.txt.gz: the teacher's own
+    vocabulary, giving the same ids on real sentences."""
+    from models.packaged import shipped_file
+    from models.tokenizer import SHIPPED_VOCAB, WordPieceTokenizer, minilm_dir, vocab_gz_bytes
 
-    rebuilt = tokenizer_from_vocab(minilm_dir() / "vocab.txt", 64)
+    assert gzip.decompress(shipped_file(SHIPPED_VOCAB).read_bytes()) == (minilm_dir() / "vocab.txt").read_bytes()
+    device = WordPieceTokenizer(64, from_vocab=True)
     texts = sst2[1].texts[:300] + ["Café naïve 日本 don't g00d!!"]
-    assert [e.ids for e in rebuilt.encode_batch([normalize_text(t) for t in texts])] == tok.encode_ids(texts)
+    assert device.encode_ids(texts) == tok.encode_ids(texts)
     assert vocab_gz_bytes() < 150_000  # the 466 KB tokenizer.json is not what a device needs
 
 

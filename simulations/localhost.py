@@ -1,0 +1,114 @@
+"""Flower processes on this machine: a free port, whether a port answers, waiting for a log line.
+Used by `fedrex simulate` (its managed SuperLink), the deployment tests and the device benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int | str) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex(("127.0.0.1", int(port))) == 0
+
+
+def wait_for(log: Path, text: str, timeout: float = 120.0) -> None:
+    """Until ``log`` holds ``text``; an AssertionError with the log's tail after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{log.name} never said {text!r}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def matching_pids(*words: str) -> set[int]:
+    """The processes whose command line holds every word in ``words``, never this one."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                line = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        if all(word in line for word in words):
+            found.add(int(entry))
+    return found
+
+
+def process_groups(*words: str) -> set[int]:
+    """Process groups of the processes ``matching_pids(*words)`` (never the caller's own group)."""
+    groups = set()
+    for pid in matching_pids(*words):
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue
+    return groups - {os.getpgid(0)}
+
+
+def stop_groups(groups: set[int], grace: float = 10.0) -> None:
+    """SIGTERM every process of ``groups`` (a detached SuperLink and what it started: the
+    ServerApp and simulation processes, Ray's), SIGKILL what is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(g) for g in groups):
+            time.sleep(0.2)
+
+
+def _alive(group: int) -> bool:
+    """A process of ``group`` still runs (zombies, waiting for a parent to reap them, do not)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
+
+
+def tree_pss_mb(root_pid: int) -> float:
+    """Sum of PSS over ``root_pid`` and all its descendants (Ray's raylet, GCS and workers too)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        children = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    total_kb = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total_kb += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total_kb / 1024

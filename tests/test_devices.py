@@ -1,0 +1,277 @@
+"""Device profiles, FedScale traces, the virtual clock and the round rules (client/device.py,
+server/fleet.py); a simulated fleet through Flower's simulation engine on real critics.
+
+The FedScale files here are written by the tests in FedScale's published formats (the real traces
+are not on this machine): synthetic traces, named as such."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from client.device import TIERS, fedscale_profiles, parse_mix, profile_for
+from models.errors import FedrexError
+from models.protocol import DEVICE_STATUSES, DEVICE_TIERS
+from models.run_settings import RunSettings
+from server.fleet import Fleet, is_active, parse_profile
+
+
+def profile(**changes) -> dict:
+    base = {"tier": "flagship", "slowdown": 1.0, "down_kbps": 8_000.0, "up_kbps": 4_000.0, "latency_s": 0.5,
+            "memory_mb": 4096.0, "dropout": 0.0, "period_s": 86_400.0, "active": [[0.0, 86_400.0]]}
+    return {**base, **changes}
+
+
+def fleet(profiles: dict, **settings) -> Fleet:
+    values = {"device_mix": "flagship=1", "seed": 0, **settings}
+    return Fleet(profiles, RunSettings().replace(**values), ms_per_sample=2.0)
+
+
+# ------------------------------------------------------------------------------- the clock
+def test_round_time_is_download_plus_compute_plus_upload_by_hand():
+    # 1 MB down at 8,000 kbit/s = 1 s (+0.5 s latency); 100 samples x 2 ms x slowdown 3 = 0.6 s;
+    # 0.5 MB up at 4,000 kbit/s = 1 s.
+    times = fleet({0: profile(slowdown=3.0)}).round_time(0, samples=100, down_bytes=1_000_000, up_bytes=500_000)
+    assert times == pytest.approx({"download_s": 1.5, "compute_s": 0.6, "upload_s": 1.0})
+
+
+def test_deadline_stragglers_over_selection_and_the_clock():
+    slow, fast = profile(slowdown=50.0), profile()
+    f = fleet({0: fast, 1: fast, 2: slow, 3: fast}, round_deadline=5.0, over_selection=1.3)
+    candidates, target, count = f.selection([0, 1, 2, 3], fraction=0.5, minimum=1)
+    assert (target, count) == (2, 3)  # ceil(2 x 1.3)
+    reports = [(0, 10, 1000, 1000), (1, 20, 1000, 1000), (2, 100, 1000, 1000)]  # slow: 100 x 2 ms x 50 = 10 s
+    outcome, accepted, facts = f.settle(1, reports, failed=[3], target=target)
+    assert {p: o["status"] for p, o in outcome.items()} == {0: "ok", 1: "ok", 2: "straggler", 3: "failed"}
+    assert accepted == [0, 1]
+    assert f.clock == pytest.approx(outcome[1]["round_s"])  # the round closes at the target-th report
+    assert facts["device_ok"] == 2 and facts["device_straggler"] == 1 and facts["abandoned"] == 0
+
+
+def test_surplus_reports_beyond_the_goal_are_stragglers_even_on_time():
+    f = fleet({i: profile() for i in range(3)})
+    outcome, accepted, _ = f.settle(1, [(0, 30, 0, 0), (1, 10, 0, 0), (2, 20, 0, 0)], [], target=2)
+    assert accepted == [1, 2] and outcome[0]["status"] == "straggler"  # the two fastest count
+
+
+def test_too_few_reports_abandon_the_round_and_the_clock_waits_for_the_deadline():
+    f = fleet({0: profile(), 1: profile(slowdown=100.0)}, round_deadline=3.0, min_report_share=1.0)
+    outcome, accepted, facts = f.settle(1, [(0, 10, 0, 0), (1, 100, 0, 0)], [], target=2)
+    assert accepted == [] and facts["abandoned"] == 1.0
+    assert outcome[0]["status"] == "abandoned" and outcome[1]["status"] == "straggler"
+    assert f.clock == 3.0
+
+
+def test_dropout_and_a_window_closing_mid_round_drop_the_device():
+    leaving = profile(active=[[0.0, 0.2]])  # gone before its 0.5 s latency has passed
+    f = fleet({0: profile(dropout=1.0), 1: leaving, 2: profile()}, min_report_share=0.3)
+    outcome, accepted, _ = f.settle(1, [(0, 1, 0, 0), (1, 1, 0, 0), (2, 1, 0, 0)], [], target=3)
+    assert [outcome[p]["status"] for p in (0, 1, 2)] == ["dropped", "dropped", "ok"]
+    assert accepted == [2]
+
+
+def test_availability_windows_wrap_the_period_and_gate_selection():
+    night = profile(active=[[0.0, 3600.0], [82_800.0, 86_400.0]])  # 23:00 to 01:00
+    assert is_active(night, 86_400 + 1800) and is_active(night, 83_000) and not is_active(night, 43_200)
+    f = fleet({0: night, 1: profile(), 2: profile(memory_mb=1024.0)}, device_min_memory_mb=2048.0)
+    f.clock = 43_200.0  # noon: the night device is away, the 1 GB one is ineligible
+    candidates, _, _ = f.selection([0, 1, 2], fraction=1.0, minimum=1)
+    assert candidates == [1] and f.unavailable([0, 1, 2]) == [0, 2]
+
+
+def test_without_device_simulation_nothing_changes():
+    f = Fleet({}, RunSettings(), ms_per_sample=0.0)
+    assert not f.enabled
+    assert f.selection(list(range(10)), 0.2, 2) == (list(range(10)), 2, 2)
+    assert f.unavailable(list(range(10))) == []
+
+
+def test_device_assign_label_gives_the_slowest_devices_to_the_harshest_users():
+    from server.fleet import assign_by_label
+
+    profiles = {0: profile(slowdown=4.0, tier="low-end", runtime="torch"), 1: profile(slowdown=1.0, runtime="onnx"),
+                2: profile(slowdown=6.0, tier="rpi4", runtime="torch", crashes=True)}
+    dealt = assign_by_label(profiles, {0: 0.9, 1: 0.2, 2: 0.5})
+    assert [dealt[p]["slowdown"] for p in (0, 2, 1)] == [1.0, 4.0, 6.0]  # most positive -> fastest
+    assert dealt[1]["tier"] == "rpi4" and dealt[1]["runtime"] == "onnx"  # the device moves, the client's runtime stays
+    assert dealt[2]["crashes"] and sorted(p["slowdown"] for p in dealt.values()) == [1.0, 4.0, 6.0]
+    with pytest.raises(FedrexError, match="device-assign must be one of"):
+        RunSettings.from_flower({"device-assign": "by-age"})
+
+
+# ---------------------------------------------------------------------------- the profiles
+def test_tiers_are_drawn_per_client_reproducibly_and_travel_as_json():
+    settings = RunSettings(device_mix="flagship=1,low-end=1,rpi4=1")
+    first = [profile_for(settings, pid) for pid in range(60)]
+    assert [p.as_record() for p in first] == [profile_for(settings, pid).as_record() for pid in range(60)]
+    assert {p.tier for p in first} == set(TIERS)
+    assert [p.tier for p in first] != [profile_for(settings.replace(seed=1), pid).tier for pid in range(60)]
+    back = parse_profile(first[0].as_record())
+    assert back["slowdown"] == first[0].slowdown and back["active"] == first[0].active
+    assert set(TIERS) | {"ideal", "fedscale"} == set(DEVICE_TIERS)  # the codes analysis/ decodes
+
+
+def test_plain_simulation_gets_the_ideal_device_and_crash_clients_is_a_device_property():
+    settings = RunSettings(crash_clients="3, 5")
+    ideal = parse_profile(profile_for(settings, 0).as_record())
+    assert ideal["slowdown"] == 0 and math.isinf(ideal["up_kbps"]) and ideal["dropout"] == 0
+    assert profile_for(settings, 5).crashes and not profile_for(settings, 4).crashes
+
+
+def test_bad_mixes_get_one_clear_error():
+    with pytest.raises(FedrexError, match="unknown tier 'iphone'"):
+        parse_mix("iphone=1")
+    with pytest.raises(FedrexError, match="not tier=share"):
+        parse_mix("flagship=lots")
+    with pytest.raises(FedrexError, match="no tier with a positive share"):
+        parse_mix("flagship=0")
+    with pytest.raises(FedrexError, match="not both"):
+        RunSettings.from_flower({"device-mix": "rpi4=1", "device-trace": "x"})
+    assert parse_mix("flagship=1,rpi4=3") == {"flagship": 0.25, "rpi4": 0.75}
+
+
+def write_fedscale(folder: Path, as_json: bool = False) -> None:
+    capacity = {1: {"computation": 40.0, "communication": 2000.0}, 2: {"computation": 10.0, "communication": 8000.0},
+                3: {"computation": 20.0, "communication": 500.0}}
+    behave = {1: {"duration": 600, "inactive": [300, 900], "finish_time": 1000, "active": [100, 600], "model": "x"},
+              2: {"duration": 1000, "inactive": [1000], "finish_time": 1000, "active": [0], "model": "y"}}
+    for name, data in (("client_device_capacity", capacity), ("client_behave_trace", behave)):
+        if as_json:
+            (folder / f"{name}.json").write_text(json.dumps({str(k): v for k, v in data.items()}))
+        else:
+            (folder / name).write_bytes(pickle.dumps(data))
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_fedscale_trace_imports_from_pickle_or_json(tmp_path, as_json):
+    write_fedscale(tmp_path, as_json)
+    profiles = fedscale_profiles(str(tmp_path))
+    assert [p.slowdown for p in profiles] == [2.0, 0.5, 1.0]  # computation / median (20 ms)
+    assert [p.up_kbps for p in profiles] == [2000.0, 8000.0, 500.0]
+    assert profiles[0].period_s == 1000 and profiles[0].active == [[100.0, 300.0], [600.0, 900.0]]
+    assert profiles[2].active == [[0.0, 86_400.0]]  # no behaviour trace: always available
+    first = parse_profile(profiles[0].as_record())
+    assert is_active(first, 1150) and not is_active(first, 1400)  # FedScale: time modulo finish_time
+    settings = RunSettings(device_trace=str(tmp_path))
+    assert profile_for(settings, 4).slowdown == 0.5  # client 4 takes entry 4 mod 3
+
+
+def test_a_trace_pickle_cannot_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "client_device_capacity").write_bytes(pickle.dumps({1: Exploit()}))
+    with pytest.raises(FedrexError, match="only plain dicts, lists, strings and numbers"):
+        fedscale_profiles(str(tmp_path))
+    assert not marker.exists()
+    (tmp_path / "client_device_capacity").write_bytes(b"garbage")
+    with pytest.raises(FedrexError, match="neither JSON nor a readable pickle"):
+        fedscale_profiles.__wrapped__(str(tmp_path))
+
+
+# ----------------------------------------------------------------- a fleet through Flower
+def test_a_device_without_an_optional_package_gets_one_clear_error(monkeypatch):
+    import importlib.util
+
+    import client.app as client_app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(client_app.importlib.util, "find_spec", lambda name: None if name == "captum" else real(name))
+    client_app.check_packages.cache_clear()
+    with pytest.raises(FedrexError, match=r"needs the package 'captum' for fidelity-examples > 0.*\[fidelity\]"):
+        client_app.check_packages(RunSettings(fidelity_examples=5))
+    client_app.check_packages(RunSettings(fidelity_examples=0))  # a run without fidelity does not need it
+    client_app.check_packages.cache_clear()
+
+
+def test_a_users_file_reads_without_the_datasets_library_and_bad_files_say_why(tmp_path):
+    from models.datasets import read_user_file
+
+    rows = pd.DataFrame({"text": ["great film", "dull and long", "a joy"], "label": [1, 0, 1]})
+    rows.to_csv(tmp_path / "me.csv", index=False)
+    rows.to_json(tmp_path / "me.jsonl", orient="records", lines=True)
+    rows.to_parquet(tmp_path / "me.parquet")
+    for name in ("me.csv", "me.jsonl", "me.parquet"):
+        texts, labels, num_labels = read_user_file(tmp_path / name)
+        assert texts == list(rows["text"]) and labels.tolist() == [1, 0, 1] and num_labels == 2
+    rows.rename(columns={"label": "stars"}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(FedrexError, match="no column 'label'"):
+        read_user_file(tmp_path / "bad.csv")
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(FedrexError, match="is empty"):
+        read_user_file(tmp_path / "empty.csv")
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(FedrexError, match="not valid UTF-8"):
+        read_user_file(tmp_path / "latin.csv")
+
+
+@pytest.mark.slow
+def test_a_round_the_rules_abandon_returns_the_model_bit_for_bit(tmp_path, capfd):
+    """Nobody meets a 1 ms deadline: every round is abandoned and the global model after it is
+    the shipped artifact, every tensor and dtype. Also: the supported simulation path prints no
+    deprecation warning."""
+    from models.artifact import load_artifact, load_weights, resolve_artifact
+    from simulations.simulate import load_settings, simulate
+
+    settings = load_settings("fleet", ["min-samples=300", "num-rounds=1", "fraction-evaluate=0",
+                                       "device-ms-per-sample=2.0", "round-deadline=0.001", "run-id=abandoned",
+                                       f"runs-dir={tmp_path}"])
+    run_dir = simulate(settings)
+    start = load_artifact(resolve_artifact("sst2-student"))[0].state_dict()
+    after = load_weights(run_dir / "checkpoints" / "round-0001.safetensors")
+    assert set(after) == set(start)
+    for key, tensor in start.items():
+        assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    assert rounds[rounds["metric"] == "abandoned"]["value"].tolist() == [1.0]
+    printed = capfd.readouterr().err
+    assert "DEPRECATED FEATURE" not in printed and "run_simulation" not in printed  # Flower's warning
+
+
+@pytest.mark.slow
+def test_a_simulated_fleet_records_statuses_virtual_time_and_reports_by_tier(tmp_path):
+    from analysis.load import device_rounds, fairness_by_tier, load_run, participation_by_tier, time_to_accuracy
+    from analysis.report import write_report
+    from simulations.simulate import load_settings, simulate
+
+    # the critics with >= 120 reviews; the reference fixed so the statuses are reproducible; a
+    # deadline that low-end phones (2 Mbit/s up for a 2.3 MB update) cannot meet.
+    settings = load_settings("fleet", ["min-samples=120", "num-rounds=2", "evaluate-every=2", "attack-examples=0",
+                                       "fidelity-examples=0", "local-max-steps=5", "fraction-train=0.5",
+                                       "device-ms-per-sample=2.0", "round-deadline=6", "run-id=fleet",
+                                       f"runs-dir={tmp_path}"])
+    run_dir = simulate(settings)
+    df = load_run(run_dir)
+    rounds = device_rounds(df)
+    assert set(rounds["round"]) == {1, 2} and rounds["status"].isin(DEVICE_STATUSES).all()
+    reported = rounds.dropna(subset=["round_s"])
+    slow = reported[reported["tier"] == "low-end"]
+    assert len(slow) and (slow["round_s"] > 6).all() and (slow["status"] != "ok").all()
+    ok = rounds[rounds["status"] == "ok"]
+    assert (ok["round_s"] <= 6).all() and len(ok) > 0
+    # only ok updates count: per round, at most the goal (half of the clients)
+    assert ok.groupby("round").size().max() <= df["client_id"].nunique() // 2
+    trained = df[(df["model"] == "train") & (df["metric"] == "n_train")]
+    assert len(trained) > len(ok)  # over-selected devices trained; not all of them counted
+    tiers = participation_by_tier(df)
+    assert set(tiers["tier"]) <= set(TIERS) and tiers["clients"].sum() == df["client_id"].nunique()
+    assert tiers.set_index("tier").loc["low-end", "ok"] == 0
+    fair = fairness_by_tier(df)
+    assert fair.set_index("tier").loc["low-end", "updates_per_client"] == 0
+    clock = time_to_accuracy(run_dir, df)
+    assert clock["virtual_hours"].iloc[0] == 0 and clock["virtual_hours"].iloc[-1] > 0
+    assert json.loads((run_dir / "run.json").read_text())["device_ms_per_sample"] == 2.0
+    text = write_report(run_dir).read_text()
+    assert "Participation by device tier" in text and "device_timeline.png" in text
+    rounds_table = pd.read_parquet(run_dir / "rounds.parquet")
+    assert (rounds_table["metric"] == "virtual_clock_s").sum() == 2
