@@ -275,3 +275,22 @@ def test_a_simulated_fleet_records_statuses_virtual_time_and_reports_by_tier(tmp
     assert "Participation by device tier" in text and "device_timeline.png" in text
     rounds_table = pd.read_parquet(run_dir / "rounds.parquet")
     assert (rounds_table["metric"] == "virtual_clock_s").sum() == 2
+
+
+@pytest.mark.slow
+def test_a_resumed_fleet_run_continues_its_clock_and_keeps_its_reference(tmp_path):
+    """Stop a fleet run after round 1, resume it: round 2 starts where round 1's clock ended (not at
+    0), with the reference ms per sample the run measured and kept in run.json."""
+    from simulations.simulate import load_settings, simulate
+
+    settings = load_settings("fleet", ["min-samples=300", "num-rounds=2", "fraction-evaluate=0", "run-id=resumed",
+                                       f"runs-dir={tmp_path}"])
+    run_dir = simulate(settings, {"stop-after": 1})
+    measured = json.loads((run_dir / "run.json").read_text())["device_ms_per_sample"]
+    assert measured > 0
+    simulate(settings, {"resume": str(run_dir)})
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    clock = rounds[rounds["metric"] == "virtual_clock_s"].set_index("round")["value"]
+    length = rounds[rounds["metric"] == "virtual_round_s"].set_index("round")["value"]
+    assert clock[1] == pytest.approx(length[1]) and clock[2] == pytest.approx(clock[1] + length[2])
+    assert json.loads((run_dir / "run.json").read_text())["device_ms_per_sample"] == measured
