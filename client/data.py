@@ -71,9 +71,9 @@ def _device_file(path: str, client_id: str, partition_id: int, settings: RunSett
     texts, labels, found_labels = read_user_file(path)
     config = PartitionConfig(kind="iid", num_partitions=1, test_fraction=settings.test_fraction, seed=settings.seed)
     train_idx, test_idx = split_indices(texts, config, 0)
-    tokenizer = WordPieceTokenizer(settings.max_length)
-    part = lambda idx: EncodedData.from_texts([texts[i] for i in idx], labels[idx], tokenizer)  # noqa: E731
-    return LocalData(partition_id, client_id, part(train_idx), part(test_idx), max(num_labels, found_labels))
+    rows = lambda idx: {"text": [texts[i] for i in idx], "label": labels[idx]}  # noqa: E731  (what _encode reads)
+    return _encode(ClientData(partition_id, client_id, rows(train_idx), rows(test_idx)),
+                   max(num_labels, found_labels), settings.max_length)
 
 
 def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2) -> LocalData:

@@ -19,8 +19,8 @@ import torch
 
 from client.data import round_seed
 from models.encoded import EncodedData
-from models.linear_head import train_linear_head
 from models.errors import FedrexError
+from models.linear_head import train_linear_head
 from models.objectives import ObjectiveConfig, saliency
 from models.personalization import RoundInputs, get_mode
 from models.run_settings import RunSettings

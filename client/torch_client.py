@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from flwr.app import Message
 
+from client.data import round_seed
 from client.evaluate import client_profile, full_attr_list, model_metrics
 from client.local import personal_model, train_round
-from client.data import round_seed
 from client.state import restore
 from models.errors import FedrexError
 from models.networks import build_network

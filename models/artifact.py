@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from models.errors import FedrexError
-from models.packaged import candidates
 from models.networks import build_network
+from models.packaged import candidates
 
 FORMAT = "fedrex-model/1"
 INT8_SUFFIX, SCALE_SUFFIX = "::int8", "::scale"

@@ -19,9 +19,7 @@ weights that leave the device (DP, hardening and the proximal term apply there),
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
@@ -37,7 +35,6 @@ def predict_logits(model, data: EncodedData):
     from models.training import predict_logits as predict  # torch: imported when a mode runs, not to list modes
 
     return predict(model, data)
-
 
 
 def trainable_float_names(model: torch.nn.Module) -> list[str]:

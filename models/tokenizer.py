@@ -58,8 +58,8 @@ def tokenizer_from_vocab(vocab: Path | dict, max_length: int):
     tokenizer.json declares)."""
     from tokenizers import BertWordPieceTokenizer
 
-    tokenizer = BertWordPieceTokenizer(vocab if isinstance(vocab, dict) else str(vocab), lowercase=True, strip_accents=None, clean_text=True,
-                                       handle_chinese_chars=True)
+    tokenizer = BertWordPieceTokenizer(vocab if isinstance(vocab, dict) else str(vocab), lowercase=True,
+                                       strip_accents=None, clean_text=True, handle_chinese_chars=True)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     return tokenizer

@@ -18,8 +18,6 @@ from models.objectives import ObjectiveConfig, objective_loss
 from models.training_config import OPTIMIZERS
 
 
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))

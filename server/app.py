@@ -21,7 +21,6 @@ from server.store import RunStore
 from server.strategy import ProgressGrid, make_strategy
 
 
-
 def log(message: str) -> None:
     print(f"[server] {message}", file=sys.stderr, flush=True)
 
