@@ -27,28 +27,31 @@ from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, METRICS, NUM_EXAMPL
 from models.run_settings import RunSettings
 
 
-# Packages a device installs only when its runs use them (pyproject's extras): (module, extra,
-# what needs it, whether this run does). A missing one is one clear error, not an ImportError
-# deep inside a round.
+# Packages a device installs only when its runtime and its runs use them (pyproject's extras):
+# (module, extra, what needs it, whether this run on this runtime does). A missing one is one
+# clear error, not an ImportError deep inside a round. The ONNX path measures neither fidelity
+# nor attacks and has no DP, so it needs none of those.
 OPTIONAL_PACKAGES = (
-    ("captum", "fidelity", "fidelity-examples > 0 (explanation fidelity)", lambda s: s.fidelity_examples > 0),
-    ("opacus", "dp", "dp=true (DP-SGD)", lambda s: s.dp),
-    ("nltk", "synonyms", "the synonym attacks", lambda s: s.attack_examples > 0 and any(
-        a.startswith("synonym") for a in s.attacks())),
+    ("torch", "client", "the torch runtime", lambda s, runtime: runtime == "torch"),
+    ("onnxruntime", "onnx", "the ONNX runtime (a device without torch)", lambda s, runtime: runtime == "onnx"),
+    ("captum", "fidelity", "fidelity-examples > 0 (explanation fidelity)",
+     lambda s, runtime: runtime == "torch" and s.fidelity_examples > 0),
+    ("opacus", "dp", "dp=true (DP-SGD)", lambda s, runtime: runtime == "torch" and s.dp),
+    ("nltk", "synonyms", "the synonym attacks", lambda s, runtime: runtime == "torch" and s.attack_examples > 0
+     and any(a.startswith("synonym") for a in s.attacks())),
 )
 
 
 @lru_cache(maxsize=8)
-def check_packages(settings: RunSettings) -> None:
+def check_packages(settings: RunSettings, runtime: str) -> None:
     for module, extra, purpose, needed in OPTIONAL_PACKAGES:
-        if needed(settings) and importlib.util.find_spec(module) is None:
+        if needed(settings, runtime) and importlib.util.find_spec(module) is None:
             raise FedrexError(f"this run needs the package {module!r} for {purpose}: pip install -e .[{extra}] "
                               "on this device, or run without it")
 
 
 def _setup(msg: Message, context: Context):
     settings = RunSettings.from_flower(context.run_config)
-    check_packages(settings)
     if settings.dp and settings.dp_reproducible_noise and "data-file" in context.node_config:
         raise FedrexError("dp-reproducible-noise is for simulations: on a real device the server could replay "
                           "the noise; run without it")
@@ -60,6 +63,7 @@ def _setup(msg: Message, context: Context):
     run_dir = Path(str(state_dir)) if state_dir else None
     local = load_local_data(context.node_config, settings, network["num_labels"] if network else 2)
     profile = profile_for(settings, local.partition_id, context.node_config)
+    check_packages(settings, profile.runtime)
     return settings, config, network, round_number, run_dir, local, profile
 
 

@@ -28,11 +28,8 @@ class OnnxBody:
     """Features of token-id rows from an ONNX model ``ids [B, L] int64 -> features [B, D]``."""
 
     def __init__(self, model: bytes, threads: int = 1):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise FedrexError("this device has neither torch nor onnxruntime: pip install -e .[client] (torch) "
-                              "or -e .[onnx] (onnxruntime, for mode=head runs)") from None
+        import onnxruntime as ort  # client/app.py's check_packages names the extra when it is missing
+
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

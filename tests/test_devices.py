@@ -186,11 +186,16 @@ def test_a_device_without_an_optional_package_gets_one_clear_error(monkeypatch):
     import client.app as client_app
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(client_app.importlib.util, "find_spec", lambda name: None if name == "captum" else real(name))
+    missing = {"captum", "onnxruntime"}
+    monkeypatch.setattr(client_app.importlib.util, "find_spec", lambda name: None if name in missing else real(name))
     client_app.check_packages.cache_clear()
     with pytest.raises(FedrexError, match=r"needs the package 'captum' for fidelity-examples > 0.*\[fidelity\]"):
-        client_app.check_packages(RunSettings(fidelity_examples=5))
-    client_app.check_packages(RunSettings(fidelity_examples=0))  # a run without fidelity does not need it
+        client_app.check_packages(RunSettings(fidelity_examples=5), "torch")
+    client_app.check_packages(RunSettings(fidelity_examples=0), "torch")  # a run without fidelity does not need it
+    with pytest.raises(FedrexError, match=r"needs the package 'onnxruntime'.*\[onnx\]"):
+        client_app.check_packages(RunSettings(mode="head", adv_weight=0.0), "onnx")
+    missing.discard("onnxruntime")  # the ONNX path measures no fidelity: captum is not asked for
+    client_app.check_packages(RunSettings(mode="head", adv_weight=0.0, fidelity_examples=5), "onnx")
     client_app.check_packages.cache_clear()
 
 
