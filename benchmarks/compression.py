@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.objectives import ObjectiveConfig  # noqa: E402
 from server.distill import DistillConfig, distill  # noqa: E402
 
@@ -66,7 +67,9 @@ def base_config(dataset: str, quick: bool, seed: int) -> DistillConfig:
 
 
 def row_key(name: str, config: DistillConfig) -> str:
-    return hashlib.sha256(json.dumps([name, config.as_dict()], sort_keys=True).encode()).hexdigest()[:16]
+    """A row's identity: its name, its whole config and the attacks' semantics it was measured with."""
+    payload = [name, config.as_dict(), RECIPES_VERSION]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def table(rows: list[dict]) -> str:
@@ -116,6 +119,10 @@ def main() -> int:
     out = Path(args.out)
     json_path = out / ("compression-quick.json" if args.quick else "compression.json")
     done = json.loads(json_path.read_text())["rows"] if json_path.exists() else []
+    stale = [r for r in done if r.get("attacks_version") != RECIPES_VERSION]
+    if stale:  # measured with older attack recipes: not comparable with rows measured now
+        print(f"[bench] dropping {len(stale)} rows measured with older attack recipes", file=sys.stderr)
+        done = [r for r in done if r.get("attacks_version") == RECIPES_VERSION]
     known = {r["key"] for r in done}
     rows = list(done)
     started = time.time()
@@ -139,7 +146,7 @@ def main() -> int:
             else:
                 card = distill(config, Path(args.artifacts) / key)
             rows.append({"dataset": dataset, "name": name, "key": key, "seconds": time.time() - row_start,
-                         "card": card, "config": config.as_dict()})
+                         "card": card, "config": config.as_dict(), "attacks_version": RECIPES_VERSION})
             atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(), "rows": rows})
     if not args.quick:
         remeasure_latency(rows, Path(args.artifacts))

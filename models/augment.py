@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.attacks import CharEdits, WordNetSynonyms, has_letters_or_digits, word_budget
+from models.attacks import STOPWORDS, CharEdits, WordNetSynonyms, Words, word_budget
 from models.encoded import EncodedData
 from models.errors import FedrexError
+from models.protocol import PERTURBATIONS
 from models.tokenizer import WordPieceTokenizer
 
 TRANSFORMATIONS = {"char": CharEdits(), "synonym": WordNetSynonyms()}
+if tuple(TRANSFORMATIONS) != PERTURBATIONS:  # models/protocol.py names them for devices without torch
+    raise RuntimeError("models.protocol.PERTURBATIONS and models.augment.TRANSFORMATIONS disagree")
 
 
 def with_texts(data: EncodedData, rows, texts: list[str], tokenizer: WordPieceTokenizer) -> EncodedData:
@@ -32,8 +35,11 @@ def with_texts(data: EncodedData, rows, texts: list[str], tokenizer: WordPieceTo
 
 
 def perturb(text: str, rng: np.random.Generator, word_share: float, kinds: tuple[str, ...]) -> str:
-    words = text.split()
-    positions = [i for i, w in enumerate(words) if has_letters_or_digits(w)]
+    """Edit up to the attacks' word budget of the words an attack may edit (``models.attacks.Words``,
+    stopwords left alone), each with one option of a randomly ordered transformation."""
+    parsed = Words.of(text)
+    words = list(parsed.words)
+    positions = [i for i, w in enumerate(words) if w not in STOPWORDS]
     if not positions:
         return text
     chosen = rng.choice(positions, size=min(len(positions), word_budget(len(words), word_share)), replace=False)
@@ -43,7 +49,7 @@ def perturb(text: str, rng: np.random.Generator, word_share: float, kinds: tuple
             if options:
                 words[i] = options[int(rng.integers(0, len(options)))]
                 break
-    return " ".join(words)
+    return parsed.text(words)
 
 
 @dataclass

@@ -37,6 +37,11 @@ ATTACKS = ("char", "synonym", "char-beam", "synonym-sim", "hotflip")
 # one number for all attacks (every attack runs on the same seeded rows): ACC_ATTACKED_ROWS
 ATTACK_METRICS = ("adv_acc", "attack_success", "words_changed_pct", "queries")
 ACC_ATTACKED_ROWS = "acc_attacked_rows"
+# the edits perturbed-text hardening draws from (perturb-kinds; models/augment.py's transformations)
+PERTURBATIONS = ("char", "synonym")
+# what travels in a round's config beside the network: the start artifact's word normaliser (its
+# gzip'd word list), when the run puts one in front of the model
+NORMALIZER = "normalizer"
 
 
 # Device simulation (client/device.py, server/fleet.py). The query reply's info carries the

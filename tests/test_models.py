@@ -91,7 +91,7 @@ def test_attacks_flip_an_undefended_model_within_budget(attack, undefended, sst2
         if attack != "hotflip":  # word-level attacks: the text itself differs in <= budget words
             before, after = r.original.split(), r.perturbed.split()
             assert len(before) == len(after)
-            assert 1 <= sum(a != b for a, b in zip(before, after)) <= word_budget(len(before), 0.2)
+            assert 1 <= sum(a != b for a, b in zip(before, after)) <= word_budget(r.n_words, 0.2)
             with torch.no_grad():  # and the perturbed text really fools the model
                 assert int(undefended(torch.from_numpy(tok.encode([r.perturbed]))).argmax()) != r.label
 
