@@ -96,6 +96,35 @@ def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFr
     return pd.concat(parts).reset_index().dropna() if parts else pd.DataFrame()
 
 
+def promise_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The model's three promises per user, on the same rows, at round 0 (the start, and its local
+    fine-tune) and at the last evaluated round (global and personal): per-user mean accuracy with
+    its 95% half-width and pooled accuracy; accuracy under each attack on the attacked rows;
+    comprehensiveness of the model's own IG rationales; for the personal model, agreement of its
+    maps with the global model's and the share of users it harms (personal < global accuracy)."""
+    last = last_round(df)
+    out = []
+    for rnd in dict.fromkeys([0, last]):
+        wide = per_client(df, rnd)
+        n_test = wide.get("client.n_test", pd.Series(1.0, index=wide.index))
+        for model in MODELS:
+            acc = wide.get(metric_key(model, "acc"))
+            if acc is None or not acc.notna().any():
+                continue
+            row = {"round": rnd, "model": model, "users": int(acc.notna().sum())}
+            columns = [("acc", "acc")] + [(f"acc under {a}", attack_metric("adv_acc", a)) for a in attacks_measured(wide)]
+            columns += [("comprehensiveness", "comprehensiveness"), ("agreement", "agreement_spearman")]
+            for name, metric in columns:
+                values = wide.get(metric_key(model, metric), pd.Series(dtype=float)).dropna().to_numpy()
+                row[f"{name} mean"], row[f"{name} ci95"] = (values.mean(), ci95(values)) if values.size else (np.nan,) * 2
+            valid = acc.notna() & n_test.notna()
+            row["acc pooled"] = float(np.average(acc[valid], weights=n_test[valid])) if n_test[valid].sum() else np.nan
+            gain = (acc - wide.get(metric_key("global", "acc"), acc)).dropna()
+            row["harmed"] = float((gain < 0).mean()) if model == "personal" and len(gain) else np.nan
+            out.append(row)
+    return pd.DataFrame(out)
+
+
 def round_summary(df: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
     """Per round (round 0 = the starting model) and model: clients evaluated, pooled value over
     every evaluated row (weighted by each client's test rows), mean with its 95% confidence

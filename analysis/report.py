@@ -16,7 +16,7 @@ import pandas as pd
 
 from analysis.load import (compare_runs, device_rounds, failures, fairness, fairness_by_tier, last_round, load_run,
                            missing_rounds, participation, participation_by_tier, per_client, personalization_gain,
-                           robustness_tradeoff, round_summary, run_info, time_to_accuracy)
+                           promise_table, robustness_tradeoff, round_summary, run_info, time_to_accuracy)
 
 
 def _plt():
@@ -127,7 +127,10 @@ def timeline_plot(timeline: pd.DataFrame, folder: Path, max_clients: int = 40) -
 
 
 def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
-    out: dict[str, pd.DataFrame] = {"Summary per round (acc)": round_summary(df)}
+    out: dict[str, pd.DataFrame] = {
+        "Promises per user: accuracy, accuracy under attack, faithfulness (round 0 and the last round)":
+            promise_table(df),
+        "Summary per round (acc)": round_summary(df)}
     if {"global", "personal"} <= set(df["model"].astype(str)):
         out["Fairness at the last evaluated round (acc)"] = fairness(df).reset_index()
         gain = personalization_gain(df).sort_values("personal")

@@ -1,10 +1,12 @@
 """Personalization experiment on real users, with the reference rows every such table needs.
 
-    python benchmarks/personalization.py [--datasets rt_critics,sent140_users] [--part methods|sweep|seeds|all]
-        [--rounds 3] [--set KEY=VALUE ...]
+    python benchmarks/personalization.py [--datasets rt_critics,sent140_users]
+        [--part hardening|methods|sweep|seeds|all] [--rounds 3] [--set KEY=VALUE ...]
 
-- ``methods``: one run per personalization mode (hardened, the default), plus the default mode
-  without hardening (does hardening still pay?);
+- ``hardening``: the default run (the defended start: student + word normaliser, embedding-PGD
+  hardening), then one change each: no hardening, perturbed-text hardening added, perturbed text
+  instead of PGD, and the undefended start (no normaliser): what each defence buys;
+- ``methods``: one run per other personalization mode, and the default mode under DP;
 - ``sweep``: one change at a time from the defaults on rt_critics (client learning rate, local
   steps, logit-adjusted loss, server optimizer), to choose and justify the defaults;
 - ``seeds``: the headline rows again with seeds 1 and 2 (per-user accuracy on a few test rows is
@@ -12,8 +14,9 @@
 
 Each run is one `fedrex simulate` subprocess (its run folder kept under --runs-dir). Every user is
 evaluated at round 0 (the starting model, and its local fine-tune: no federation) and after the
-last round, on its own held-out, chronologically later rows. Reference rows (``references.py``)
-use exactly the same per-user split. Results: results/personalization.json (after each run; a
+last round, on its own held-out, chronologically later rows; every held-out row is attacked (char
+and synonym: ``EVALUATION``), the same rows with the same draws in every round. Reference rows
+(``references.py``) use exactly the same per-user split and tokenizer. Results: results/personalization.json (after each run; a
 rerun skips runs already there) and results/personalization.md.
 """
 
@@ -35,8 +38,9 @@ import pandas as pd  # noqa: E402
 
 from analysis.load import ci95, load_run, per_client, round_summary  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
-from references import central_student_accuracy, reference_accuracy  # noqa: E402  (this folder is on sys.path)
+from references import central_student_accuracy, reference_accuracy, start_model_accuracy  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.run_settings import RunSettings  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
 
@@ -45,6 +49,15 @@ from simulations.simulate import load_settings  # noqa: E402
 DATASETS = {"rt_critics": ["dataset=rt_critics"], "sent140_users": ["dataset=sent140_users", "min-samples=10"]}
 MODES = ["finetune", "prior", "mix", "select", "ditto", "fedper"]
 HEADLINE = [RunSettings().mode]  # its runs also hold the global model and round 0
+# every method run attacks every held-out row with both recipes (10 per user are too few to compare)
+ATTACKS = ("char", "synonym")
+EVALUATION = [f"client-attacks={','.join(ATTACKS)}", "attack-examples=100000"]
+HARDENING = [  # (row name, change from the defaults): what each defence buys, one change each
+    ("no hardening", ["adv-weight=0"]),
+    ("+ perturbed text", ["perturb-share=0.5"]),
+    ("perturbed text instead of PGD", ["perturb-share=0.5", "adv-weight=0"]),
+    ("undefended start (no normaliser)", ["normalizer=false"]),
+]
 CENTRAL = "central FedREX student (start model fine-tuned on pooled user rows, 2 epochs)"
 SWEEP = [  # (name, change from the defaults)
     ("defaults", []),
@@ -74,14 +87,17 @@ SWEEP_SENT140 = [  # the global model loses accuracy on tweets: what each remedy
 def runs_for(part: str, datasets: list[str]) -> list[tuple[str, str, list[str]]]:
     """(dataset, row name, run-config pairs) for one part of the experiment."""
     out = []
+    mode = RunSettings().mode
     for dataset in datasets:
-        if part == "methods":
-            out += [(dataset, mode, [f"mode={mode}"]) for mode in MODES]
-            out.append((dataset, f"{RunSettings().mode}, no hardening", ["adv-weight=0"]))
-            out.append((dataset, f"{RunSettings().mode} +DP (noise 1.0)", ["dp=true", "noise-multiplier=1.0"]))
+        if part == "hardening":
+            out.append((dataset, mode, [f"mode={mode}", *EVALUATION]))
+            out += [(dataset, f"{mode}, {name}", [*EVALUATION, *pairs]) for name, pairs in HARDENING]
+        elif part == "methods":
+            out += [(dataset, m, [f"mode={m}", *EVALUATION]) for m in MODES if m != mode]
+            out.append((dataset, f"{mode} +DP (noise 1.0)", ["dp=true", "noise-multiplier=1.0", *EVALUATION]))
         elif part == "seeds":
-            out += [(dataset, f"{mode} (seed {seed})", [f"mode={mode}", f"seed={seed}"])
-                    for mode in HEADLINE for seed in (1, 2)]
+            out += [(dataset, f"{m} (seed {seed})", [f"mode={m}", f"seed={seed}", *EVALUATION])
+                    for m in HEADLINE for seed in (1, 2)]
         elif part == "sweep":
             sweep = SWEEP if dataset == "rt_critics" else SWEEP_SENT140
             out += [(dataset, f"sweep: {name}", ["attack-examples=0", "fidelity-examples=0", *pairs])
@@ -107,9 +123,10 @@ def summarise(run_dir: Path) -> dict:
         for model in ("global", "personal"):
             if f"{model}.pred_positive" in wide:
                 row[f"{tag}_{model}_pred_positive"] = float(np.average(wide[f"{model}.pred_positive"], weights=weights))
-            if f"{model}.adv_acc.char" in wide:
-                row[f"{tag}_{model}_adv_acc"] = float(wide[f"{model}.adv_acc.char"].mean())
-                row[f"{tag}_{model}_acc_attacked_rows"] = float(wide[f"{model}.acc_attacked_rows"].mean())
+            for attack in ATTACKS:
+                if f"{model}.adv_acc.{attack}" in wide:
+                    row[f"{tag}_{model}_adv_acc_{attack}"] = float(wide[f"{model}.adv_acc.{attack}"].mean())
+                    row[f"{tag}_{model}_acc_attacked_rows"] = float(wide[f"{model}.acc_attacked_rows"].mean())
             if f"{model}.comprehensiveness" in wide:
                 row[f"{tag}_{model}_comprehensiveness"] = float(wide[f"{model}.comprehensiveness"].mean())
         if "client.test_positive" in wide:
@@ -135,7 +152,7 @@ def run_one(dataset: str, name: str, pairs: list[str], rounds: int, extra: list[
     start = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
     return {"dataset": dataset, "name": name, "config": config, "run_id": run_id, "seconds": time.time() - start,
-            **summarise(runs_dir / run_id)}
+            "attacks_version": RECIPES_VERSION, **summarise(runs_dir / run_id)}
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -154,13 +171,14 @@ def _row(label: str, r: dict, tag: str, model: str, harmed: bool = False, spread
             f"{fmt(r[f'{tag}_{model}_median'])} / {fmt(r[f'{tag}_{model}_p10'])}", fmt(r[f"{tag}_{model}_pooled"]),
             f"{fmt(r.get(f'{tag}_{model}_pred_positive'), 2)} ({fmt(r.get(f'{tag}_true_positive'), 2)})",
             f"{100 * r['share_harmed']:.0f}%" if harmed else "",
-            f"{fmt(r.get(f'{tag}_{model}_acc_attacked_rows'))} -> {fmt(r.get(f'{tag}_{model}_adv_acc'))}"
-            if r.get(f"{tag}_{model}_adv_acc") is not None else "–",
+            f"{fmt(r.get(f'{tag}_{model}_acc_attacked_rows'))} -> "
+            + " / ".join(fmt(r.get(f"{tag}_{model}_adv_acc_{a}")) for a in ATTACKS)
+            if r.get(f"{tag}_{model}_acc_attacked_rows") is not None else "–",
             fmt(r.get(f"{tag}_{model}_comprehensiveness")), fmt(r.get("epsilon_max"), 1) if model == "global" else ""]
 
 
 HEAD = ["row", "users", "per-user acc mean ± 95% CI", "median / p10", "pooled acc", "called positive (true)",
-        "harmed", "acc clean -> under char attack (same rows)", "comprehensiveness", "epsilon"]
+        "harmed", f"acc clean -> under {' / '.join(ATTACKS)} (every held-out row)", "comprehensiveness", "epsilon"]
 
 
 def table(dataset: str, refs: dict, rows: list[dict]) -> str:
@@ -177,7 +195,9 @@ def table(dataset: str, refs: dict, rows: list[dict]) -> str:
         body.append(_row("FedREX global model, round 0 (the start)", base, "r0", "global"))
         body.append(_row("local fine-tune of the start model, no federation", base, "r0", "personal"))
     for r in rows:
-        if r is base or "no hardening" in r["name"] or "+DP" in r["name"]:
+        if r is not base and r.get("r0_global_mean") != base.get("r0_global_mean"):  # another start
+            body.append(_row(f"{r['name']}: global model, round 0 (its start)", r, "r0", "global"))
+        if r is base or r["name"].startswith(f"{base['name']},") or "+DP" in r["name"]:
             body.append(_row(f"{r['name']}: global model, round {r['last_round']}", r, "final", "global"))
         seeds = r.get("seed_means")
         spread = f" (seeds {', '.join(fmt(v) for v in seeds)})" if seeds else ""
@@ -215,10 +235,25 @@ def with_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
+def save(path: Path, rows: list[dict], refs: dict) -> None:
+    atomic_write_json(path, {"attacks_version": RECIPES_VERSION, "rows": rows, "references": refs})
+
+
+def check_start(row: dict, refs: dict) -> None:
+    """The offline "start model" reference and what the clients reported at round 0 are the same
+    model on the same rows: a run with the default start must reproduce it to the last digit."""
+    if "normalizer=false" in row["config"] or "r0_global_mean" not in row:
+        return
+    offline = float(np.mean(list(refs["start model"].values())))
+    if abs(offline - row["r0_global_mean"]) > 1e-9:
+        raise SystemExit(f"round 0 ({row['r0_global_mean']:.6f}) is not the start model reference ({offline:.6f}): "
+                         "the clients and the references see different rows or tokenizers")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="rt_critics,sent140_users")
-    parser.add_argument("--part", default="all", choices=["methods", "sweep", "seeds", "all"])
+    parser.add_argument("--part", default="all", choices=["hardening", "methods", "sweep", "seeds", "all"])
     parser.add_argument("--rounds", type=int, default=RunSettings().num_rounds)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs-dir", default="/tmp/fedrex-personalization")
@@ -228,21 +263,25 @@ def main() -> int:
     json_path = Path(args.out) / "personalization.json"
     saved = json.loads(json_path.read_text()) if json_path.exists() else {}
     rows, refs = saved.get("rows", []), saved.get("references", {})
+    if saved.get("attacks_version") != RECIPES_VERSION:  # older attack recipes or an older start model
+        print("[bench] dropping method rows and references measured with older attacks or start", file=sys.stderr)
+        rows, refs = [r for r in rows if r["name"].startswith("sweep")], {}
     started = time.time()
     for dataset in datasets:
         if dataset not in refs:
             print(f"[bench] {dataset}: reference rows", file=sys.stderr, flush=True)
             settings = load_settings(None, DATASETS[dataset])
-            refs[dataset] = reference_accuracy(settings, settings.distill_dataset, settings.prior_l2)
-            atomic_write_json(json_path, {"rows": rows, "references": refs})
+            refs[dataset] = {**reference_accuracy(settings, settings.distill_dataset, settings.prior_l2),
+                             **start_model_accuracy(settings)}
+            save(json_path, rows, refs)
         if CENTRAL not in refs[dataset]:
             print(f"[bench] {dataset}: {CENTRAL}", file=sys.stderr, flush=True)
             refs[dataset][CENTRAL] = central_student_accuracy(load_settings(None, DATASETS[dataset]))
-            atomic_write_json(json_path, {"rows": rows, "references": refs})
+            save(json_path, rows, refs)
     for row in rows:  # re-read every kept run: a newer summary (columns) applies to older rows too
         if (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
             row.update(summarise(Path(args.runs_dir) / row["run_id"]))
-    parts = ["methods", "sweep", "seeds"] if args.part == "all" else [args.part]
+    parts = ["hardening", "methods", "sweep", "seeds"] if args.part == "all" else [args.part]
     for part in parts:
         for dataset, name, pairs in runs_for(part, datasets):
             if any(r["dataset"] == dataset and r["name"] == name for r in rows):
@@ -250,7 +289,8 @@ def main() -> int:
                 continue
             print(f"[bench] {dataset} / {name} ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
             rows.append(run_one(dataset, name, pairs, args.rounds, args.set, Path(args.runs_dir)))
-            atomic_write_json(json_path, {"rows": rows, "references": refs})
+            check_start(rows[-1], refs[dataset])
+            save(json_path, rows, refs)
     md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d])) for d in refs)
     for dataset in refs:
         sweep = [r for r in rows if r["name"].startswith("sweep") and r["dataset"] == dataset]

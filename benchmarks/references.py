@@ -8,7 +8,12 @@ same partitions and per-user train/test rows the clients use):
   (the classical twin of FedREX's ``prior`` mode, same L2);
 - ``central tfidf (users)``: TF-IDF + LR on the pooled training rows of all users (no federation,
   no privacy: the non-federated reference);
-- ``central tfidf (global data + users)``: the same on SST-2 train plus the pooled user rows.
+- ``central tfidf (global data + users)``: the same on SST-2 train plus the pooled user rows;
+- ``start model`` and ``start model + user label prior``: the run's starting model as every client
+  serves it (behind its word normaliser when the run uses one), alone and with the log of each
+  user's add-one smoothed training label frequencies added to its log-probabilities: a closed-form
+  correction of the start model with no training at all;
+- the central FedREX student: the start model fine-tuned centrally on the pooled user rows.
 
 Returns per-user accuracy so every row is summarised like FedREX's own (mean, median, p10).
 """
@@ -19,9 +24,10 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from client.data import federation
+from client.data import client_tokenizer, federation
 from models.datasets import cached_text_dataset
-from models.linear_head import fit_logit_bias
+from models.linear_head import fit_logit_bias, log_label_prior
+from models.protocol import NORMALIZER
 
 
 def user_splits(settings) -> list[tuple[str, list, np.ndarray, list, np.ndarray]]:
@@ -77,17 +83,51 @@ def reference_accuracy(settings, global_dataset: str = "sst2", prior_l2: float =
     return rows
 
 
+def start_tokenizer(settings):
+    """The tokenizer every client of a run with these settings encodes with (``client_tokenizer``
+    behind what the server sends)."""
+    from server.app import start_config
+
+    return client_tokenizer(settings.max_length, start_config(settings, {}).get(NORMALIZER))
+
+
+def with_label_prior(log_probs: np.ndarray, train_labels: np.ndarray) -> np.ndarray:
+    """Start model + user label prior: log p(y | x) + log of the user's add-one smoothed training
+    label frequencies (the closed form of a label-shift correction toward the user's prior)."""
+    return log_probs + log_label_prior(train_labels, log_probs.shape[1])
+
+
+def start_model_accuracy(settings) -> dict[str, dict[str, float]]:
+    """{"start model" | "start model + user label prior": {client id: accuracy}}."""
+    import torch
+
+    from models.encoded import EncodedData
+    from models.training import predict_logits
+    from server.app import global_model
+
+    model, _ = global_model(settings)
+    tokenizer = start_tokenizer(settings)
+    rows: dict[str, dict[str, float]] = {"start model": {}, "start model + user label prior": {}}
+    for client_id, _, train_y, test_x, test_y in user_splits(settings):
+        logits = predict_logits(model, EncodedData.from_texts(test_x, test_y, tokenizer))
+        log_probs = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
+        rows["start model"][client_id] = float((log_probs.argmax(1) == test_y).mean())
+        rows["start model + user label prior"][client_id] = float(
+            (with_label_prior(log_probs, train_y).argmax(1) == test_y).mean())
+    return rows
+
+
 def central_student_accuracy(settings, epochs: float = 2.0) -> dict[str, float]:
     """{client id: accuracy}: the run's starting model fine-tuned centrally on the pooled training
-    rows of all users (same objective, learning rate and batch size as the clients), i.e. what the
-    federation would reach with no federation constraints: the non-federated upper reference."""
+    rows of all users (same objective, learning rate and batch size as the clients, same
+    tokenizer), i.e. what the federation would reach with no federation constraints: the
+    non-federated upper reference."""
     from models.encoded import EncodedData
-    from models.tokenizer import WordPieceTokenizer
     from models.training import fit, predict_logits, seed_everything
     from server.app import global_model
 
     users = user_splits(settings)
-    tokenizer = WordPieceTokenizer(settings.max_length)
+    tokenizer = start_tokenizer(settings)
     pooled = EncodedData.from_texts([t for _, train, _, _, _ in users for t in train],
                                     np.concatenate([y for _, _, y, _, _ in users]), tokenizer)
     seed_everything(settings.seed)

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from client.data import data_profile, load_local_data, round_seed
 from client.device import profile_for
 from models.errors import FedrexError
-from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, METRICS, NUM_EXAMPLES
+from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, METRICS, NORMALIZER, NUM_EXAMPLES
 from models.run_settings import RunSettings
 
 
@@ -37,8 +37,9 @@ OPTIONAL_PACKAGES = (
     ("captum", "fidelity", "fidelity-examples > 0 (explanation fidelity)",
      lambda s, runtime: runtime == "torch" and s.fidelity_examples > 0),
     ("opacus", "dp", "dp=true (DP-SGD)", lambda s, runtime: runtime == "torch" and s.dp),
-    ("nltk", "synonyms", "the synonym attacks", lambda s, runtime: runtime == "torch" and s.attack_examples > 0
-     and any(a.startswith("synonym") for a in s.attacks())),
+    ("nltk", "synonyms", "the synonym attacks or synonym perturbations", lambda s, runtime: runtime == "torch"
+     and ((s.attack_examples > 0 and any(a.startswith("synonym") for a in s.attacks()))
+          or (s.perturb_share > 0 and "synonym" in s.perturbations()))),
 )
 
 
@@ -61,7 +62,9 @@ def _setup(msg: Message, context: Context):
     # Where personal state is mirrored: a device names its own folder; in simulation the run dir.
     state_dir = context.node_config.get("state-dir") or config.get("run-dir")
     run_dir = Path(str(state_dir)) if state_dir else None
-    local = load_local_data(context.node_config, settings, network["num_labels"] if network else 2)
+    normalizer = config.get(NORMALIZER)  # the start model's word normaliser, when the run defends with it
+    local = load_local_data(context.node_config, settings, network["num_labels"] if network else 2,
+                            bytes(normalizer) if normalizer else None)
     profile = profile_for(settings, local.partition_id, context.node_config)
     check_packages(settings, profile.runtime)
     return settings, config, network, round_number, run_dir, local, profile

@@ -29,6 +29,7 @@ class LocalData:
     train: EncodedData
     test: EncodedData
     num_labels: int
+    tokenizer: WordPieceTokenizer  # what encoded the rows: every later text (attacks, perturbations) goes through it
 
     @property
     def label_counts(self) -> np.ndarray:
@@ -51,21 +52,30 @@ def federation(settings: RunSettings) -> FederatedData:
     return federated_data((settings.dataset, settings.data_dir, config), settings.dataset, settings.data_dir, config)
 
 
+@lru_cache(maxsize=4)
+def client_tokenizer(max_length: int, normalizer: bytes | None) -> WordPieceTokenizer:
+    """The tokenizer every text of a client goes through: WordPiece, behind the start model's word
+    normaliser when the server sent one (``models.protocol.NORMALIZER``)."""
+    from models.normalizer import WordNormalizer
+
+    return WordPieceTokenizer(max_length, normalizer=WordNormalizer.from_bytes(normalizer) if normalizer else None)
+
+
 @lru_cache(maxsize=512)
-def _encoded(settings: RunSettings, partition_id: int) -> LocalData:
+def _encoded(settings: RunSettings, partition_id: int, normalizer: bytes | None) -> LocalData:
     fed = federation(settings)
     client = fed.client(partition_id)
-    return _encode(client, fed.num_labels, settings.max_length)
+    return _encode(client, fed.num_labels, client_tokenizer(settings.max_length, normalizer))
 
 
-def _encode(client: ClientData, num_labels: int, max_length: int) -> LocalData:
-    tokenizer = WordPieceTokenizer(max_length)
+def _encode(client: ClientData, num_labels: int, tokenizer: WordPieceTokenizer) -> LocalData:
     return LocalData(client.partition_id, client.client_id, EncodedData.from_dataset(client.train, tokenizer),
-                     EncodedData.from_dataset(client.test, tokenizer), num_labels)
+                     EncodedData.from_dataset(client.test, tokenizer), num_labels, tokenizer)
 
 
 @lru_cache(maxsize=4)
-def _device_file(path: str, client_id: str, partition_id: int, settings: RunSettings, num_labels: int) -> LocalData:
+def _device_file(path: str, client_id: str, partition_id: int, settings: RunSettings, num_labels: int,
+                 normalizer: bytes | None) -> LocalData:
     """The user's own file, read with pyarrow alone (no datasets library on a device), split
     train/test by the run's seed."""
     texts, labels, found_labels = read_user_file(path)
@@ -73,25 +83,35 @@ def _device_file(path: str, client_id: str, partition_id: int, settings: RunSett
     train_idx, test_idx = split_indices(texts, config, 0)
     rows = lambda idx: {"text": [texts[i] for i in idx], "label": labels[idx]}  # noqa: E731  (what _encode reads)
     return _encode(ClientData(partition_id, client_id, rows(train_idx), rows(test_idx)),
-                   max(num_labels, found_labels), settings.max_length)
+                   max(num_labels, found_labels), client_tokenizer(settings.max_length, normalizer))
 
 
-def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2) -> LocalData:
+def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2,
+                    normalizer: bytes | None = None) -> LocalData:
+    """The client's rows, encoded by ``client_tokenizer`` (behind ``normalizer``, the start model's
+    gzip'd word list, when given)."""
     if "data-file" in node_config:
         client_id = str(node_config.get("client-id", "device"))
         # The server keys clients by partition id; a device without one gets a stable id from its name.
         partition_id = int(node_config.get("partition-id", zlib.crc32(client_id.encode()) % 2**31))
         return _device_file(str(node_config["data-file"]), client_id, partition_id, settings,
-                            num_labels)
+                            num_labels, normalizer)
     if "partition-id" not in node_config:
         raise FedrexError("this node has neither a partition-id (simulation) nor a data-file (device) in its node config")
-    return _encoded(settings, int(node_config["partition-id"]))
+    return _encoded(settings, int(node_config["partition-id"]), normalizer)
 
 
 def round_seed(settings: RunSettings, round_number: int, partition_id: int, salt: int = 0) -> int:
     """Every random choice of a client in a round derives from (run seed, round, partition), so
     results do not depend on which Ray actor or device runs it."""
     return int(np.random.SeedSequence([settings.seed, round_number, partition_id, salt]).generate_state(1)[0])
+
+
+def measurement_seed(settings: RunSettings, partition_id: int) -> int:
+    """The seed of what a client measures (which held-out rows are attacked and explained, and the
+    attacks' own random draws): the same in every round, so that round 0 and round 10 measure the
+    same rows the same way and a change between them is the model's."""
+    return round_seed(settings, 0, partition_id, salt=7)
 
 
 def data_profile(local: LocalData) -> dict:

@@ -59,7 +59,7 @@ def with_reference_saliency(model, data: EncodedData) -> EncodedData:
 
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,
               epochs: float, lr: float, extra_loss=None, trainable=None, privacy=None,
-              optimizer: str = "adamw") -> dict:
+              optimizer: str = "adamw", augment=None) -> dict:
     """``fit`` restricted to the ``trainable`` parameters (all when None). Seeds torch first:
     dropout draws from the global generator, whose state would otherwise depend on whatever the
     same Ray actor ran before."""
@@ -70,7 +70,7 @@ def local_fit(model, data: EncodedData, settings: RunSettings, objective: Object
     try:
         return fit(model, data, objective, epochs=epochs, max_steps=settings.local_max_steps,
                    batch_size=settings.batch_size, lr=lr, seed=seed, extra_loss=extra_loss,
-                   balanced=settings.balanced_loss, optimizer=optimizer, privacy=privacy)
+                   balanced=settings.balanced_loss, optimizer=optimizer, privacy=privacy, augment=augment)
     finally:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -79,9 +79,11 @@ def local_fit(model, data: EncodedData, settings: RunSettings, objective: Object
 class ClientTrainer:
     """The ``Trainer`` of ``models.personalization`` on this client."""
 
-    def __init__(self, settings: RunSettings, state, proximal_mu: float = 0.0, anchor: dict | None = None):
+    def __init__(self, settings: RunSettings, state, proximal_mu: float = 0.0, anchor: dict | None = None,
+                 tokenizer=None):
         self.settings, self.state = settings, state
         self.proximal_mu, self.anchor = proximal_mu, anchor
+        self.tokenizer = tokenizer  # the client's (``client.data.client_tokenizer``): perturbed rows are re-encoded by it
         self.samples = 0  # rows processed by every fit of the round (shared and personal): the device's work
 
     def _count(self, result: dict) -> dict:
@@ -99,7 +101,21 @@ class ClientTrainer:
             privacy = PrivateTraining(self.settings, self.state, seed)
         return self._count(local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs,
                                      self.settings.lr, extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
-                                     trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer))
+                                     trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer,
+                                     augment=self.perturbed_text(seed)))
+
+    def perturbed_text(self, seed: int):
+        """Perturbed-text hardening of the shared weights (``perturb-share``): each local epoch a
+        seeded share of the rows is replaced by a copy with the attacks' own edits, labels kept;
+        the round's seed makes them fresh every round."""
+        if self.settings.perturb_share <= 0:
+            return None
+        if self.tokenizer is None:
+            raise FedrexError("perturbed-text hardening needs the client's tokenizer")
+        from models.augment import PerturbedText
+
+        return PerturbedText(self.tokenizer, row_share=self.settings.perturb_share,
+                             word_share=self.settings.attack_budget, kinds=self.settings.perturbations(), seed=seed)
 
     def head(self, model, data: EncodedData, seed: int) -> dict:
         """Mode ``head``: the linear head trained in numpy on the frozen body's features, the same
@@ -121,9 +137,10 @@ class ClientTrainer:
 
 
 def round_inputs(build, received: dict[str, torch.Tensor], data: EncodedData, settings: RunSettings, state,
-                 seed: int, proximal_mu: float = 0.0) -> RoundInputs:
+                 seed: int, proximal_mu: float = 0.0, tokenizer=None) -> RoundInputs:
     anchor = {k: v.detach().clone() for k, v in received.items() if v.is_floating_point()}
-    return RoundInputs(build, received, data, seed, settings, ClientTrainer(settings, state, proximal_mu, anchor))
+    return RoundInputs(build, received, data, seed, settings,
+                       ClientTrainer(settings, state, proximal_mu, anchor, tokenizer))
 
 
 def personal_model(build, received: dict[str, torch.Tensor], state, settings: RunSettings, data: EncodedData,
@@ -136,7 +153,7 @@ def personal_model(build, received: dict[str, torch.Tensor], state, settings: Ru
 
 
 def train_round(build, received: dict[str, torch.Tensor], data: EncodedData, settings: RunSettings,
-                state, round_number: int, partition_id: int, proximal_mu: float):
+                state, round_number: int, partition_id: int, proximal_mu: float, tokenizer=None):
     """One round of local work. Returns (the mode's shared tensors to send, metrics) and updates
     ``state`` with the personal part, which never leaves the device."""
     if len(data) == 0:
@@ -145,7 +162,7 @@ def train_round(build, received: dict[str, torch.Tensor], data: EncodedData, set
     seed = round_seed(settings, round_number, partition_id)
     seed_everything(seed)
     mode = get_mode(settings.mode)
-    inputs = round_inputs(build, received, data, settings, state, seed, proximal_mu)
+    inputs = round_inputs(build, received, data, settings, state, seed, proximal_mu, tokenizer)
     model, state.personal, metrics = mode.train_round(inputs, state.personal)
     weights = model.state_dict()
     sent = {k: weights[k].detach().clone() for k in mode.shared_keys(model)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from flwr.app import Message
 
-from client.data import round_seed
+from client.data import measurement_seed, round_seed
 from client.evaluate import client_profile, full_attr_list, model_metrics
 from client.local import personal_model, train_round
 from client.state import restore
@@ -15,7 +15,6 @@ from models.errors import FedrexError
 from models.networks import build_network
 from models.personalization import get_mode
 from models.protocol import ARRAYS, FROZEN, metric_key
-from models.tokenizer import WordPieceTokenizer
 
 
 def received_model(msg: Message, build, mode) -> dict:
@@ -38,7 +37,7 @@ def train(msg: Message, context, settings, config, network, round_number, run_di
     received = received_model(msg, build, get_mode(settings.mode))
     state = restore(context, run_dir, local.partition_id, round_number)
     sent, metrics = train_round(build, received, local.train, settings, state, round_number, local.partition_id,
-                                float(config.get("proximal-mu", 0.0)))
+                                float(config.get("proximal-mu", 0.0)), local.tokenizer)
     state.to_context(context)
     if run_dir is not None:
         state.save(run_dir, local.partition_id, round_number)
@@ -53,16 +52,17 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
     state = restore(context, run_dir, local.partition_id, round_number + 1)
     metrics = client_profile(local, state, settings.delta)
     if len(local.test) > 0:
-        tokenizer = WordPieceTokenizer(settings.max_length)
-        seed = round_seed(settings, round_number, local.partition_id, salt=7)
+        tokenizer = local.tokenizer
+        seed = round_seed(settings, round_number, local.partition_id, salt=7)  # this round's personal fit
+        rows_seed = measurement_seed(settings, local.partition_id)  # the same rows in every round
         global_model = build()
         global_model.load_state_dict(global_state)
         global_model.eval()
-        global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, seed)
-        reference = (full_attr_list(global_attr, len(local.test), settings.fidelity_examples, seed)
+        global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, rows_seed)
+        reference = (full_attr_list(global_attr, len(local.test), settings.fidelity_examples, rows_seed)
                      if global_attr is not None else None)
         personal = personal_model(build, global_state, state, settings, local.train, seed)
-        personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, seed, reference)
+        personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, rows_seed, reference)
         if hasattr(personal, "chosen_alpha"):  # modes mix/select: the weight the user's rows chose
             personal_metrics["mix_alpha"] = personal.chosen_alpha
         metrics.update({metric_key("global", k): v for k, v in global_metrics.items()})

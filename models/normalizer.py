@@ -102,10 +102,23 @@ class WordNormalizer:
             gc.unfreeze()
 
     # ----------------------------------------------------------------------------- persistence
+    def to_bytes(self) -> bytes:
+        """The gzip'd word list with counts: what a device stores and what travels to it."""
+        lines = "".join(f"{w}\t{c}\n" for w, c in sorted(self.counts.items()))
+        return gzip.compress(lines.encode(), mtime=0)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "WordNormalizer":
+        try:
+            text = gzip.decompress(blob).decode()
+            counts = {word: int(count) for word, count in (line.split("\t") for line in text.splitlines())}
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
+            raise FedrexError(f"not a word normaliser's word list ({type(err).__name__})") from None
+        return cls(counts)
+
     def save(self, folder: Path) -> Path:
         path = Path(folder) / FILE
-        lines = "".join(f"{w}\t{c}\n" for w, c in sorted(self.counts.items()))
-        path.write_bytes(gzip.compress(lines.encode(), mtime=0))
+        path.write_bytes(self.to_bytes())
         return path
 
     @classmethod
@@ -113,11 +126,7 @@ class WordNormalizer:
         path = Path(folder) / FILE
         if not path.exists():
             raise FedrexError(f"{path} not found: this artifact was built without a word normaliser")
-        counts = {}
-        for line in gzip.decompress(path.read_bytes()).decode().splitlines():
-            word, count = line.split("\t")
-            counts[word] = int(count)
-        return cls(counts)
+        return cls.from_bytes(path.read_bytes())
 
 
 def _split(token: str) -> tuple[str, str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.personalization import MODES
-from models.protocol import check_attacks
+from models.protocol import PERTURBATIONS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -42,6 +42,9 @@ class RunSettings:
     # quick one (cached) on distill-dataset
     artifact: str = "sst2-student"
     distill_dataset: str = "sst2"
+    # the start artifact's word normaliser (when it ships one) in front of the model on every client:
+    # training, evaluation and the attacks all see normalised text (the defended device package)
+    normalizer: bool = True
     # federation
     strategy: str = "fedavg"
     num_rounds: int = 10  # the benchmark sweep: 3 rounds barely move the global model, 10 do
@@ -72,6 +75,10 @@ class RunSettings:
     adv_epsilon: float = 0.1
     adv_steps: int = 2
     expl_weight: float = 0.0
+    # perturbed-text hardening: each local epoch this share of the client's training rows is
+    # replaced by a copy with the attacks' own edits (models.augment), drawn fresh every round
+    perturb_share: float = 0.0
+    perturb_kinds: str = "char,synonym"  # comma-separated transformations of models.augment
     # differential privacy (Opacus DP-SGD on the update that leaves the device)
     dp: bool = False
     noise_multiplier: float = 1.0
@@ -118,6 +125,9 @@ class RunSettings:
 
     def attacks(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.client_attacks.split(",") if a.strip())
+
+    def perturbations(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.perturb_kinds.split(",") if k.strip())
 
     # -----------------------------------------------------------------------------------------
     @classmethod
@@ -173,6 +183,11 @@ class RunSettings:
              "dp with expl-weight > 0 is not supported (Opacus cannot take per-sample gradients of a gradient)"),
             (0 < self.attack_budget <= 1, f"attack-budget must be in (0, 1], got {self.attack_budget}"),
             (self.attack_examples >= 0 and self.fidelity_examples >= 0, "attack/fidelity examples must be >= 0"),
+            (0 <= self.perturb_share <= 1, f"perturb-share must be in [0, 1], got {self.perturb_share}"),
+            (not (self.dp and self.perturb_share > 0),
+             "dp with perturb-share > 0 is not supported (DP-SGD samples fixed rows; perturbed rows change every epoch)"),
+            (self.perturb_share == 0 or (self.perturbations() and set(self.perturbations()) <= set(PERTURBATIONS)),
+             f"perturb-kinds must name some of {', '.join(PERTURBATIONS)}, got {self.perturb_kinds!r}"),
             (not (self.device_mix and self.device_trace), "give device-mix or device-trace, not both"),
             (self.device_assign in DEVICE_ASSIGNMENTS,
              f"device-assign must be one of {', '.join(DEVICE_ASSIGNMENTS)}, got {self.device_assign!r}"),
@@ -193,7 +208,8 @@ class RunSettings:
         wanted = [(self.dp, "dp", "supports_dp"),
                   (self.strategy in PROXIMAL_STRATEGIES, f"strategy {self.strategy} (proximal term)",
                    "supports_proximal"),
-                  (self.adv_weight > 0, "adv-weight > 0 (hardening)", "supports_hardening")]
+                  (self.adv_weight > 0, "adv-weight > 0 (hardening)", "supports_hardening"),
+                  (self.perturb_share > 0, "perturb-share > 0 (hardening)", "supports_hardening")]
         for asked, what, capability in wanted:
             if asked and not getattr(MODES[self.mode], capability):
                 able = ", ".join(n for n, m in MODES.items() if getattr(m, capability))

@@ -11,9 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from models.artifact import load_artifact, resolve_artifact
+from models.normalizer import FILE as NORMALIZER_FILE
 from models.errors import FedrexError
 from models.personalization import get_mode
-from models.protocol import CONFIG, DEVICE, split_state
+from models.protocol import CONFIG, DEVICE, NORMALIZER, split_state
 from models.run_settings import CONTROL_KEYS, RunSettings
 from server.fleet import Fleet, assign_by_label, measure_ms_per_sample, parse_profile, profile_rows
 from server.recorder import Recorder
@@ -25,11 +26,11 @@ def log(message: str) -> None:
     print(f"[server] {message}", file=sys.stderr, flush=True)
 
 
-def global_model(settings: RunSettings):
-    """The artifact named by ``artifact`` (a packaged name or a folder), or a quick distillation
-    (cached) when it is empty."""
+def start_folder(settings: RunSettings) -> Path:
+    """The start artifact's folder: the one ``artifact`` names (a packaged name or a folder), or a
+    quick distillation (cached) when it is empty."""
     if settings.artifact:
-        return load_artifact(resolve_artifact(settings.artifact))
+        return resolve_artifact(settings.artifact)
     from server.distill import DistillConfig, distill
     from models.datasets import cache_dir
 
@@ -38,13 +39,28 @@ def global_model(settings: RunSettings):
         log(f"no artifact given: distilling a quick global model on {settings.distill_dataset} into {folder}")
         distill(DistillConfig.quick(dataset=settings.distill_dataset, seed=settings.seed,
                                     max_length=settings.max_length), folder)
-    return load_artifact(folder)
+    return folder
 
 
-def discover_clients(grid: Grid, settings: RunSettings, network: dict) -> tuple[dict, dict, dict]:
+def global_model(settings: RunSettings):
+    return load_artifact(start_folder(settings))
+
+
+def start_config(settings: RunSettings, network: dict) -> dict:
+    """What every message's config carries besides the weights: the network, and the start
+    artifact's word normaliser (its gzip'd word list) when the run puts it in front of the model.
+    An artifact without one runs undefended, as it was built."""
+    config = {"network": json.dumps(network)}
+    path = start_folder(settings) / NORMALIZER_FILE
+    if settings.normalizer and path.exists():
+        config[NORMALIZER] = path.read_bytes()
+    return config
+
+
+def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tuple[dict, dict, dict]:
     """Ask every connected node who it is: node id -> partition id, partition id -> client id,
     partition id -> device profile (a dict; ``client/device.py``)."""
-    config = ConfigRecord({"network": json.dumps(network)})
+    config = ConfigRecord(dict(base_config))
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
@@ -128,7 +144,10 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     shared, frozen = split_state(start, get_mode(settings.mode).shared_keys(model))
     log(f"run {store.run_id}: {settings.strategy}, mode {settings.mode}, rounds {offset + 1}..{settings.num_rounds}"
         f" -> {store.folder} ({len(shared)} shared tensors, {len(frozen)} kept as the artifact defines them)")
-    partition_of, client_of, profiles = discover_clients(grid, settings, network)
+    base_config = start_config(settings, network)
+    if NORMALIZER in base_config:
+        log(f"every client puts the start model's word normaliser in front of it ({len(base_config[NORMALIZER]) / 1024:.0f} KB)")
+    partition_of, client_of, profiles = discover_clients(grid, settings, base_config)
     recorder = Recorder(store, settings, offset, partition_of, client_of, frozen)
     fleet = start_fleet(settings, store, model, profiles)
     if fleet.enabled and offset == 0:
@@ -138,7 +157,7 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     progress_grid = ProgressGrid(grid, show=recorder.show_progress)
     stop_after = int(control.get("stop-after") or 0)
     last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
-    round_config = {"network": json.dumps(network), "run-dir": str(store.folder.resolve())}
+    round_config = {**base_config, "run-dir": str(store.folder.resolve())}
     if offset == 0 and settings.fraction_evaluate > 0:  # round 0: every user's start, before any training
         replies = progress_grid.send_and_receive(
             strategy.configure_evaluate(0, ArrayRecord(shared), ConfigRecord(dict(round_config)), grid),

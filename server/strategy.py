@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from models.protocol import ARRAYS, DETAILS, FROZEN, ONNX_BODY
+from models.protocol import ARRAYS, DETAILS, FROZEN, NORMALIZER, ONNX_BODY
 from models.run_settings import RunSettings
 from server.fleet import Fleet
 
@@ -113,6 +113,7 @@ class RecordingMixin:
     onnx_partitions: frozenset = frozenset()  # devices without torch (set by make_strategy)...
     onnx_body: bytes = b""  # ...and the body they run (models.export.body_onnx_int8)
     _target = 0  # this round's goal count of training reports
+    _config_bytes = 0  # what the round's config carries besides the weights (the word normaliser)
 
     def _attach_frozen(self, messages) -> list:
         """Every message gets the frozen tensors; one to a device without torch gets the run's
@@ -127,9 +128,9 @@ class RecordingMixin:
         return messages
 
     def _download_bytes(self, node: int) -> int:
-        """What one training device downloads this round: the shared tensors plus the frozen ones,
-        or plus the ONNX body for a device without torch."""
-        sent = sum(v.nbytes for v in self._sent.values())
+        """What one training device downloads this round: the shared tensors and the config's word
+        normaliser, plus the frozen tensors, or the ONNX body for a device without torch."""
+        sent = sum(v.nbytes for v in self._sent.values()) + self._config_bytes
         if self.recorder.partition_of.get(node) in self.onnx_partitions:
             return sent + len(self.onnx_body)
         return sent + sum(v.numpy().nbytes for v in self.frozen.values())
@@ -184,6 +185,7 @@ class RecordingMixin:
         config["global-round"] = self.recorder.global_round(server_round)
         self.recorder.note_sampled(server_round, "train", nodes)
         self._sent = _numpy(arrays)
+        self._config_bytes = len(bytes(config[NORMALIZER])) if NORMALIZER in config else 0
         return self._attach_frozen(super().configure_train(server_round, arrays, config, SampledGrid(grid, nodes)))
 
     def aggregate_train(self, server_round, replies):

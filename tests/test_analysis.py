@@ -43,6 +43,30 @@ def md_tables(text: str) -> dict[str, list[list[str]]]:
     return out
 
 
+def test_the_promise_table_equals_the_pandas_computation(reported_run):
+    """Round 0 and the last round, global and personal: accuracy, accuracy under each attack,
+    comprehensiveness and the share harmed, per user, recomputed from the parquet by hand."""
+    raw = pd.read_parquet(reported_run / "clients.parquet")
+    title = "Promises per user: accuracy, accuracy under attack, faithfulness (round 0 and the last round)"
+    table = md_tables((reported_run / "report.md").read_text())[title]
+    head, rows = table[0], {(int(r[0]), r[1]): dict(zip(table[0], r)) for r in table[1:]}
+    assert set(rows) == {(0, "global"), (0, "personal"), (2, "global"), (2, "personal")}
+    assert {"acc under char mean", "acc under synonym mean", "comprehensiveness mean", "harmed"} <= set(head)
+
+    def values(rnd, model, metric):
+        part = raw[(raw["round"] == rnd) & (raw["model"] == model) & (raw["metric"] == metric)]
+        return part.set_index("client_id")["value"]
+
+    for (rnd, model), row in rows.items():
+        for column, metric in (("acc mean", "acc"), ("acc under char mean", "adv_acc.char"),
+                               ("acc under synonym mean", "adv_acc.synonym"),
+                               ("comprehensiveness mean", "comprehensiveness")):
+            assert float(row[column]) == pytest.approx(values(rnd, model, metric).mean(), abs=5e-5), (rnd, model, column)
+        gain = values(rnd, "personal", "acc") - values(rnd, "global", "acc")
+        expected = "–" if model == "global" else f"{(gain < 0).mean():.4f}"
+        assert row["harmed"] == expected
+
+
 def test_load_run_has_proper_dtypes(reported_run):
     df = load_run(reported_run)
     for column in ("run_id", "client_id", "model", "metric"):
@@ -145,3 +169,22 @@ def test_compare_runs_gives_one_row_per_run_and_model(reported_run, tmp_path):
     assert len(table) == 4 and set(table["mode"]) == {"finetune", "ditto"}
     write_report(reported_run, [other])
     assert "## Method comparison" in (reported_run / "report.md").read_text()
+
+
+def test_the_label_prior_reference_matches_a_hand_computation():
+    """Start model + user label prior (benchmarks/references.py): log p(y|x) + log of the user's
+    add-one smoothed training label frequencies. Labels [1, 1, 1, 0] -> (1+1, 3+1) / 6."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from references import with_label_prior
+
+    log_probs = np.log(np.array([[0.6, 0.4], [0.45, 0.55], [0.9, 0.1]]))
+    adjusted = with_label_prior(log_probs, np.array([1, 1, 1, 0]))
+    by_hand = np.array([[np.log(0.6) + np.log(2 / 6), np.log(0.4) + np.log(4 / 6)],
+                        [np.log(0.45) + np.log(2 / 6), np.log(0.55) + np.log(4 / 6)],
+                        [np.log(0.9) + np.log(2 / 6), np.log(0.1) + np.log(4 / 6)]])
+    np.testing.assert_allclose(adjusted, by_hand)
+    assert adjusted.argmax(1).tolist() == [1, 1, 0]  # the prior flips the first row, not the confident third
+    assert with_label_prior(log_probs, np.array([0, 1])).argmax(1).tolist() == log_probs.argmax(1).tolist()

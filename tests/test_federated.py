@@ -4,6 +4,7 @@ tweets: learning rounds, per-client rows, personal state across rounds, DP accou
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -47,17 +48,61 @@ def test_a_round_changes_the_global_weights(baseline):
     assert "head.weight" in changed and "embedding.weight" in changed
 
 
-def test_a_federated_round_with_learning_rate_zero_returns_the_model_bit_for_bit(tmp_path):
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory):
+    """One round that cannot learn (lr 0), evaluated before and after; the defaults put the start
+    model's word normaliser in front of every client's model."""
+    return run(tmp_path_factory.mktemp("frozen"), "run-id=frozen", "lr=0", "num-rounds=1")
+
+
+def test_a_federated_round_with_learning_rate_zero_returns_the_model_bit_for_bit(frozen):
     """Through Flower's simulation engine: nobody learns, so the global model after the round is
     the shipped artifact, every tensor and dtype (the int16 vocabulary map included)."""
     from models.artifact import load_artifact, resolve_artifact
 
-    folder = run(tmp_path, "run-id=frozen", "lr=0", "num-rounds=1", "fraction-evaluate=0")
     start = load_artifact(resolve_artifact("sst2-student"))[0].state_dict()
-    after = load_weights(folder / "checkpoints" / "round-0001.safetensors")
+    after = load_weights(frozen / "checkpoints" / "round-0001.safetensors")
     assert set(after) == set(start)
     for key, tensor in start.items():
         assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
+    # the same model measured again: every client attacks and explains the same held-out rows with
+    # the same draws in every round, so round 1 repeats round 0 to the last digit
+    frame = tidy(frozen)
+    measured = frame[frame["model"] == "global"]
+    by_round = {r: g.drop(columns="round").reset_index(drop=True) for r, g in measured.groupby("round")}
+    assert set(by_round) == {0, 1} and any(m.startswith("adv_acc") for m in by_round[0]["metric"])
+    pd.testing.assert_frame_equal(by_round[0], by_round[1])
+
+
+def test_the_start_models_normaliser_reaches_every_client_and_the_attacks_query_through_it(frozen, tmp_path):
+    """The same start model without its normaliser (normalizer=false) on the same rows: the
+    character attack, which queries what the client serves, loses most of its power against the
+    defended package, while clean accuracy stays about the same."""
+    plain = run(tmp_path, "run-id=plain", "lr=0", "num-rounds=1", "normalizer=false")
+
+    def round0(folder, metric):
+        frame = tidy(folder)
+        rows = frame[(frame["round"] == 0) & (frame["model"] == "global") & (frame["metric"] == metric)]
+        return rows.set_index("partition_id")["value"]
+
+    defended, undefended = round0(frozen, "adv_acc.char"), round0(plain, "adv_acc.char")
+    assert len(defended) == len(undefended) >= 6
+    assert defended.mean() > undefended.mean() + 0.15, (defended.mean(), undefended.mean())
+    assert abs(round0(frozen, "acc").mean() - round0(plain, "acc").mean()) < 0.05
+
+
+def test_the_start_model_reference_row_is_what_every_client_reports_at_round_0(frozen):
+    """benchmarks/references.py computes the start model's per-user accuracy offline, on the same
+    split and through the same tokenizer (normaliser included) as the clients: it must equal the
+    round-0 accuracy each client reported through Flower, user by user."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from references import start_model_accuracy
+
+    reported = tidy(frozen)
+    reported = reported[(reported["round"] == 0) & (reported["model"] == "global") & (reported["metric"] == "acc")]
+    offline = start_model_accuracy(load_settings(None, SMALL))
+    assert offline["start model"] == pytest.approx(reported.set_index("client_id")["value"].to_dict(), abs=1e-12)
+    assert set(offline["start model + user label prior"]) == set(offline["start model"])
 
 
 def test_federated_rounds_raise_pooled_accuracy_over_round_0(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.attacks import RECIPES, CharEdits, SentenceSimilarity, attack_dataset, sentence_embeddings, word_budget
+from models.attacks import (RECIPES, STOPWORDS, CharEdits, SentenceSimilarity, Words, attack_dataset,
+                            sentence_embeddings, word_budget)
 from models.augment import PerturbedText
 from models.datasets import cached_text_dataset
 from models.errors import FedrexError
@@ -102,8 +103,9 @@ def test_perturbed_text_is_drawn_per_epoch_and_keeps_labels_and_teacher_logits(s
     assert first.texts == again.texts and first.texts != second.texts  # seeded, fresh each epoch
     assert np.array_equal(first.labels, data.labels) and np.array_equal(first.teacher_logits, data.teacher_logits)
     for i in changed:
-        before, after = data.texts[i].split(), first.texts[i].split()
-        assert sum(a != b for a, b in zip(before, after)) <= word_budget(len(before), 0.2)
+        before, after = Words.of(data.texts[i]).words, Words.of(first.texts[i]).words
+        edited = [a for a, b in zip(before, after) if a != b]
+        assert len(edited) <= word_budget(len(before), 0.2) and not set(edited) & STOPWORDS
         assert first.teacher_attr[i] is None  # its token positions moved
         assert np.array_equal(first.ids[i], tok.encode_ids([first.texts[i]])[0])
     assert data.texts[changed[0]] == sst2[0].texts[changed[0]]  # the original rows are untouched
@@ -197,3 +199,29 @@ def test_adversarial_text_trains_on_what_fools_the_current_model(model, sst2, to
     assert (fooled != out.labels[changed]).all() and np.array_equal(out.labels, data.labels)
     both = chain(PerturbedText(tok, seed=0), None, make)
     assert both(data, 1).texts != data.texts and chain(None) is None
+
+
+def test_a_client_encodes_and_perturbs_its_rows_through_the_normaliser_it_was_sent(normalizer):
+    """What the server sends (the start model's gzip'd word list) becomes the client's tokenizer:
+    its rows are encoded behind the normaliser, and perturbed-text hardening re-encodes the
+    perturbed rows through the same tokenizer."""
+    from client.data import load_local_data
+    from client.local import ClientTrainer
+    from models.run_settings import RunSettings
+
+    settings = RunSettings(dataset="rt_critics", min_samples=300, perturb_share=1.0)
+    local = load_local_data({"partition-id": 0}, settings, 2, normalizer.to_bytes())
+    plain = load_local_data({"partition-id": 0}, settings, 2, None)
+    assert local.tokenizer.normalizer.counts == normalizer.counts and plain.tokenizer.normalizer is None
+    defended = WordPieceTokenizer(settings.max_length, normalizer=normalizer)
+    for rows in (local.train, local.test):
+        expected = defended.encode_ids(rows.texts)
+        assert all(np.array_equal(a, b) for a, b in zip(rows.ids, expected))
+    rewritten = sum(not np.array_equal(a, b) for a, b in zip(local.train.ids, plain.train.ids))
+    assert rewritten > 0  # critics use words SST-2 lacks: some rows really are normalised
+    perturbed = ClientTrainer(settings, state=None, tokenizer=local.tokenizer).perturbed_text(seed=0)(local.train, 0)
+    changed = [i for i in range(len(local.train)) if perturbed.texts[i] != local.train.texts[i]]
+    assert len(changed) > 0.5 * len(local.train)
+    for i in changed:
+        assert np.array_equal(perturbed.ids[i], defended.encode_ids([perturbed.texts[i]])[0])
+    assert ClientTrainer(settings.replace(perturb_share=0.0), state=None).perturbed_text(seed=0) is None
