@@ -98,8 +98,9 @@ def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFr
 
 def promise_table(df: pd.DataFrame) -> pd.DataFrame:
     """The model's three promises per user, on the same rows, at round 0 (the start, and its local
-    fine-tune) and at the last evaluated round (global and personal): per-user mean accuracy with
-    its 95% half-width and pooled accuracy; accuracy under each attack on the attacked rows;
+    fine-tune) and at the last evaluated round (global and personal): per-user mean accuracy (every
+    held-out row) with its 95% half-width and pooled accuracy; clean accuracy on the attacked rows
+    (``attack-examples`` of them, the same in every round) and accuracy under each attack on them;
     comprehensiveness of the model's own IG rationales; for the personal model, agreement of its
     maps with the global model's and the share of users it harms (personal < global accuracy)."""
     last = last_round(df)
@@ -112,7 +113,9 @@ def promise_table(df: pd.DataFrame) -> pd.DataFrame:
             if acc is None or not acc.notna().any():
                 continue
             row = {"round": rnd, "model": model, "users": int(acc.notna().sum())}
-            columns = [("acc", "acc")] + [(f"acc under {a}", attack_metric("adv_acc", a)) for a in attacks_measured(wide)]
+            attacks = attacks_measured(wide)
+            columns = [("acc", "acc")] + ([("acc on attacked rows", ACC_ATTACKED_ROWS)] if attacks else [])
+            columns += [(f"acc under {a}", attack_metric("adv_acc", a)) for a in attacks]
             columns += [("comprehensiveness", "comprehensiveness"), ("agreement", "agreement_spearman")]
             for name, metric in columns:
                 values = wide.get(metric_key(model, metric), pd.Series(dtype=float)).dropna().to_numpy()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -195,7 +196,8 @@ def table(dataset: str, refs: dict, rows: list[dict]) -> str:
         body.append(_row("FedREX global model, round 0 (the start)", base, "r0", "global"))
         body.append(_row("local fine-tune of the start model, no federation", base, "r0", "personal"))
     for r in rows:
-        if r is not base and r.get("r0_global_mean") != base.get("r0_global_mean"):  # another start
+        other_start = not math.isclose(r["r0_global_mean"], base["r0_global_mean"], abs_tol=1e-9)
+        if r is not base and other_start:
             body.append(_row(f"{r['name']}: global model, round 0 (its start)", r, "r0", "global"))
         if r is base or r["name"].startswith(f"{base['name']},") or "+DP" in r["name"]:
             body.append(_row(f"{r['name']}: global model, round {r['last_round']}", r, "final", "global"))
@@ -213,11 +215,14 @@ def sweep_table(dataset: str, rows: list[dict]) -> str:
         effective = dict(pair.split("=", 1) for pair in r["config"])  # later pairs override earlier ones
         change = " ".join(f"{k}={v}" for k, v in effective.items()
                           if k not in ("dataset", "attack-examples", "fidelity-examples", "evaluate-every"))
-        body.append([change, fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
+        start = ("bare student (before the defended start)" if "attacks_version" not in r
+                 else "bare student" if "normalizer=false" in r["config"] else "student + normaliser")
+        body.append([change, start, fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
                      f"{fmt(r['final_global_mean'])} ± {fmt(r['final_global_ci95'])}",
                      f"{fmt(r.get('final_global_pred_positive'), 2)} ({fmt(r.get('final_true_positive'), 2)})",
                      f"{r['seconds']:.0f}"])
-    head = ["settings (everything else: the defaults of the time)", "pooled acc, round 0", "pooled acc, last round",
+    head = ["settings (everything else: the defaults of the time)", "start", "pooled acc, round 0",
+            "pooled acc, last round",
             "per-user mean ± 95% CI", "called positive (true)", "seconds"]
     return f"### {dataset}: sweep of the federation's settings (global model)\n\n" + markdown_table(
         pd.DataFrame(body, columns=head))

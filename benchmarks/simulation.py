@@ -82,13 +82,15 @@ def plain_replay(run_dir: Path) -> dict:
     from client.state import ClientState
     from models.networks import build_network
     from models.run_settings import RunSettings
-    from server.app import global_model
+    from models.protocol import NORMALIZER
+    from server.app import global_model, start_config
 
     setup_start = time.time()
     meta = json.loads((run_dir / "run.json").read_text())
     settings = RunSettings.from_flower(meta["settings"])
     model, config = global_model(settings)
     network = config["network"]
+    normalizer = start_config(settings, network).get(NORMALIZER)  # what the simulation's clients were sent
     weights = model.state_dict()
     rows = pd.read_parquet(run_dir / "clients.parquet")
     trained = rows[(rows["model"] == "train") & (rows["metric"] == "n_train")]
@@ -99,9 +101,9 @@ def plain_replay(run_dir: Path) -> dict:
         start = time.time()
         total, summed = 0, None
         for pid in sorted(trained.loc[trained["round"] == round_number, "partition_id"].unique()):
-            local = load_local_data({"partition-id": int(pid)}, settings, network["num_labels"])
+            local = load_local_data({"partition-id": int(pid)}, settings, network["num_labels"], normalizer)
             sent, _ = train_round(lambda: build_network(network), weights, local.train, settings, ClientState(),
-                                  int(round_number), int(pid), 0.0)
+                                  int(round_number), int(pid), 0.0, local.tokenizer)
             n = len(local.train)
             total += n
             summed = ({k: v.double() * n for k, v in sent.items()} if summed is None

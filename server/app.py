@@ -145,8 +145,11 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     log(f"run {store.run_id}: {settings.strategy}, mode {settings.mode}, rounds {offset + 1}..{settings.num_rounds}"
         f" -> {store.folder} ({len(shared)} shared tensors, {len(frozen)} kept as the artifact defines them)")
     base_config = start_config(settings, network)
+    store.meta["normalizer_bytes"] = len(base_config.get(NORMALIZER, b""))  # run.json says what defended the run
     if NORMALIZER in base_config:
         log(f"every client puts the start model's word normaliser in front of it ({len(base_config[NORMALIZER]) / 1024:.0f} KB)")
+    elif settings.normalizer:
+        log("the start artifact ships no word normaliser: every client serves the bare model")
     partition_of, client_of, profiles = discover_clients(grid, settings, base_config)
     recorder = Recorder(store, settings, offset, partition_of, client_of, frozen)
     fleet = start_fleet(settings, store, model, profiles)

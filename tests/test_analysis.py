@@ -58,7 +58,8 @@ def test_the_promise_table_equals_the_pandas_computation(reported_run):
         return part.set_index("client_id")["value"]
 
     for (rnd, model), row in rows.items():
-        for column, metric in (("acc mean", "acc"), ("acc under char mean", "adv_acc.char"),
+        for column, metric in (("acc mean", "acc"), ("acc on attacked rows mean", "acc_attacked_rows"),
+                               ("acc under char mean", "adv_acc.char"),
                                ("acc under synonym mean", "adv_acc.synonym"),
                                ("comprehensiveness mean", "comprehensiveness")):
             assert float(row[column]) == pytest.approx(values(rnd, model, metric).mean(), abs=5e-5), (rnd, model, column)

@@ -85,6 +85,9 @@ def test_the_start_models_normaliser_reaches_every_client_and_the_attacks_query_
         rows = frame[(frame["round"] == 0) & (frame["model"] == "global") & (frame["metric"] == metric)]
         return rows.set_index("partition_id")["value"]
 
+    shipped = (Path(__file__).resolve().parents[1] / "models/artifacts/sst2-student/normalizer.txt.gz").stat().st_size
+    assert json.loads((frozen / "run.json").read_text())["normalizer_bytes"] == shipped
+    assert json.loads((plain / "run.json").read_text())["normalizer_bytes"] == 0
     defended, undefended = round0(frozen, "adv_acc.char"), round0(plain, "adv_acc.char")
     assert len(defended) == len(undefended) >= 6
     assert defended.mean() > undefended.mean() + 0.15, (defended.mean(), undefended.mean())
