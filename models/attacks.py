@@ -261,7 +261,8 @@ class Example:
     budget: int
     rng: np.random.Generator
 
-    def p_true(self, candidates: list[list[str]]) -> np.ndarray:
+    def proba(self, candidates: list[list[str]]) -> np.ndarray:
+        """The victim's class probabilities for the texts these word lists make (one row each)."""
         return self.victim.proba([self.original.text(w) for w in candidates])
 
 
@@ -280,13 +281,13 @@ class GreedyWordImportance:
     def rank(self, attack: "Attack", ex: Example, indices: list[int]) -> list[int]:
         words = list(ex.original.words)
         filler = "" if self.ranking == "delete" else "[UNK]"
-        scores = 1 - ex.p_true([_replace(words, i, filler) for i in indices])[:, ex.label]
+        scores = 1 - ex.proba([_replace(words, i, filler) for i in indices])[:, ex.label]
         if self.ranking == "weighted-saliency":
             best_swap = np.zeros(len(indices))
             for k, i in enumerate(indices):
                 candidates = attack.candidates(ex, words, i)
                 if candidates:
-                    best_swap[k] = 1 - ex.p_true([_replace(words, i, c) for c in candidates])[:, ex.label].min()
+                    best_swap[k] = 1 - ex.proba([_replace(words, i, c) for c in candidates])[:, ex.label].min()
             weights = np.exp(scores - scores.max())
             scores = weights / weights.sum() * best_swap
         return [indices[k] for k in np.argsort(-scores, kind="stable")]
@@ -300,7 +301,7 @@ class GreedyWordImportance:
             candidates = attack.candidates(ex, current, i)
             if not candidates:
                 continue
-            probs = ex.p_true([_replace(current, i, c) for c in candidates])
+            probs = ex.proba([_replace(current, i, c) for c in candidates])
             best = int(probs[:, ex.label].argmin())
             if probs[best, ex.label] >= p_current:
                 continue
@@ -328,7 +329,7 @@ class BeamSearch:
                               if i not in changed for c in attack.candidates(ex, w, i)]
                 if not expansions:
                     break
-                probs = ex.p_true([w for w, _ in expansions])
+                probs = ex.proba([w for w, _ in expansions])
                 order = np.argsort(probs[:, ex.label], kind="stable")
                 top = int(order[0])
                 best_words, best_changed = expansions[top][0], len(expansions[top][1])
