@@ -14,14 +14,26 @@ from models.protocol import (ACC_ATTACKED_ROWS, DEVICE, DEVICE_STATUSES, DEVICE_
                              metric_key)
 
 CATEGORICAL = ["run_id", "client_id", "model", "metric"]
+CLIENT_COLUMNS = ["run_id", "round", "client_id", "partition_id", "model", "metric", "value"]
+
+
+class RunFolderError(ValueError):
+    """A folder that is not a readable FedREX run (`fedrex report` turns it into one error line)."""
 
 
 def load_run(run_dir) -> pd.DataFrame:
     """The tidy per-client table: run_id, round, client_id, partition_id, model, metric, value."""
     path = Path(run_dir) / "clients.parquet"
+    if not Path(run_dir).is_dir():
+        raise RunFolderError(f"{run_dir} does not exist")
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no clients.parquet: is it a FedREX run folder?")
-    frame = pd.read_parquet(path)
+        raise RunFolderError(f"{run_dir} has no clients.parquet: not a FedREX run folder, or no round was committed yet")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises its own types for truncated or foreign files
+        raise RunFolderError(f"{path} is not readable ({type(exc).__name__}: {exc})") from None
+    if frame.empty or set(CLIENT_COLUMNS) - set(frame.columns):
+        raise RunFolderError(f"{path} holds no rows of a FedREX run")
     for column in CATEGORICAL:
         frame[column] = frame[column].astype("category")
     frame["round"] = frame["round"].astype("int64")
@@ -31,7 +43,18 @@ def load_run(run_dir) -> pd.DataFrame:
 
 
 def run_info(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "run.json").read_text())
+    path = Path(run_dir) / "run.json"
+    if not Path(run_dir).is_dir():
+        raise RunFolderError(f"{run_dir} does not exist")
+    if not path.exists():
+        raise RunFolderError(f"{run_dir} has no run.json: not a FedREX run folder")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(info, dict) or "settings" not in info or "run_id" not in info:
+        raise RunFolderError(f"{path} is not a FedREX run.json (no run_id or settings)")
+    return info
 
 
 def last_round(df: pd.DataFrame, metric: str = "acc") -> int:
@@ -101,8 +124,9 @@ def promise_table(df: pd.DataFrame) -> pd.DataFrame:
     fine-tune) and at the last evaluated round (global and personal): per-user mean accuracy (every
     held-out row) with its 95% half-width and pooled accuracy; clean accuracy on the attacked rows
     (``attack-examples`` of them, the same in every round) and accuracy under each attack on them;
-    comprehensiveness of the model's own IG rationales; for the personal model, agreement of its
-    maps with the global model's and the share of users it harms (personal < global accuracy)."""
+    comprehensiveness of the model's own IG rationales beside that of random maps on the same rows,
+    agreement of its maps with the start model's (round 0's; Spearman), for the personal model
+    agreement with the global model's and the share of users it harms (personal < global accuracy)."""
     last = last_round(df)
     out = []
     for rnd in dict.fromkeys([0, last]):
@@ -116,7 +140,9 @@ def promise_table(df: pd.DataFrame) -> pd.DataFrame:
             attacks = attacks_measured(wide)
             columns = [("acc", "acc")] + ([("acc on attacked rows", ACC_ATTACKED_ROWS)] if attacks else [])
             columns += [(f"acc under {a}", attack_metric("adv_acc", a)) for a in attacks]
-            columns += [("comprehensiveness", "comprehensiveness"), ("agreement", "agreement_spearman")]
+            columns += [("comprehensiveness", "comprehensiveness"), ("random maps", "comprehensiveness_random"),
+                        ("agreement with round 0", "start_agreement_spearman"),
+                        ("agreement with global", "agreement_spearman")]
             for name, metric in columns:
                 values = wide.get(metric_key(model, metric), pd.Series(dtype=float)).dropna().to_numpy()
                 row[f"{name} mean"], row[f"{name} ci95"] = (values.mean(), ci95(values)) if values.size else (np.nan,) * 2
@@ -177,8 +203,9 @@ def missing_rounds(run_dir, df: pd.DataFrame) -> list[int]:
 
 
 def compare_runs(run_dirs: list) -> pd.DataFrame:
-    """One row per run x method: the run's strategy and mode, and fairness of ``acc`` at its last
-    evaluated round, for both models."""
+    """One row per run x method: the run's strategy and mode, and fairness of ``acc`` (every
+    held-out row) at its last evaluated round, for both models; beside each attack's accuracy, the
+    clean accuracy on the same attacked rows (the all-rows figure is another population)."""
     rows = []
     for run_dir in run_dirs:
         info, df = run_info(run_dir), load_run(run_dir)
@@ -189,6 +216,9 @@ def compare_runs(run_dirs: list) -> pd.DataFrame:
             row = {"run_id": info["run_id"], "strategy": settings.get("strategy"), "mode": settings.get("mode"),
                    "dp": settings.get("dp"), "adv_weight": settings.get("adv-weight"), "model": model,
                    "round": last_round(df), **stats.to_dict()}
+            attacked_rows = metric_key(model, ACC_ATTACKED_ROWS)
+            if attacks_measured(wide) and attacked_rows in wide:
+                row["acc_attacked_rows_mean"] = wide[attacked_rows].mean()
             for attack in attacks_measured(wide):
                 column = metric_key(model, attack_metric("adv_acc", attack))
                 if column in wide:

@@ -169,7 +169,10 @@ def write_report(run_dir, compare: list | None = None) -> Path:
     plots = make_plots(df, run_dir / "report")
     missing, failed = missing_rounds(run_dir, df), failures(df)
 
-    md = [f"# FedREX run {info['run_id']}", "",
+    title = f"# FedREX run {info['run_id']}"
+    if info.get("status") == "failed":  # said first: the tables below stop where the run died
+        title += f": FAILED ({info.get('failure', 'no reason recorded')})"
+    md = [title, "",
           f"{settings.get('dataset')} ({settings.get('partitioner')}), strategy {settings.get('strategy')}, "
           f"mode {settings.get('mode')}, {info.get('completed_rounds')}/{settings.get('num-rounds')} rounds, "
           f"status {info.get('status')}, seed {settings.get('seed')}; last evaluated round {last_round(df)}.", ""]
@@ -236,6 +239,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def report_cmd(args) -> int:
-    path = write_report(args.run_dir, args.compare)
+    from analysis.load import RunFolderError
+    from models.errors import FedrexError  # the command's error line; the library stays plain
+
+    try:
+        path = write_report(args.run_dir, args.compare)
+    except RunFolderError as err:
+        raise FedrexError(str(err)) from None
     print(path)
     return 0

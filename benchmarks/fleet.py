@@ -44,7 +44,7 @@ ROWS = {
 RESULTS = ROOT / "results"
 
 
-def reference_ms() -> float:
+def reference_ms() -> dict:
     from models.run_settings import RunSettings
     from server.app import global_model
     from server.fleet import measure_ms_per_sample
@@ -118,11 +118,13 @@ def main() -> int:
     saved = json.loads(path.read_text()) if path.exists() else {"rows": []}
     if saved.get("rounds") not in (None, args.rounds):
         saved = {"rows": []}
-    if "reference_ms_per_sample" not in saved:
-        saved["reference_ms_per_sample"] = reference_ms()
+    if "reference_ms_per_forward" not in saved:  # older results timed a few steps of the mix: measure all again
+        reference = reference_ms()
+        saved = {"rows": [], "reference_ms_per_sample": reference["train"], "reference_ms_per_forward": reference["forward"]}
     saved["rounds"] = args.rounds
     ms = saved["reference_ms_per_sample"]
-    print(f"[fleet] reference {ms:.3f} ms per training sample (one thread)", file=sys.stderr, flush=True)
+    print(f"[fleet] reference {ms:.3f} ms per training sample, {saved['reference_ms_per_forward']:.3f} per forward "
+          "pass (one thread)", file=sys.stderr, flush=True)
     if args.from_runs:
         saved["rows"] = [summarize(r["row"], r["settings"], Path(args.work) / f"row-{list(ROWS).index(r['row'])}",
                                    r["wall_s"]) for r in saved["rows"]]

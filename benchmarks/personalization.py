@@ -1,12 +1,16 @@
 """Personalization experiment on real users, with the reference rows every such table needs.
 
     python benchmarks/personalization.py [--datasets rt_critics,sent140_users]
-        [--part hardening|methods|sweep|seeds|all] [--rounds 3] [--set KEY=VALUE ...]
+        [--part hardening|methods|faithfulness|sweep|seeds|all] [--rounds 3] [--set KEY=VALUE ...]
 
 - ``hardening``: the default run (the defended start: student + word normaliser, embedding-PGD
   hardening), then one change each: no hardening, perturbed-text hardening added, perturbed text
   instead of PGD, and the undefended start (no normaliser): what each defence buys;
-- ``methods``: one run per other personalization mode, and the default mode under DP;
+- ``methods``: one run per other personalization mode, the default mode under DP, and the
+  combinations of what worked alone (``COMBINATIONS``);
+- ``faithfulness``: the explanation term (``expl-weight``) anchored to the start model's maps, at
+  several weights, and anchored to the received model's (the old behaviour): comprehensiveness
+  and agreement with the round-0 maps per round, beside random maps, with accuracy and time;
 - ``sweep``: one change at a time from the defaults on rt_critics (client learning rate, local
   steps, logit-adjusted loss, server optimizer), to choose and justify the defaults;
 - ``seeds``: the headline rows again with seeds 1 and 2 (per-user accuracy on a few test rows is
@@ -48,7 +52,7 @@ from simulations.simulate import load_settings  # noqa: E402
 # Who takes part: sent140 is cut to users with >= 10 tweets (1-row test sets make per-user
 # accuracy a coin flip).
 DATASETS = {"rt_critics": ["dataset=rt_critics"], "sent140_users": ["dataset=sent140_users", "min-samples=10"]}
-MODES = ["finetune", "prior", "mix", "select", "ditto", "fedper"]
+MODES = ["finetune", "prior", "prior-shift", "mix", "select", "ditto", "fedper"]
 HEADLINE = [RunSettings().mode]  # its runs also hold the global model and round 0
 # every method run attacks every held-out row with both recipes (10 per user are too few to compare)
 ATTACKS = ("char", "synonym")
@@ -58,6 +62,16 @@ HARDENING = [  # (row name, change from the defaults): what each defence buys, o
     ("+ perturbed text", ["perturb-share=0.5"]),
     ("perturbed text instead of PGD", ["perturb-share=0.5", "adv-weight=0"]),
     ("undefended start (no normaliser)", ["normalizer=false"]),
+]
+FAITHFULNESS = [  # (row name, change from the defaults): the explanation term's anchor and parts
+    ("no explanation term (expl 0, the defaults)", []),
+    ("expl 1.0, anchored to the received model", ["expl-weight=1.0", "expl-anchor=received"]),
+    ("expl 1.0, anchored to the start", ["expl-weight=1.0"]),
+    ("expl 1.0 + erasure 1.0, anchored to the start", ["expl-weight=1.0", "expl-erasure=1.0"]),
+    ("start-kd 1.0 (distil the start model on own rows)", ["start-kd=1.0"]),
+]
+COMBINATIONS = [  # (row name, change from the defaults): what works on its own, together
+    ("prior-shift + start-kd 3.0", ["mode=prior-shift", "start-kd=3.0"]),
 ]
 CENTRAL = "central FedREX student (start model fine-tuned on pooled user rows, 2 epochs)"
 SWEEP = [  # (name, change from the defaults)
@@ -82,6 +96,10 @@ SWEEP_SENT140 = [  # the global model loses accuracy on tweets: what each remedy
     ("balanced loss", ["balanced-loss=true"]),
     ("lr 1e-3", ["lr=0.001"]),
     ("5 local epochs", ["local-epochs=5"]),
+    ("start-kd 1.0 (distil the start model on own rows)", ["start-kd=1.0"]),
+    ("start-kd 3.0", ["start-kd=3.0"]),
+    ("fedprox (mu 0.1)", ["strategy=fedprox", "proximal-mu=0.1"]),
+    ("balanced loss, lr 1e-3", ["balanced-loss=true", "lr=0.001"]),
 ]
 
 
@@ -93,8 +111,11 @@ def runs_for(part: str, datasets: list[str]) -> list[tuple[str, str, list[str]]]
         if part == "hardening":
             out.append((dataset, mode, [f"mode={mode}", *EVALUATION]))
             out += [(dataset, f"{mode}, {name}", [*EVALUATION, *pairs]) for name, pairs in HARDENING]
+        elif part == "faithfulness":
+            out += [(dataset, f"{mode}, {name}", [*EVALUATION, *pairs]) for name, pairs in FAITHFULNESS]
         elif part == "methods":
             out += [(dataset, m, [f"mode={m}", *EVALUATION]) for m in MODES if m != mode]
+            out += [(dataset, name, [*EVALUATION, *pairs]) for name, pairs in COMBINATIONS]
             out.append((dataset, f"{mode} +DP (noise 1.0)", ["dp=true", "noise-multiplier=1.0", *EVALUATION]))
         elif part == "seeds":
             out += [(dataset, f"{m} (seed {seed})", [f"mode={m}", f"seed={seed}", *EVALUATION])
@@ -128,8 +149,9 @@ def summarise(run_dir: Path) -> dict:
                 if f"{model}.adv_acc.{attack}" in wide:
                     row[f"{tag}_{model}_adv_acc_{attack}"] = float(wide[f"{model}.adv_acc.{attack}"].mean())
                     row[f"{tag}_{model}_acc_attacked_rows"] = float(wide[f"{model}.acc_attacked_rows"].mean())
-            if f"{model}.comprehensiveness" in wide:
-                row[f"{tag}_{model}_comprehensiveness"] = float(wide[f"{model}.comprehensiveness"].mean())
+            for metric in ("comprehensiveness", "comprehensiveness_random", "start_agreement_spearman"):
+                if f"{model}.{metric}" in wide:
+                    row[f"{tag}_{model}_{metric}"] = float(wide[f"{model}.{metric}"].mean())
         if "client.test_positive" in wide:
             row[f"{tag}_true_positive"] = float(np.average(wide["client.test_positive"], weights=weights))
         if rnd == last:
@@ -228,6 +250,27 @@ def sweep_table(dataset: str, rows: list[dict]) -> str:
         pd.DataFrame(body, columns=head))
 
 
+def faithfulness_table(dataset: str, rows: list[dict]) -> str:
+    """The global model's explanations through the rounds, per explanation-term setting: its own
+    IG rationales' comprehensiveness at round 0 and after, random maps' on the same rows, agreement
+    with the round-0 maps, and what the setting costs in accuracy, robustness and time."""
+    mode = RunSettings().mode
+    chosen = [r for r in rows if r["name"] in {f"{mode}, {n}" for n, _ in FAITHFULNESS}]
+    body = []
+    for r in chosen:
+        body.append([r["name"], f"{fmt(r.get('r0_global_comprehensiveness'))} ({fmt(r.get('r0_global_comprehensiveness_random'))})",
+                     f"{fmt(r.get('final_global_comprehensiveness'))} ({fmt(r.get('final_global_comprehensiveness_random'))})",
+                     fmt(r.get("final_global_start_agreement_spearman")),
+                     fmt(r.get("final_personal_comprehensiveness")), fmt(r["final_global_pooled"]),
+                     fmt(r["final_personal_mean"]),
+                     " / ".join(fmt(r.get(f"final_global_adv_acc_{a}")) for a in ATTACKS), f"{r['seconds']:.0f}"])
+    head = ["row", "comprehensiveness, round 0 (random maps)", "global, last round (random maps)",
+            "agreement with round 0 (Spearman)", "personal comprehensiveness", "global pooled acc",
+            "personal mean acc", f"global under {' / '.join(ATTACKS)}", "seconds"]
+    return f"### {dataset}: explanations through the rounds (global model)\n\n" + markdown_table(
+        pd.DataFrame(body, columns=head))
+
+
 def with_seeds(rows: list[dict]) -> list[dict]:
     """Attach the other seeds' personal means to each headline row."""
     out = []
@@ -258,9 +301,10 @@ def check_start(row: dict, refs: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="rt_critics,sent140_users")
-    parser.add_argument("--part", default="all", choices=["hardening", "methods", "sweep", "seeds", "all"])
+    parser.add_argument("--part", default="all", choices=["hardening", "methods", "faithfulness", "sweep", "seeds", "all"])
     parser.add_argument("--rounds", type=int, default=RunSettings().num_rounds)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--only", default="", help="run only the rows of the part whose name contains this")
     parser.add_argument("--runs-dir", default="/tmp/fedrex-personalization")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
@@ -286,9 +330,11 @@ def main() -> int:
     for row in rows:  # re-read every kept run: a newer summary (columns) applies to older rows too
         if (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
             row.update(summarise(Path(args.runs_dir) / row["run_id"]))
-    parts = ["hardening", "methods", "sweep", "seeds"] if args.part == "all" else [args.part]
+    parts = ["hardening", "methods", "faithfulness", "sweep", "seeds"] if args.part == "all" else [args.part]
     for part in parts:
         for dataset, name, pairs in runs_for(part, datasets):
+            if args.only not in name:
+                continue
             if any(r["dataset"] == dataset and r["name"] == name for r in rows):
                 print(f"[bench] {dataset} / {name}: already measured", file=sys.stderr)
                 continue
@@ -298,6 +344,9 @@ def main() -> int:
             save(json_path, rows, refs)
     md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d])) for d in refs)
     for dataset in refs:
+        expl = [r for r in rows if r["dataset"] == dataset and any(r["name"].endswith(n) for n, _ in FAITHFULNESS)]
+        if expl:
+            md += "\n\n" + faithfulness_table(dataset, [r for r in rows if r["dataset"] == dataset])
         sweep = [r for r in rows if r["name"].startswith("sweep") and r["dataset"] == dataset]
         if sweep:
             md += "\n\n" + sweep_table(dataset, sweep)

@@ -59,15 +59,25 @@ def _setup(msg: Message, context: Context):
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
     network = json.loads(str(config["network"])) if "network" in config else None
     round_number = int(config.get("global-round", config.get("server-round", 0)))
-    # Where personal state is mirrored: a device names its own folder; in simulation the run dir.
-    state_dir = context.node_config.get("state-dir") or config.get("run-dir")
-    run_dir = Path(str(state_dir)) if state_dir else None
+    run_dir = state_folder(context.node_config, config)
     normalizer = config.get(NORMALIZER)  # the start model's word normaliser, when the run defends with it
     local = load_local_data(context.node_config, settings, network["num_labels"] if network else 2,
                             bytes(normalizer) if normalizer else None)
     profile = profile_for(settings, local.partition_id, context.node_config)
     check_packages(settings, profile.runtime)
     return settings, config, network, round_number, run_dir, local, profile
+
+
+def state_folder(node_config, config) -> Path | None:
+    """Where this client mirrors its personal state: in simulation the run dir; on a device the
+    folder its node config names (``state-dir``), one subfolder per FedREX run (the server's run
+    id, the same across resumes), so a new run never reads an earlier run's heads or privacy
+    ledger from a reused folder."""
+    if "state-dir" in node_config:
+        if "run-id" not in config:
+            raise FedrexError("the server sent no run id: a device with a state-dir needs a FedREX server of the same version")
+        return Path(str(node_config["state-dir"])) / str(config["run-id"])
+    return Path(str(config["run-dir"])) if "run-dir" in config else None
 
 
 def _reply(msg: Message, details: dict, num_examples: int, arrays: ArrayRecord | None = None) -> Message:

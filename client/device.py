@@ -180,6 +180,9 @@ def _trace_path(folder: Path, stem: str) -> Path | None:
     return None
 
 
+FEDSCALE_KBIT = 1024 / 1000  # FedScale's kbit in FedREX's (1,000-bit) kbit
+
+
 @lru_cache(maxsize=2)
 def fedscale_profiles(location: str) -> list[DeviceProfile]:
     """Profiles from FedScale's files: ``client_device_capacity`` ({client: {'computation': ms per
@@ -189,7 +192,9 @@ def fedscale_profiles(location: str) -> list[DeviceProfile]:
 
     FedScale's computation figure is inference latency of its own models; its median device is
     taken as the reference (slowdown = computation / median), so the trace sets the spread of
-    speeds and the run's measured reference sets the scale. One bandwidth serves both directions."""
+    speeds and the run's measured reference sets the scale. One bandwidth serves both directions.
+    FedScale sizes updates in kbit of 1,024 bits (its aggregator: bytes / 1024 x 8), so its
+    'communication' figure is converted to FedREX's kbit/s of 1,000 bits (x 1.024)."""
     where = Path(location)
     capacity_path = where if where.is_file() else _trace_path(where, "client_device_capacity")
     if capacity_path is None:
@@ -202,7 +207,7 @@ def fedscale_profiles(location: str) -> list[DeviceProfile]:
     try:
         ids = sorted(capacity, key=lambda k: (str(type(k)), k))
         compute = np.array([float(capacity[k]["computation"]) for k in ids])
-        comm = np.array([float(capacity[k]["communication"]) for k in ids])
+        comm = np.array([float(capacity[k]["communication"]) for k in ids]) * FEDSCALE_KBIT
     except (KeyError, TypeError, ValueError) as err:
         raise FedrexError(f"{capacity_path}: every entry needs numeric 'computation' and 'communication' ({err})") \
             from None

@@ -1,7 +1,8 @@
 """What every client measures on its own held-out rows, for the global and the personal model:
 accuracy, accuracy under each attack the run names (``client-attacks``) and its success rate, explanation fidelity
-(ERASER comprehensiveness/sufficiency of its IG maps) and, for the personal model, agreement of its
-attributions with the global model's. Plus who the client is: sizes, label balance, privacy spent.
+(ERASER comprehensiveness/sufficiency of its IG maps, and the comprehensiveness of random maps on the
+same rows, so the number can be read), agreement of its attributions with the start model's
+(round 0's) when the message carries the start and, for the personal model, with the global model's. Plus who the client is: sizes, label balance, privacy spent.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from models.training import predict_logits
 
 
 def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokenizer, seed: int,
-                  reference_attr=None) -> tuple[dict, list]:
+                  reference_attr=None, start_attr=None) -> tuple[dict, list]:
+    """``reference_attr``: the global model's maps by row (the personal model's agreement);
+    ``start_attr``: the start model's (``start_attributions``: agreement with round 0)."""
     test = local.test
     predicted = predict_logits(model, test).argmax(1)
     metrics = {"acc": float((predicted == test.labels).mean())}
@@ -32,19 +35,31 @@ def model_metrics(model, local: LocalData, settings, tokenizer: WordPieceTokeniz
             metrics.update({attack_metric(name, attack): values[name] for name in ATTACK_METRICS})
     attr = None
     if settings.fidelity_examples > 0:
-        fid, attr = fidelity(model, test, reference_attr, settings.ig_steps, settings.fidelity_examples, seed)
-        metrics.update(comprehensiveness=fid["comprehensiveness"], sufficiency=fid["sufficiency"])
-        if reference_attr is not None:
-            metrics.update(agreement_spearman=fid["agreement_spearman"], agreement_topk=fid["agreement_topk_overlap"])
+        fid, attr = fidelity(model, test, {"": reference_attr, "start_": start_attr}, settings.ig_steps,
+                             settings.fidelity_examples, seed)
+        metrics.update({k: fid[k] for k in ("comprehensiveness", "sufficiency", "comprehensiveness_random")})
+        for prefix in ("", "start_"):
+            if f"{prefix}agreement_spearman" in fid:
+                metrics[f"{prefix}agreement_spearman"] = fid[f"{prefix}agreement_spearman"]
+                metrics[f"{prefix}agreement_topk"] = fid[f"{prefix}agreement_topk_overlap"]
     return metrics, attr
 
 
-def client_profile(local: LocalData, state, delta: float) -> dict:
-    """``data_profile`` plus what the client's state says: privacy spent, last training time,
-    whether it holds personal weights."""
+def start_attributions(start, local: LocalData, settings, seed: int):
+    """The start model's IG maps on the rows ``model_metrics`` explains (by row; None elsewhere)."""
+    if settings.fidelity_examples <= 0 or len(local.test) == 0:
+        return None
+    _, attr = fidelity(start, local.test, None, settings.ig_steps, settings.fidelity_examples, seed, eraser=False)
+    return full_attr_list(attr, len(local.test), settings.fidelity_examples, seed)
+
+
+def client_profile(local: LocalData, state, settings) -> dict:
+    """``data_profile`` plus what the client's state says: privacy spent (NaN in a run without DP:
+    not applicable, rather than a budget of 0), last training time, whether it holds personal weights."""
     from client.privacy import epsilon_of
 
-    return {**data_profile(local), "epsilon": epsilon_of(state.dp_history, delta),
+    epsilon = epsilon_of(state.dp_history, settings.delta) if settings.dp else float("nan")
+    return {**data_profile(local), "epsilon": epsilon,
             "train_seconds": state.train_seconds, "has_personal": float(state.personal is not None)}
 
 

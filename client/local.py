@@ -12,6 +12,7 @@ personal models) stays where it is.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -20,12 +21,13 @@ import torch
 from client.data import round_seed
 from models.encoded import EncodedData
 from models.errors import FedrexError
-from models.linear_head import train_linear_head
+from models.linear_head import head_work, train_linear_head
 from models.objectives import ObjectiveConfig, saliency
 from models.personalization import RoundInputs, get_mode
 from models.run_settings import RunSettings
-from models.tokenizer import content_mask
-from models.training import fit, seed_everything
+from models.attribution import FRACTIONS
+from models.tokenizer import content_mask, content_positions
+from models.training import fit, predict_logits, seed_everything
 
 
 def proximal_term(model, anchor: dict[str, torch.Tensor] | None, weight: float):
@@ -39,9 +41,14 @@ def proximal_term(model, anchor: dict[str, torch.Tensor] | None, weight: float):
     return term
 
 
-def with_reference_saliency(model, data: EncodedData) -> EncodedData:
-    """Attach the received global model's saliency maps as the EXPL target: local training then
-    keeps attributions close to the global model's instead of drifting while it adapts."""
+def with_reference_saliency(model, data: EncodedData, erasure_seed: int | None = None) -> EncodedData:
+    """Attach ``model``'s saliency maps (for its own predictions) as the EXPL target: local
+    training then keeps attributions close to that model's while it adapts. The reference is the
+    start model (``expl-anchor=start``: it does not drift) or the received global model.
+
+    With ``erasure_seed``, also each row's erased variant for the erasure term: the row without
+    the reference map's top tokens (a share drawn per row from ERASER's fractions, as the
+    comprehensiveness metric deletes them), and the reference model's probabilities on it."""
     maps: list = [None] * len(data)
     explained = np.zeros(len(data), dtype=np.int64)
     model.eval()
@@ -54,7 +61,23 @@ def with_reference_saliency(model, data: EncodedData) -> EncodedData:
             explained[index] = int(predicted[row])
     out = data.subset(np.arange(len(data)))
     out.teacher_attr, out.attr_labels = maps, explained
+    if erasure_seed is not None:
+        rng = np.random.default_rng(erasure_seed)
+        out.erased_ids = [erase_top(ids, attr, float(rng.choice(FRACTIONS))) for ids, attr in zip(data.ids, maps)]
+        erased = EncodedData(out.erased_ids, data.labels, [""] * len(data))
+        out.erased_probs = torch.softmax(torch.from_numpy(predict_logits(model, erased)), -1).numpy()
     return out
+
+
+def erase_top(ids: np.ndarray, attr: np.ndarray, fraction: float) -> np.ndarray:
+    """``ids`` without the ceil(fraction x content tokens) tokens of highest ``attr`` (ERASER's
+    deletion; special tokens stay)."""
+    positions = content_positions(ids)
+    if len(positions) == 0:
+        return ids
+    k = min(len(positions), max(1, math.ceil(fraction * len(positions))))
+    top = positions[np.argsort(-attr[positions], kind="stable")[:k]]
+    return np.delete(ids, top)
 
 
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,
@@ -80,20 +103,31 @@ class ClientTrainer:
     """The ``Trainer`` of ``models.personalization`` on this client."""
 
     def __init__(self, settings: RunSettings, state, proximal_mu: float = 0.0, anchor: dict | None = None,
-                 tokenizer=None):
+                 tokenizer=None, start_model=None):
         self.settings, self.state = settings, state
         self.proximal_mu, self.anchor = proximal_mu, anchor
+        self.start_model = start_model  # the run's start (models.protocol.START), when the round sent it
         self.tokenizer = tokenizer  # the client's (``client.data.client_tokenizer``): perturbed rows are re-encoded by it
         self.samples = 0  # rows processed by every fit of the round (shared and personal): the device's work
+        self.forward_samples = 0  # rows only passed forward (mode head's body, the start model's answers)
 
     def _count(self, result: dict) -> dict:
         self.samples += int(result.get("samples", 0))
+        self.forward_samples += int(result.get("forward_samples", 0))
         return result
 
     def shared(self, model, data: EncodedData, seed: int, trainable=None) -> dict:
         objective = self.settings.objective()
-        if objective.expl > 0:
-            data = with_reference_saliency(model, data)
+        if objective.kd > 0:  # start-kd: the start model's answers on these rows are the KD targets
+            data = data.subset(np.arange(len(data)))
+            data.teacher_logits = predict_logits(self.required_start(), data)
+            self.forward_samples += len(data)
+        if objective.expl > 0 or objective.erasure > 0:
+            data = with_reference_saliency(self.explanation_reference(model), data,
+                                           erasure_seed=seed if objective.erasure > 0 else None)
+            # the device's work: a saliency map per row (forward + backward), the erased rows' answers
+            self.samples += len(data)
+            self.forward_samples += len(data) if objective.erasure > 0 else 0
         privacy = None
         if self.settings.dp:  # the same loop; DP changes batches, clipping and noise only
             from client.privacy import PrivateTraining
@@ -103,6 +137,19 @@ class ClientTrainer:
                                      self.settings.lr, extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
                                      trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer,
                                      augment=self.perturbed_text(seed)))
+
+    def explanation_reference(self, model):
+        """The model whose maps the explanation term keeps: the start (``expl-anchor=start``) or
+        the one being trained, as received."""
+        if self.settings.expl_anchor == "received":
+            return model
+        return self.required_start()
+
+    def required_start(self):
+        if self.start_model is None:
+            raise FedrexError("this run's local objective needs the start model (expl-anchor=start or start-kd), "
+                              "but the round's message carries none")
+        return self.start_model
 
     def perturbed_text(self, seed: int):
         """Perturbed-text hardening of the shared weights (``perturb-share``): each local epoch a
@@ -128,7 +175,7 @@ class ClientTrainer:
         with torch.no_grad():
             model.head.weight.copy_(torch.from_numpy(weight))
             model.head.bias.copy_(torch.from_numpy(bias))
-        return self._count(metrics)
+        return self._count(head_work(metrics, len(data)))
 
     def personal(self, model, data: EncodedData, seed: int, trainable=None, anchor=None, weight: float = 0.0) -> dict:
         return self._count(local_fit(model, data, self.settings, ObjectiveConfig(), seed,
@@ -137,10 +184,10 @@ class ClientTrainer:
 
 
 def round_inputs(build, received: dict[str, torch.Tensor], data: EncodedData, settings: RunSettings, state,
-                 seed: int, proximal_mu: float = 0.0, tokenizer=None) -> RoundInputs:
+                 seed: int, proximal_mu: float = 0.0, tokenizer=None, start_model=None) -> RoundInputs:
     anchor = {k: v.detach().clone() for k, v in received.items() if v.is_floating_point()}
     return RoundInputs(build, received, data, seed, settings,
-                       ClientTrainer(settings, state, proximal_mu, anchor, tokenizer))
+                       ClientTrainer(settings, state, proximal_mu, anchor, tokenizer, start_model))
 
 
 def personal_model(build, received: dict[str, torch.Tensor], state, settings: RunSettings, data: EncodedData,
@@ -153,16 +200,17 @@ def personal_model(build, received: dict[str, torch.Tensor], state, settings: Ru
 
 
 def train_round(build, received: dict[str, torch.Tensor], data: EncodedData, settings: RunSettings,
-                state, round_number: int, partition_id: int, proximal_mu: float, tokenizer=None):
+                state, round_number: int, partition_id: int, proximal_mu: float, tokenizer=None, start_model=None):
     """One round of local work. Returns (the mode's shared tensors to send, metrics) and updates
-    ``state`` with the personal part, which never leaves the device."""
+    ``state`` with the personal part, which never leaves the device. ``start_model``: the run's
+    start, when the round sent it (the explanation term's anchor)."""
     if len(data) == 0:
         raise FedrexError(f"client {partition_id} has no training rows")
     start = time.time()
     seed = round_seed(settings, round_number, partition_id)
     seed_everything(seed)
     mode = get_mode(settings.mode)
-    inputs = round_inputs(build, received, data, settings, state, seed, proximal_mu, tokenizer)
+    inputs = round_inputs(build, received, data, settings, state, seed, proximal_mu, tokenizer, start_model)
     model, state.personal, metrics = mode.train_round(inputs, state.personal)
     weights = model.state_dict()
     sent = {k: weights[k].detach().clone() for k in mode.shared_keys(model)}
@@ -170,4 +218,6 @@ def train_round(build, received: dict[str, torch.Tensor], data: EncodedData, set
     state.train_seconds = time.time() - start
     metrics = {**{k: v for k, v in metrics.items() if k != "seconds"}, "train_seconds": state.train_seconds,
                "samples": inputs.trainer.samples}
+    if inputs.trainer.forward_samples:
+        metrics["forward_samples"] = inputs.trainer.forward_samples
     return sent, metrics

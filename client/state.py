@@ -38,12 +38,15 @@ class ClientState:
             personal = context.state.array_records["personal"].to_torch_state_dict()
         return cls(personal, [tuple(h) for h in meta["dp_history"]], meta["last_round"], meta["train_seconds"])
 
-    def to_context(self, context) -> None:
+    def to_context(self, context, replace: bool = False) -> None:
+        """Into Context.state; ``replace``: also forget personal weights this state does not have."""
         from flwr.app import ArrayRecord, ConfigRecord
 
         context.state.config_records["fedrex"] = ConfigRecord({"meta": json.dumps(self._meta())})
         if self.personal is not None:
             context.state.array_records["personal"] = ArrayRecord(self.personal)
+        elif replace and "personal" in context.state.array_records:
+            del context.state.array_records["personal"]
 
     def _meta(self) -> dict:
         return {"dp_history": [list(h) for h in self.dp_history], "last_round": self.last_round,
@@ -65,19 +68,36 @@ class ClientState:
 
     @classmethod
     def load(cls, run_dir: Path, partition_id: int, before_round: int) -> "ClientState | None":
-        """The newest saved state from a round before ``before_round`` (None when there is none)."""
+        """The newest saved state from a round before ``before_round`` (None when there is none),
+        with the privacy ledger of the newest saved round of all: a file of the round in flight
+        (or later) means the device trained in it and may have sent that update before the run
+        was interrupted, so its budget counts as spent."""
         folder = cls.folder(run_dir, partition_id)
-        candidates = [p for p in sorted(folder.glob("round-*.json")) if int(p.stem.split("-")[1]) < before_round]
+        saved = sorted(folder.glob("round-*.json"))
+        candidates = [p for p in saved if int(p.stem.split("-")[1]) < before_round]
         if not candidates:
-            return None
+            newest = json.loads(saved[-1].read_text()) if saved else None
+            return cls(dp_history=[tuple(h) for h in newest["dp_history"]]) if newest and newest["dp_history"] else None
         meta = json.loads(candidates[-1].read_text())
+        spent = json.loads(saved[-1].read_text())["dp_history"]
         personal = load_weights(candidates[-1].with_suffix(".safetensors")) if meta["has_personal"] else None
-        return cls(personal, [tuple(h) for h in meta["dp_history"]], meta["last_round"], meta["train_seconds"])
+        return cls(personal, [tuple(h) for h in spent], meta["last_round"], meta["train_seconds"])
 
 
-def restore(context, run_dir: Path | None, partition_id: int, current_round: int) -> ClientState:
-    """Context.state first; after a resume (empty context) the disk mirror; else a fresh state."""
+def restore(context, run_dir: Path | None, partition_id: int, current_round: int,
+            dropped_round: int | None = None) -> ClientState:
+    """Context.state first; after a resume (empty context) the disk mirror; else a fresh state.
+
+    ``dropped_round``: the server says this device walked away from that training round (device
+    simulation: ``server/fleet.py``), so it never finished it: the personal weights it computed
+    there are dropped for those of the round before (from the disk mirror). Its privacy ledger
+    keeps the round (the noisy update may have left before it walked away: counted, conservatively)."""
     state = ClientState.from_context(context)
     if state is None and run_dir is not None:
         state = ClientState.load(run_dir, partition_id, current_round)
-    return state or ClientState()
+    state = state or ClientState()
+    if dropped_round is not None and state.last_round == dropped_round and run_dir is not None:
+        before = ClientState.load(run_dir, partition_id, dropped_round) or ClientState()
+        state = ClientState(before.personal, state.dp_history, before.last_round, state.train_seconds)
+        state.to_context(context, replace=True)
+    return state

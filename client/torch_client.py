@@ -8,13 +8,13 @@ import torch
 from flwr.app import Message
 
 from client.data import measurement_seed, round_seed
-from client.evaluate import client_profile, full_attr_list, model_metrics
+from client.evaluate import client_profile, full_attr_list, model_metrics, start_attributions
 from client.local import personal_model, train_round
 from client.state import restore
 from models.errors import FedrexError
 from models.networks import build_network
 from models.personalization import get_mode
-from models.protocol import ARRAYS, FROZEN, metric_key
+from models.protocol import ARRAYS, FLEET, FROZEN, START, metric_key
 
 
 def received_model(msg: Message, build, mode) -> dict:
@@ -30,14 +30,33 @@ def received_model(msg: Message, build, mode) -> dict:
     return {**frozen, **shared}
 
 
+def dropped_round(msg: Message) -> int | None:
+    """The training round this device walked away from, when the server says so (models.protocol.FLEET)."""
+    records = msg.content.config_records
+    return int(records[FLEET]["dropped-round"]) if FLEET in records else None
+
+
+def start_model(msg: Message, build, received: dict):
+    """The run's start model when the message carries it (``models.protocol.START``: its shared
+    tensors; the rest is the received model's frozen part, which never changes), else None."""
+    records = msg.content.array_records
+    if START not in records:
+        return None
+    model = build()
+    model.load_state_dict({**received, **records[START].to_torch_state_dict()})
+    model.eval()
+    return model
+
+
 def train(msg: Message, context, settings, config, network, round_number, run_dir, local) -> tuple[dict, dict]:
     """One round of local work; returns (the mode's shared tensors, metrics)."""
     torch.set_num_threads(settings.client_threads)  # the simulation engine runs several clients at once
     build = lambda: build_network(network)  # noqa: E731
     received = received_model(msg, build, get_mode(settings.mode))
-    state = restore(context, run_dir, local.partition_id, round_number)
+    state = restore(context, run_dir, local.partition_id, round_number, dropped_round(msg))
     sent, metrics = train_round(build, received, local.train, settings, state, round_number, local.partition_id,
-                                float(config.get("proximal-mu", 0.0)), local.tokenizer)
+                                float(config.get("proximal-mu", 0.0)), local.tokenizer,
+                                start_model(msg, build, received))
     state.to_context(context)
     if run_dir is not None:
         state.save(run_dir, local.partition_id, round_number)
@@ -49,8 +68,8 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
     torch.set_num_threads(settings.client_threads)
     build = lambda: build_network(network)  # noqa: E731
     global_state = received_model(msg, build, get_mode(settings.mode))
-    state = restore(context, run_dir, local.partition_id, round_number + 1)
-    metrics = client_profile(local, state, settings.delta)
+    state = restore(context, run_dir, local.partition_id, round_number + 1, dropped_round(msg))
+    metrics = client_profile(local, state, settings)
     if len(local.test) > 0:
         tokenizer = local.tokenizer
         seed = round_seed(settings, round_number, local.partition_id, salt=7)  # this round's personal fit
@@ -58,11 +77,14 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
         global_model = build()
         global_model.load_state_dict(global_state)
         global_model.eval()
-        global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, rows_seed)
+        start = start_model(msg, build, global_state)
+        start_attr = start_attributions(start, local, settings, rows_seed) if start is not None else None
+        global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, rows_seed,
+                                                    start_attr=start_attr)
         reference = (full_attr_list(global_attr, len(local.test), settings.fidelity_examples, rows_seed)
                      if global_attr is not None else None)
         personal = personal_model(build, global_state, state, settings, local.train, seed)
-        personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, rows_seed, reference)
+        personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, rows_seed, reference, start_attr)
         if hasattr(personal, "chosen_alpha"):  # modes mix/select: the weight the user's rows chose
             personal_metrics["mix_alpha"] = personal.chosen_alpha
         metrics.update({metric_key("global", k): v for k, v in global_metrics.items()})

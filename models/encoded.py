@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     import torch
 
 
+def _padded(rows: list[np.ndarray]) -> np.ndarray:
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    return ids
+
+
 @dataclass
 class Batch:
     ids: torch.Tensor  # [B, L] int64, padded with 0
@@ -29,6 +36,8 @@ class Batch:
     has_attr: torch.Tensor | None = None  # [B] bool: which rows carry a teacher attribution
     attr_labels: torch.Tensor | None = None  # [B] the label each reference map explains
     index: torch.Tensor | None = None  # [B] positions in the EncodedData
+    erased_ids: torch.Tensor | None = None  # [B, L'] each row with its reference rationale deleted
+    erased_probs: torch.Tensor | None = None  # [B, C] the reference model's probabilities on them
 
     @property
     def mask(self) -> torch.Tensor:
@@ -43,6 +52,8 @@ class EncodedData:
     teacher_logits: np.ndarray | None = None
     teacher_attr: list[np.ndarray | None] | None = None
     attr_labels: np.ndarray | None = None  # the label each teacher_attr map explains (default: teacher's argmax)
+    erased_ids: list[np.ndarray] | None = None  # per row: its ids without the reference's rationale
+    erased_probs: np.ndarray | None = None  # [N, C] the reference model's probabilities on erased_ids
 
     @classmethod
     def from_texts(cls, texts: list[str], labels, tokenizer: WordPieceTokenizer) -> "EncodedData":
@@ -64,17 +75,20 @@ class EncodedData:
             None if self.teacher_logits is None else self.teacher_logits[index],
             None if self.teacher_attr is None else [self.teacher_attr[i] for i in index],
             None if self.attr_labels is None else self.attr_labels[index],
+            None if self.erased_ids is None else [self.erased_ids[i] for i in index],
+            None if self.erased_probs is None else self.erased_probs[index],
         )
 
     def batch(self, index) -> Batch:
         import torch
 
         index = np.asarray(index, dtype=np.int64)
-        width = max(len(self.ids[i]) for i in index)
-        ids = np.zeros((len(index), width), dtype=np.int64)
-        for row, i in enumerate(index):
-            ids[row, : len(self.ids[i])] = self.ids[i]
-        batch = Batch(torch.from_numpy(ids), torch.from_numpy(self.labels[index]), index=torch.from_numpy(index))
+        batch = Batch(torch.from_numpy(_padded([self.ids[i] for i in index])), torch.from_numpy(self.labels[index]),
+                      index=torch.from_numpy(index))
+        width = batch.ids.shape[1]
+        if self.erased_ids is not None:
+            batch.erased_ids = torch.from_numpy(_padded([self.erased_ids[i] for i in index]))
+            batch.erased_probs = torch.from_numpy(self.erased_probs[index]).float()
         if self.teacher_logits is not None:
             batch.teacher_logits = torch.from_numpy(self.teacher_logits[index]).float()
         if self.teacher_attr is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.attacks import attack_dataset
-from models.attribution import attribution_agreement, eraser_scores, integrated_gradients
+from models.attribution import attribution_agreement, eraser_scores, integrated_gradients, random_attributions
 from models.encoded import EncodedData
 from models.tokenizer import WordPieceTokenizer
 
@@ -28,16 +28,24 @@ def robustness(model, tokenizer: WordPieceTokenizer, data: EncodedData, attacks=
             for name in attacks}
 
 
-def fidelity(model, data: EncodedData, reference_attr: list[np.ndarray] | None = None, ig_steps: int = 8,
-             limit: int = 200, seed: int = 0) -> tuple[dict, list[np.ndarray]]:
-    """ERASER scores of the model's own IG attributions on a seeded subset, plus agreement with
-    ``reference_attr`` (the teacher's or the global model's maps for the same rows) when given.
-    Returns (metrics, the model's attributions for those rows)."""
+def fidelity(model, data: EncodedData, references: dict | None = None, ig_steps: int = 8,
+             limit: int = 200, seed: int = 0, eraser: bool = True) -> tuple[dict, list[np.ndarray]]:
+    """ERASER scores of the model's own IG attributions on a seeded subset, the comprehensiveness
+    of random maps on the same rows (``comprehensiveness_random``: what ranking tokens at random
+    buys, so the score can be read), and agreement with each reference (``{prefix: maps by row}``,
+    e.g. the teacher's, the global or the start model's maps; None values are skipped), keyed
+    ``<prefix>agreement_<measure>``. Returns (metrics, the model's attributions for those rows).
+    ``eraser=False``: the attributions only."""
     rows = take(len(data), limit, seed)
     subset = data.subset(rows)
     attr = integrated_gradients(model, subset, n_steps=ig_steps)
+    if not eraser:
+        return {}, attr
     metrics = eraser_scores(model, subset, attr)
-    if reference_attr is not None:
-        agreement = attribution_agreement(attr, [reference_attr[i] for i in rows], subset.ids)
-        metrics.update({f"agreement_{k}": v for k, v in agreement.items()})
+    metrics["comprehensiveness_random"] = eraser_scores(model, subset,
+                                                        random_attributions(subset, seed))["comprehensiveness"]
+    for prefix, reference in (references or {}).items():
+        if reference is not None:
+            agreement = attribution_agreement(attr, [reference[i] for i in rows], subset.ids)
+            metrics.update({f"{prefix}agreement_{k}": v for k, v in agreement.items()})
     return metrics, attr

@@ -11,6 +11,8 @@ every term works for every network through the shared embed/classify interface:
   approximation of IG, so the two maps estimate the same quantity while the student side stays
   cheap enough to differentiate every step; cosine distance ignores overall scale (teacher and
   student attributions live on different scales) and is bounded, so its weight is interpretable.
+- ERASURE (client rounds): KL from the reference model's probabilities on each row with the
+  reference's rationale (its top saliency tokens) deleted; see ``erasure_loss``.
 - ADV: embedding-space PGD (L2 budget per token, relative to the mean token norm) finds a
   perturbation that pushes the student away from the teacher's clean prediction; the student
   is then trained to match the teacher's clean prediction on the perturbed input (ARD-style KL)
@@ -67,6 +69,14 @@ def expl_loss(model, emb, mask, real, attr_labels, teacher_attr, has_attr) -> to
     student = saliency(model, emb[rows], mask[rows], attr_labels[rows], create_graph=True, real=real[rows])
     teacher = normalise_map(teacher_attr[rows], real[rows])
     return (1 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)).mean()
+
+
+def erasure_loss(model, erased_ids: torch.Tensor, reference_probs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) on the rows with the reference's rationale deleted: the model keeps
+    the reference's deletion behaviour (what removing the explained tokens does to its answer),
+    which is what ERASER comprehensiveness measures, while its clean answers stay free to improve."""
+    logits = model(erased_ids)
+    return F.kl_div(F.log_softmax(logits, -1), reference_probs, reduction="batchmean")
 
 
 def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -133,6 +143,11 @@ def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool =
         ex = expl_loss(model, emb, mask, content_mask(batch.ids), batch.attr_labels, batch.teacher_attr,
                        batch.has_attr)
         total, parts["expl"] = total + config.expl * ex, ex.item()
+    if config.erasure > 0:
+        if batch.erased_ids is None:
+            raise FedrexError("the erasure term needs each row's erased variant and its reference probabilities")
+        er = erasure_loss(model, batch.erased_ids, batch.erased_probs)
+        total, parts["erasure"] = total + config.erasure * er, er.item()
     if config.adv > 0 and use_adv:
         adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits, config, attack_guard)
         total, parts["adv"] = total + config.adv * adv, adv.item()

@@ -182,6 +182,39 @@ class LabelPrior(Mode):
         return model
 
 
+class LabelShift(Mode):
+    """A label-shift correction in closed form: the global model's logits + log(user's add-one
+    smoothed label frequencies) - log(the model's mean predicted probabilities on the user's rows),
+    the prior ratio of Saerens et al. (2002) with the user's labelled prior in place of their EM
+    estimate. One step, not a fit: it moves the model's prior on the user's rows toward the user's
+    (not all the way: on rows where the model is confident the mean moves less), and it cannot
+    overfit rows the shared update has just seen. A model that calls 80% of everyone's rows
+    positive is pulled toward each user's share."""
+
+    name = "prior-shift"
+    description = ("the global model's prior on the user's rows moved toward the user's label prior by their "
+                   "ratio (closed form, after Saerens et al. 2002)")
+
+    def personal_model(self, inputs, personal):
+        model = inputs.global_model()
+        if len(inputs.data):
+            import torch
+
+            bias = label_shift_bias(predict_logits(model, inputs.data), inputs.data.labels)
+            with torch.no_grad():
+                model.head.bias.add_(torch.from_numpy(bias).to(model.head.bias.dtype))
+        return model
+
+
+def label_shift_bias(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """log(user label prior, add-one smoothed) - log(mean softmax of ``logits``): the logit bias
+    that moves the model's prior on these rows toward the user's (one step: see ``LabelShift``)."""
+    from models.linear_head import log_label_prior, softmax
+
+    shown = softmax(np.asarray(logits, dtype=np.float64)).mean(axis=0)
+    return log_label_prior(labels, shown.size) - np.log(np.clip(shown, 1e-12, None))
+
+
 class Head(LabelPrior):
     """Only the linear head is federated; the body stays as the artifact made it (sent in the
     frozen record). The round's training is ``models.linear_head.train_head`` on the body's
@@ -257,7 +290,8 @@ def _loss(model, data: EncodedData) -> float:
 
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in
-                          (Finetune(), FedPer(), FedRep(), Ditto(), LabelPrior(), Head(), Interpolate(), Select())}
+                          (Finetune(), FedPer(), FedRep(), Ditto(), LabelPrior(), LabelShift(), Head(), Interpolate(),
+                           Select())}
 
 
 def get_mode(name: str) -> Mode:

@@ -5,7 +5,10 @@ A train or evaluate message from the server carries
   floating-point parameters), the only tensors a strategy aggregates;
 - ``FROZEN``: the rest of the global model exactly as the artifact defines it (integer lookup
   buffers, and the head in modes that keep it personal), sent down, never back, never averaged;
-- ``CONFIG``: the round's configuration (network JSON, round numbers, run dir).
+- ``CONFIG``: the round's configuration (network JSON, round numbers, run dir);
+- ``START`` (some messages): the start model's shared tensors (round 0's global model), which do
+  not drift: the anchor of the explanation term (``expl-anchor=start``, train messages) and the
+  reference of the round-0 agreement metric (evaluate messages with ``fidelity-examples > 0``).
 A reply carries ``ARRAYS`` (train only: the same keys and dtypes as sent), ``METRICS`` (the
 weighting count Flower's strategies read) and ``DETAILS`` (every per-client metric, as JSON).
 
@@ -42,6 +45,10 @@ PERTURBATIONS = ("char", "synonym")
 # what travels in a round's config beside the network: the start artifact's word normaliser (its
 # gzip'd word list), when the run puts one in front of the model
 NORMALIZER = "normalizer"
+START = "start"
+# what the explanation term pulls a client's saliency maps toward (expl-anchor): the start model's
+# maps, which do not drift, or the received global model's (which drift with it, round after round)
+EXPL_ANCHORS = ("start", "received")
 
 
 # Device simulation (client/device.py, server/fleet.py). The query reply's info carries the
@@ -54,6 +61,9 @@ DEVICE_STATUSES = ("ok", "straggler", "dropped", "unavailable", "abandoned", "fa
 PROFILE_METRICS = ("tier", "slowdown", "down_kbps", "up_kbps", "latency_s", "memory_mb", "dropout",
                    "available_share")
 DEVICE_METRICS = ("status", "download_s", "compute_s", "upload_s", "round_s", "finish_clock_s")
+# a message to a device that walked away from its last training round carries this ConfigRecord
+# ({"dropped-round": r}): the device never finished round r, so it keeps its personal state from before
+FLEET = "fleet"
 
 
 def check_attacks(names) -> tuple[str, ...]:

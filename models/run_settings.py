@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.personalization import MODES
-from models.protocol import PERTURBATIONS, check_attacks
+from models.protocol import EXPL_ANCHORS, PERTURBATIONS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -75,6 +75,11 @@ class RunSettings:
     adv_epsilon: float = 0.1
     adv_steps: int = 2
     expl_weight: float = 0.0
+    expl_erasure: float = 0.0  # erasure-consistency term (models.objectives.erasure_loss), same anchor
+    expl_anchor: str = "start"  # whose saliency maps the explanation term keeps (models.protocol.EXPL_ANCHORS)
+    # distillation from the start model on the client's own rows (Learning without Forgetting):
+    # the global model keeps the start's answers where the client's labels do not pull it away
+    start_kd: float = 0.0
     # perturbed-text hardening: each local epoch this share of the client's training rows is
     # replaced by a copy with the attacks' own edits (models.augment), drawn fresh every round
     perturb_share: float = 0.0
@@ -119,6 +124,8 @@ class RunSettings:
     min_report_share: float = 0.8  # fewer ok reports than this share of the goal: the round is abandoned
     # failure drills: comma-separated partition ids whose device raises in train (client/device.py)
     crash_clients: str = ""
+    # failure drill: the ServerApp raises when this round starts (0: never), as a crashed strategy would
+    crash_server_round: int = 0
     # comma-separated partition ids whose simulated device has no torch: ONNX body + numpy head
     # (client/onnx_client.py; mode head only)
     onnx_clients: str = ""
@@ -153,7 +160,8 @@ class RunSettings:
         return dataclasses.replace(self, **changes)
 
     def objective(self) -> ObjectiveConfig:
-        return ObjectiveConfig(adv=self.adv_weight, expl=self.expl_weight, adv_ratio=self.adv_ratio,
+        return ObjectiveConfig(adv=self.adv_weight, kd=self.start_kd, expl=self.expl_weight, erasure=self.expl_erasure,
+                               adv_ratio=self.adv_ratio,
                                adv_epsilon=self.adv_epsilon, adv_steps=self.adv_steps)
 
     def validate(self) -> None:
@@ -181,6 +189,13 @@ class RunSettings:
              "so DP-SGD would silently drop it"),
             (not (self.dp and self.expl_weight > 0),
              "dp with expl-weight > 0 is not supported (Opacus cannot take per-sample gradients of a gradient)"),
+            (not (self.dp and self.expl_erasure > 0),
+             "dp with expl-erasure > 0 is not supported (DP-SGD clips one forward pass per sample; the term adds another)"),
+            (self.expl_erasure >= 0 and self.start_kd >= 0, "expl-erasure and start-kd must be >= 0"),
+            (not (self.dp and self.start_kd > 0),
+             "dp with start-kd > 0 is not supported (DP-SGD's Poisson batches carry no start-model answers)"),
+            (self.expl_anchor in EXPL_ANCHORS,
+             f"expl-anchor must be one of {', '.join(EXPL_ANCHORS)}, got {self.expl_anchor!r}"),
             (0 < self.attack_budget <= 1, f"attack-budget must be in (0, 1], got {self.attack_budget}"),
             (self.attack_examples >= 0 and self.fidelity_examples >= 0, "attack/fidelity examples must be >= 0"),
             (0 <= self.perturb_share <= 1, f"perturb-share must be in [0, 1], got {self.perturb_share}"),
@@ -209,7 +224,10 @@ class RunSettings:
                   (self.strategy in PROXIMAL_STRATEGIES, f"strategy {self.strategy} (proximal term)",
                    "supports_proximal"),
                   (self.adv_weight > 0, "adv-weight > 0 (hardening)", "supports_hardening"),
-                  (self.perturb_share > 0, "perturb-share > 0 (hardening)", "supports_hardening")]
+                  (self.perturb_share > 0, "perturb-share > 0 (hardening)", "supports_hardening"),
+                  # terms of the torch shared update, as hardening is (mode head trains a numpy head)
+                  (self.expl_weight > 0 or self.expl_erasure > 0 or self.start_kd > 0,
+                   "expl-weight, expl-erasure or start-kd > 0 (terms of the shared update's loss)", "supports_hardening")]
         for asked, what, capability in wanted:
             if asked and not getattr(MODES[self.mode], capability):
                 able = ", ".join(n for n, m in MODES.items() if getattr(m, capability))

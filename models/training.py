@@ -69,6 +69,7 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     rng = np.random.default_rng(seed)
     model.train()
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     samples = 0
     start = time.time()
     for step in range(1, total_steps + 1):
@@ -92,17 +93,22 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
         parts["loss"] = loss.item()
-        for key, value in parts.items():
+        for key, value in parts.items():  # a part's mean is over the steps that computed it (adv: some)
             sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
         if progress and (step % log_every == 0 or step == total_steps):
-            shown = "  ".join(f"{k} {v / step:.4f}" for k, v in sums.items())
+            shown = "  ".join(f"{k} {v / counts[k]:.4f}" for k, v in sums.items())
             print(f"[{progress}] step {step}/{total_steps}  {shown}  ({time.time() - start:.0f}s)",
                   file=sys.stderr, flush=True)
     model.eval()
     result = {"steps": total_steps, "samples": samples, "seconds": time.time() - start,
-              **{k: v / total_steps for k, v in sums.items()}}
+              **{k: v / counts[k] for k, v in sums.items()}}
     if privacy is not None:
         result.update(privacy.finish())
+        # Poisson batches vary with the draw, which is the device's own (not reproducible unless
+        # dp-reproducible-noise): the device clock charges the expected rows, the same in every replay
+        result["drawn_samples"] = samples
+        result["samples"] = int(round(total_steps * result["sample_rate"] * len(data)))
     return result
 
 

@@ -15,6 +15,9 @@ OPTIMIZERS = ("adamw", "sgd")  # of the shared weights, fresh every round (model
 class ObjectiveConfig:
     kd: float = 0.0
     expl: float = 0.0
+    # erasure consistency: on each row with its reference's rationale deleted, match the reference
+    # model's probabilities (the deletion behaviour ERASER comprehensiveness measures)
+    erasure: float = 0.0
     adv: float = 0.0
     temperature: float = 2.0
     adv_epsilon: float = 0.1  # relative to the mean token norm: 0.5 was measured to stop learning
@@ -22,7 +25,7 @@ class ObjectiveConfig:
     adv_ratio: float = 1.0  # share of batches that get the adversarial term (cost control)
 
     def validate(self) -> None:
-        for name in ("kd", "expl", "adv"):
+        for name in ("kd", "expl", "erasure", "adv"):
             if getattr(self, name) < 0:
                 raise FedrexError(f"objective weight {name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0 or self.adv_epsilon < 0 or self.adv_steps < 1:

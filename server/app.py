@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -14,7 +15,7 @@ from models.artifact import load_artifact, resolve_artifact
 from models.normalizer import FILE as NORMALIZER_FILE
 from models.errors import FedrexError
 from models.personalization import get_mode
-from models.protocol import CONFIG, DEVICE, NORMALIZER, split_state
+from models.protocol import CONFIG, DEVICE, DEVICE_STATUSES, NORMALIZER, split_state
 from models.run_settings import CONTROL_KEYS, RunSettings
 from server.fleet import Fleet, assign_by_label, measure_ms_per_sample, parse_profile, profile_rows
 from server.recorder import Recorder
@@ -110,29 +111,65 @@ def start_fleet(settings: RunSettings, store: RunStore, model, profiles: dict) -
     fleet = Fleet(profiles, settings, 0.0)
     if not fleet.enabled:
         return fleet
-    reference = settings.device_ms_per_sample or store.meta.get("device_ms_per_sample")
-    if not reference:
-        reference = measure_ms_per_sample(model, settings)
-        log(f"device reference: {reference:.3f} ms per training sample on one thread of this machine")
-    store.note(device_ms_per_sample=float(reference))
-    fleet.ms_per_sample = float(reference)
+    train = settings.device_ms_per_sample or store.meta.get("device_ms_per_sample")
+    share = store.meta.get("device_forward_share")  # a forward pass alone, as a share of a training sample
+    if not train or share is None:
+        measured = measure_ms_per_sample(model, settings)
+        share = measured["forward"] / measured["train"] if share is None else share
+        if not train:
+            train = measured["train"]
+            log(f"device reference: {train:.3f} ms per training sample (a forward pass alone: {share:.2f} of it) "
+                "on one thread of this machine")
+    store.note(device_ms_per_sample=float(train), device_forward_share=float(share))
+    fleet.ms_per_sample, fleet.ms_per_forward = float(train), float(train) * float(share)
     rounds = store.read_rounds()
-    clock = rounds[(rounds["model"] == "round") & (rounds["metric"] == "virtual_clock_s")]
+    # rows of a round after the committed one (a crash between rounds.parquet and run.json) do not count
+    clock = rounds[(rounds["model"] == "round") & (rounds["metric"] == "virtual_clock_s")
+                   & (rounds["round"] <= store.completed_rounds)]
     fleet.clock = float(clock.sort_values("round")["value"].iloc[-1]) if len(clock) else 0.0
+    fleet.dropped_in = dropped_devices(store)
+
     return fleet
+
+
+def dropped_devices(store: RunStore) -> dict[int, int]:
+    """Partition id -> round, for devices whose last training round (up to the committed one) ended
+    ``dropped``: a resumed run still tells them to drop what they computed there."""
+    clients = store.read_parts(upto=store.completed_rounds)
+    status = clients[(clients["model"] == DEVICE) & (clients["metric"] == "status")
+                     & (clients["value"] != DEVICE_STATUSES.index("unavailable"))]
+    last = status.sort_values("round").groupby("partition_id").tail(1)
+    dropped = last[last["value"] == DEVICE_STATUSES.index("dropped")]
+    return {int(pid): int(rnd) for pid, rnd in zip(dropped["partition_id"], dropped["round"])}
 
 
 def open_store(settings: RunSettings, control: dict) -> tuple[RunStore, int]:
     identity = settings.to_flower()
     if control.get("resume"):
         store = RunStore.open(Path(str(control["resume"])))
+        store.resume()
         return store, store.completed_rounds
     return RunStore.create(Path(settings.runs_dir), identity, settings.run_id), 0
 
 
 def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None) -> RunStore:
+    """Run (or resume) the federation. Whatever stops it early is recorded in run.json (``failed``,
+    with the reason) before it propagates, for `fedrex simulate` and `flwr run .` alike."""
     control = control or {}
     store, offset = open_store(settings, control)
+    if control.get("resume") and settings.crash_server_round:  # a drill fires once: the resume runs on
+        log(f"crash-server-round={settings.crash_server_round} was a drill of the first attempt: this resume runs on")
+        settings = settings.replace(crash_server_round=0)
+    try:
+        return _run_rounds(grid, settings, control, store, offset)
+    except BaseException as exc:
+        if store.meta.get("status") != "failed":  # the first recorded cause is the one that matters
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            store.fail(f"round {store.completed_rounds + 1}: {reason}", traceback=traceback.format_exc())
+        raise
+
+
+def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStore, offset: int) -> RunStore:
     if offset >= settings.num_rounds:
         log(f"{store.folder} already completed {offset} rounds")
         store.finish()
@@ -140,11 +177,16 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     model, config = global_model(settings)
     network = config["network"]
     store.meta["network"] = network
-    start = store.load_checkpoint(offset) if store.has_checkpoint(offset) else model.state_dict()
-    shared, frozen = split_state(start, get_mode(settings.mode).shared_keys(model))
+    shared_keys = get_mode(settings.mode).shared_keys(model)
+    start_shared = split_state(model.state_dict(), shared_keys)[0]  # round 0's: the explanation anchor
+    resumed = store.has_checkpoint(offset)
+    current = store.load_checkpoint(offset) if resumed else model.state_dict()
+    current = {k: current[k] for k in model.state_dict()}  # the model's order, whatever the file's
+    shared, frozen = split_state(current, shared_keys)
     log(f"run {store.run_id}: {settings.strategy}, mode {settings.mode}, rounds {offset + 1}..{settings.num_rounds}"
         f" -> {store.folder} ({len(shared)} shared tensors, {len(frozen)} kept as the artifact defines them)")
-    base_config = start_config(settings, network)
+    # run-id: a device keys its saved state by it (client/app.py state_folder), from the query on
+    base_config = {**start_config(settings, network), "run-id": store.run_id}
     store.meta["normalizer_bytes"] = len(base_config.get(NORMALIZER, b""))  # run.json says what defended the run
     if NORMALIZER in base_config:
         log(f"every client puts the start model's word normaliser in front of it ({len(base_config[NORMALIZER]) / 1024:.0f} KB)")
@@ -156,7 +198,9 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     if fleet.enabled and offset == 0:
         recorder.profile_rows({pid: profile_rows(p) for pid, p in profiles.items()})
     onnx_partitions, onnx_body = onnx_devices(settings, model, profiles, client_of)
-    strategy = make_strategy(settings, recorder, frozen, fleet, onnx_partitions, onnx_body)
+    strategy = make_strategy(settings, recorder, frozen, fleet, onnx_partitions, onnx_body, start_shared)
+    if resumed:  # FedAvgM's momentum, FedAdam's moments: as they were after round `offset`
+        strategy.load_optimizer_state(store.load_server_state(offset), list(shared))
     progress_grid = ProgressGrid(grid, show=recorder.show_progress)
     stop_after = int(control.get("stop-after") or 0)
     last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
@@ -171,6 +215,9 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
                    num_rounds=last - offset, timeout=settings.round_timeout,
                    train_config=ConfigRecord(dict(round_config)), evaluate_config=ConfigRecord(dict(round_config)),
                    evaluate_fn=recorder.commit)
+    if store.completed_rounds < last:  # Flower's loop ended without committing every round it was asked for
+        store.fail(f"the strategy's loop ended after round {store.completed_rounds} of {last}")
+        raise FedrexError(f"run {store.run_id} committed {store.completed_rounds} of {last} rounds")
     store.finish("completed" if store.completed_rounds >= settings.num_rounds else "stopped")
     log(f"run {store.run_id}: {store.completed_rounds}/{settings.num_rounds} rounds done, outputs in {store.folder}")
     return store

@@ -25,6 +25,7 @@ and does not advance the clock. Without ``device-mix``/``device-trace`` none of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -58,16 +59,20 @@ def parse_profile(text: str) -> dict:
     return profile
 
 
-def measure_ms_per_sample(model, settings, steps: int = 4) -> float:
-    """The reference: milliseconds per training sample of the run's model with the run's local
-    objective, on one thread of this machine (rows of max-length / 2 random token ids: the cost
-    does not depend on which tokens they are). Measured once per run and kept in run.json."""
+def measure_ms_per_sample(model, settings, steps: int = 4) -> dict[str, float]:
+    """The reference device's costs on one thread of this machine, measured once per run and kept
+    in run.json: milliseconds per training sample of the run's model with the run's local
+    objective ("train"), and per sample of a forward pass alone ("forward": what mode ``head``'s
+    frozen body costs). A training step is adversarial with probability ``adv-ratio``, so clean and
+    adversarial steps are timed apart and mixed in that share (timing a few steps of the mix
+    would charge whatever share their draws happened to pick). Rows of max-length / 2 random token
+    ids: the cost does not depend on which tokens they are."""
     import copy
 
     import torch
 
     from models.encoded import EncodedData
-    from models.training import fit
+    from models.training import fit, predict_logits
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -78,10 +83,29 @@ def measure_ms_per_sample(model, settings, steps: int = 4) -> float:
         length = max(4, settings.max_length // 2)
         ids = [rng.integers(1000, 20000, size=length) for _ in range(rows)]
         data = EncodedData(ids, rng.integers(0, 2, size=rows), [""] * rows)
-        fit(model, data, settings.objective(), max_steps=1, batch_size=settings.batch_size, lr=0.0)  # warm-up
+        # what the local objective's terms read (start-kd's targets, the explanation terms' maps and
+        # erased rows), so each term costs what it costs in a round
+        classes = model.head.out_features
+        data.teacher_logits = rng.normal(size=(rows, classes)).astype(np.float32)
+        data.teacher_attr, data.attr_labels = [rng.random(length).astype(np.float32) for _ in range(rows)], data.labels
+        data.erased_ids, data.erased_probs = [i[: length // 2] for i in ids], np.full((rows, classes), 1 / classes, np.float32)
+        objective = settings.objective()
+
+        def per_sample(config) -> float:
+            fit(model, data, config, max_steps=1, batch_size=settings.batch_size, lr=0.0)  # warm-up
+            start = time.perf_counter()
+            result = fit(model, data, config, max_steps=steps, batch_size=settings.batch_size, lr=0.0)
+            return 1000 * (time.perf_counter() - start) / max(1, result["samples"])
+
+        clean = per_sample(dataclasses.replace(objective, adv=0.0))
+        train = clean
+        if objective.adv > 0 and objective.adv_ratio > 0:
+            adversarial = per_sample(dataclasses.replace(objective, adv_ratio=1.0))
+            train = (1 - objective.adv_ratio) * clean + objective.adv_ratio * adversarial
+        predict_logits(model, data, settings.batch_size)  # warm-up
         start = time.perf_counter()
-        result = fit(model, data, settings.objective(), max_steps=steps, batch_size=settings.batch_size, lr=0.0)
-        return 1000 * (time.perf_counter() - start) / max(1, result["samples"])
+        predict_logits(model, data, settings.batch_size)
+        return {"train": train, "forward": 1000 * (time.perf_counter() - start) / rows}
     finally:
         torch.set_num_threads(threads)
 
@@ -89,10 +113,15 @@ def measure_ms_per_sample(model, settings, steps: int = 4) -> float:
 class Fleet:
     """Round rules over the clients' profiles (partition id -> profile dict) on a virtual clock."""
 
-    def __init__(self, profiles: dict[int, dict], settings, ms_per_sample: float, clock: float = 0.0):
+    def __init__(self, profiles: dict[int, dict], settings, ms_per_sample: float, clock: float = 0.0,
+                 ms_per_forward: float = 0.0):
         self.profiles, self.settings = profiles, settings
         self.ms_per_sample, self.clock = float(ms_per_sample), float(clock)
+        self.ms_per_forward = float(ms_per_forward)  # a forward pass alone (mode head's body)
         self.enabled = bool(settings.device_mix or settings.device_trace)
+        # partition id -> the round in which the device walked away (or went offline) mid-round;
+        # the server tells it, and it drops the personal state it computed in that round
+        self.dropped_in: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------ selection
     def eligible(self, pid: int) -> bool:
@@ -116,6 +145,12 @@ class Fleet:
                 "compute_s": samples * self.ms_per_sample * float(profile["slowdown"]) / 1000,
                 "upload_s": transfer_seconds(up_bytes, profile["up_kbps"])}
 
+    def work(self, samples: float, forward_samples: float = 0.0) -> float:
+        """A round's work in training samples of the reference: rows trained (forward + backward)
+        plus rows only passed forward (mode head's frozen body), at their measured relative cost."""
+        ratio = self.ms_per_forward / self.ms_per_sample if self.ms_per_sample > 0 else 0.0
+        return float(samples) + float(forward_samples) * ratio
+
     def settle(self, global_round: int, reports: list[tuple[int, int, int, int]], failed: list[int],
                target: int) -> tuple[dict[int, dict], list[int], dict]:
         """Statuses for one training round. ``reports``: (pid, samples trained, bytes it
@@ -135,6 +170,11 @@ class Fleet:
                 finishers.append((total, pid))
         for pid in failed:
             outcome[pid] = {"status": "failed"}
+        for pid, values in outcome.items():
+            if values["status"] == "dropped":
+                self.dropped_in[pid] = global_round
+            elif values["status"] != "failed":  # it finished a later round: its state is that round's
+                self.dropped_in.pop(pid, None)
         deadline = self.settings.round_deadline or math.inf
         on_time = [(t, p) for t, p in sorted(finishers) if t <= deadline]
         accepted = on_time[:target]
@@ -156,6 +196,23 @@ class Fleet:
                  **{f"device_{s}": float(sum(o["status"] == s for o in outcome.values()))
                     for s in DEVICE_STATUSES if s != "unavailable"}}
         return outcome, ([] if abandoned else [p for _, p in accepted]), facts
+
+    def next_opening(self, pids: list[int]) -> float | None:
+        """Virtual seconds until the first of ``pids`` that meets the memory floor is available
+        (0 if one is now); None when none ever will (no device meets the floor)."""
+        waits = []
+        for pid in pids:
+            profile = self.profiles.get(pid)
+            if profile is None:
+                return 0.0
+            if profile["memory_mb"] < self.settings.device_min_memory_mb:
+                continue
+            period = float(profile["period_s"])
+            offset = self.clock % period
+            for start, end in profile["active"]:
+                # + 1 us past the opening: floating point may land the clock a hair before it
+                waits.append(0.0 if start <= offset < end else (float(start) - offset) % period + 1e-6)
+        return min(waits) if waits else None
 
     def unavailable(self, pids: list[int]) -> list[int]:
         return [p for p in pids if not self.eligible(p)] if self.enabled else []

@@ -48,6 +48,7 @@ class Recorder:
         self.frozen = frozen  # the artifact's non-shared tensors: checkpoints hold the whole model
         self.partition_of, self.client_of = partition_of, client_of
         self.show_progress = show_progress
+        self.server_state = dict  # the strategy's optimizer_state (set by make_strategy)
         self._reset()
 
     def _reset(self) -> None:
@@ -56,6 +57,7 @@ class Recorder:
         self.rows: list[dict] = []
         self.counts: dict[str, float] = {}
         self.expected: dict[str, set] = {}
+        self.timed_out: dict[str, list[int]] = {}  # per phase: sampled pids that never replied
         self.started = time.time()
 
     def global_round(self, server_round: int) -> int:
@@ -100,8 +102,10 @@ class Recorder:
                 model, metric = split_metric_key(key)
                 self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
         answered = {m.metadata.src_node_id for m in replies}
-        for node in self.expected.get(phase, set()) - answered:  # timed out: slow or gone
+        self.timed_out[phase] = []
+        for node in sorted(self.expected.get(phase, set()) - answered):  # timed out: slow or gone
             pid = self.partition_of.get(node, -1)
+            self.timed_out[phase].append(pid)
             self._row(pid, phase, "failed", 1.0)
             self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
                              client_id=self.client_of.get(pid), error="no reply before round-timeout")
@@ -131,7 +135,8 @@ class Recorder:
         weights = n_test.groupby("client_id")["value"].last() if len(n_test) else None
         self.counts["seconds"] = time.time() - self.started
         extra = [{"model": "round", "metric": k, "stat": "value", "value": float(v)} for k, v in self.counts.items()]
-        self.store.commit_round(number, {**self.frozen, **arrays.to_torch_state_dict()}, rows, weights, extra)
+        self.store.commit_round(number, {**self.frozen, **arrays.to_torch_state_dict()}, rows, weights, extra,
+                                server_state=self.server_state())
         if self.show_progress:
             print(self.progress_line(number, rows), file=sys.stderr, flush=True)
         self._reset()

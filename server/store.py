@@ -5,7 +5,8 @@
       clients/round-NNNN.parquet   tidy per-client rows of one round (the source of truth)
       clients.parquet       all rounds, tidy: run_id, round, client_id, partition_id, model, metric, value
       rounds.parquet        per-round summaries: run_id, round, model, metric, stat, value
-      checkpoints/round-NNNN.safetensors   global weights after each round
+      checkpoints/round-NNNN.safetensors   global weights after each round, and the server
+                            optimizer's state (tensors named ``server-optimizer/...``)
       client_state/...      each client's personal state, versioned by round (client/state.py)
       events.jsonl          failures and notes, one JSON object per line
 
@@ -23,6 +24,7 @@ import os
 import secrets
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +32,8 @@ import pyarrow.parquet as pq
 from models.artifact import atomic_write_bytes, atomic_write_json, load_weights, save_weights
 from models.errors import FedrexError
 from server.aggregate import summarize
+
+SERVER_STATE = "server-optimizer/"  # checkpoint tensors that are the server optimizer's, not the model's
 
 CLIENT_COLUMNS = ["run_id", "round", "client_id", "partition_id", "model", "metric", "value"]
 ROUND_COLUMNS = ["run_id", "round", "model", "metric", "stat", "value"]
@@ -91,12 +95,25 @@ class RunStore:
     def has_checkpoint(self, round_number: int) -> bool:
         return self.checkpoint_path(round_number).exists()
 
-    def load_checkpoint(self, round_number: int):
-        return load_weights(self.checkpoint_path(round_number))
+    def load_checkpoint(self, round_number: int) -> dict:
+        """The model's weights after ``round_number``."""
+        return {k: v for k, v in load_weights(self.checkpoint_path(round_number)).items()
+                if not k.startswith(SERVER_STATE)}
+
+    def load_server_state(self, round_number: int) -> dict[str, np.ndarray]:
+        """The server optimizer's state after ``round_number`` (empty for a stateless strategy)."""
+        return {k[len(SERVER_STATE):]: v.numpy() for k, v in load_weights(self.checkpoint_path(round_number)).items()
+                if k.startswith(SERVER_STATE)}
 
     def commit_round(self, round_number: int, weights: dict, rows: pd.DataFrame, weights_by_client=None,
-                     extra_summary: list[dict] | None = None, keep_checkpoints: int = 2) -> None:
-        save_weights(self.checkpoint_path(round_number), weights)
+                     extra_summary: list[dict] | None = None, keep_checkpoints: int = 2,
+                     server_state: dict | None = None) -> None:
+        """Persist a finished round: its weights and the server optimizer's state (one checkpoint
+        file, written atomically), its client rows, the round summary, then run.json."""
+        import torch
+
+        state = {f"{SERVER_STATE}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in (server_state or {}).items()}
+        save_weights(self.checkpoint_path(round_number), {**weights, **state})
         rows = rows.assign(run_id=self.run_id, round=round_number)[CLIENT_COLUMNS]
         write_parquet(self.folder / "clients" / f"round-{round_number:04d}.parquet", rows)
         clients = self.read_parts(upto=round_number)
@@ -131,7 +148,21 @@ class RunStore:
 
     def finish(self, status: str = "completed") -> None:
         self.meta["status"] = status
+        self.meta.pop("failure", None)
         self._write_meta()
+
+    def resume(self) -> None:
+        """A resumed run is running again: a stale ``stopped`` or ``failed`` must not outlive it."""
+        self.meta["status"] = "running"
+        self.meta.pop("failure", None)
+        self._write_meta()
+
+    def fail(self, reason: str, **details) -> None:
+        """The run died before finishing what it was asked: run.json says ``failed`` and why (a
+        deliberate ``--stop-after`` ends ``stopped`` instead); events.jsonl gets the details."""
+        self.meta["status"], self.meta["failure"] = "failed", reason
+        self._write_meta()
+        self.event(kind="run_failed", round=self.completed_rounds + 1, reason=reason, **details)
 
     def event(self, **payload) -> None:
         line = json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(), **payload}, default=str)

@@ -26,9 +26,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
-from models.protocol import ARRAYS, DETAILS, FROZEN, NORMALIZER, ONNX_BODY
+from models.errors import FedrexError
+from models.protocol import ARRAYS, DETAILS, FLEET, FROZEN, NORMALIZER, ONNX_BODY, START
 from models.run_settings import RunSettings
 from server.fleet import Fleet
+
+MOMENTUM = "momentum_vector"  # FedAvgM's server momentum (Flower's attribute name)
+MOMENTS = ("m_t", "v_t")  # FedAdam's first and second moments (Flower's FedOpt attribute names)
 
 FLOWER_STRATEGIES = {
     "fedavg": flwr_strategy.FedAvg,
@@ -108,32 +112,54 @@ class RecordingMixin:
     recorder = None  # set by make_strategy
     settings: RunSettings
     frozen: ArrayRecord  # the artifact's non-shared tensors, attached to every message
+    start_record: ArrayRecord | None = None  # the start model's shared tensors (models.protocol.START)
     _sent: dict[str, np.ndarray] | None = None
     fleet = None  # server.fleet.Fleet, set by make_strategy
     onnx_partitions: frozenset = frozenset()  # devices without torch (set by make_strategy)...
     onnx_body: bytes = b""  # ...and the body they run (models.export.body_onnx_int8)
     _target = 0  # this round's goal count of training reports
     _config_bytes = 0  # what the round's config carries besides the weights (the word normaliser)
+    _waited = False  # this round found no device available (_wait_for_devices)
 
-    def _attach_frozen(self, messages) -> list:
-        """Every message gets the frozen tensors; one to a device without torch gets the run's
-        body as ONNX instead (``onnx_body``), in a RecordDict of its own."""
+    def _sends_start(self, phase: str) -> bool:
+        """Whether this phase's messages carry the start model: training when an explanation term is
+        anchored to it or the start is distilled from (start-kd), evaluation when it measures
+        agreement with the round-0 maps."""
+        if self.start_record is None:
+            return False
+        if phase == "train":
+            explains = self.settings.expl_weight > 0 or self.settings.expl_erasure > 0
+            return (explains and self.settings.expl_anchor == "start") or self.settings.start_kd > 0
+        return self.settings.fidelity_examples > 0
+
+    def _attach_frozen(self, messages, phase: str) -> list:
+        """Every message gets the frozen tensors (and the start model where ``_sends_start``); one
+        to a device without torch gets the run's body as ONNX instead (``onnx_body``), in a
+        RecordDict of its own."""
         messages = list(messages)
         for msg in messages:  # Flower's strategies share one RecordDict between messages
             msg.content[FROZEN] = self.frozen
+            if self._sends_start(phase):
+                msg.content[START] = self.start_record
         for msg in messages:
-            if self.recorder.partition_of.get(msg.metadata.dst_node_id) in self.onnx_partitions:
-                content = {k: v for k, v in msg.content.items() if k != FROZEN}
+            pid = self.recorder.partition_of.get(msg.metadata.dst_node_id)
+            if pid in self.onnx_partitions:
+                content = {k: v for k, v in msg.content.items() if k not in (FROZEN, START)}
                 msg.content = RecordDict({**content, ONNX_BODY: ConfigRecord({"int8": self.onnx_body})})
+            if pid in self.fleet.dropped_in:  # a RecordDict of its own: the others share one
+                msg.content = RecordDict({**dict(msg.content.items()),
+                                          FLEET: ConfigRecord({"dropped-round": self.fleet.dropped_in[pid]})})
         return messages
 
     def _download_bytes(self, node: int) -> int:
         """What one training device downloads this round: the shared tensors and the config's word
-        normaliser, plus the frozen tensors, or the ONNX body for a device without torch."""
+        normaliser, plus the frozen tensors (and the start model when the round sends it), or the
+        ONNX body for a device without torch."""
         sent = sum(v.nbytes for v in self._sent.values()) + self._config_bytes
         if self.recorder.partition_of.get(node) in self.onnx_partitions:
             return sent + len(self.onnx_body)
-        return sent + sum(v.numpy().nbytes for v in self.frozen.values())
+        start = sum(v.numpy().nbytes for v in self.start_record.values()) if self._sends_start("train") else 0
+        return sent + start + sum(v.numpy().nbytes for v in self.frozen.values())
 
     def _as_update(self, msg) -> str | None:
         """Replace the reply's weights by its update (reply - sent), in place; a reason when the
@@ -146,7 +172,8 @@ class RecordingMixin:
         bad = [k for k, v in got.items() if v.shape != self._sent[k].shape or v.dtype != self._sent[k].dtype]
         if bad:
             return f"reply tensor {bad[0]!r} has another shape or dtype than was sent"
-        msg.content[ARRAYS] = _record({k: v - self._sent[k] for k, v in got.items()})
+        # in the sent order: a server optimizer (FedAvgM) pairs tensors by position, not by name
+        msg.content[ARRAYS] = _record({k: got[k] - v for k, v in self._sent.items()})
         return None
 
     def _available(self, grid) -> list[tuple[int, int]]:
@@ -181,14 +208,35 @@ class RecordingMixin:
         return self._draw([a for a in available if a[0] in allowed], count, server_round, 0)
 
     def configure_train(self, server_round, arrays, config, grid):
+        if self.recorder.global_round(server_round) == self.settings.crash_server_round:
+            raise RuntimeError(f"failure drill: crash-server-round={self.settings.crash_server_round}")
+        self._sent = _numpy(arrays)
         nodes = self._sample_train(grid, server_round)
+        if not nodes and self.fleet.enabled:
+            return self._wait_for_devices(grid)
         config["global-round"] = self.recorder.global_round(server_round)
         self.recorder.note_sampled(server_round, "train", nodes)
-        self._sent = _numpy(arrays)
         self._config_bytes = len(bytes(config[NORMALIZER])) if NORMALIZER in config else 0
-        return self._attach_frozen(super().configure_train(server_round, arrays, config, SampledGrid(grid, nodes)))
+        return self._attach_frozen(super().configure_train(server_round, arrays, config, SampledGrid(grid, nodes)),
+                                   "train")
+
+    def _wait_for_devices(self, grid) -> list:
+        """No device may train now (every window closed, or none meets the memory floor): the
+        round trains nobody (Flower is never handed an empty node list, on which it would wait
+        forever) and the clock moves to the next window opening."""
+        wait = self.fleet.next_opening([pid for pid, _ in self._available(grid)])
+        if wait is None:
+            raise FedrexError(f"no device of the fleet meets device-min-memory-mb={self.settings.device_min_memory_mb:g}: "
+                              "nobody can ever train; lower the floor or give devices with more memory")
+        self.fleet.clock += wait
+        self.recorder.counts.update(virtual_round_s=wait, virtual_clock_s=self.fleet.clock, abandoned=1.0)
+        self._waited = True
+        return []
 
     def aggregate_train(self, server_round, replies):
+        if self._waited:  # nobody could train this round (_wait_for_devices): nothing to settle
+            self._waited = False
+            return None, None
         replies = self.recorder.on_replies(server_round, "train", list(replies))
         usable, failed = [], []
         for msg in replies:
@@ -199,24 +247,57 @@ class RecordingMixin:
                 failed.append(self.recorder.partition_of.get(msg.metadata.src_node_id, -1))
             else:
                 usable.append(msg)
-        if self.fleet.enabled:
-            usable = self._apply_round_rules(server_round, usable, failed)
+        if self.fleet.enabled:  # a device that never replied failed too: it gets its status row
+            usable = self._apply_round_rules(server_round, usable, failed + self.recorder.timed_out.get("train", []))
         current = getattr(self, "current_arrays", None)
         if current is not None:  # server optimizers (FedAdam, FedAvgM) step from 0 in update space
             zeros = {k: np.zeros_like(v) for k, v in self._sent.items()}
             self.current_arrays = _record(zeros) if isinstance(current, ArrayRecord) else zeros
-        update, metrics = super().aggregate_train(server_round, usable)
+        # Flower's server optimizers count rounds from 1 in each `start`: a resumed run passes the
+        # run's own round, so FedAdam's bias correction continues rather than restarting
+        update, metrics = super().aggregate_train(self.recorder.global_round(server_round), usable)
         if update is None:
             return None, metrics
         step = _numpy(update)
         return _record({k: (v + step[k]).astype(v.dtype) for k, v in self._sent.items()}), metrics
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The server optimizer's state after the last aggregation (FedAvgM's momentum, FedAdam's
+        two moments; nothing for the stateless strategies), by ``<state>/<tensor name>``: it is
+        checkpointed with the round's weights, so a resumed run continues exactly."""
+        out = {}
+        momentum = getattr(self, "momentum_vector", None)
+        if momentum is not None:  # a list in the sent tensors' order
+            out.update({f"{MOMENTUM}/{k}": np.asarray(v) for k, v in zip(self._sent, momentum, strict=True)})
+        for name in MOMENTS:
+            out.update({f"{name}/{k}": np.asarray(v) for k, v in (getattr(self, name, None) or {}).items()})
+        return out
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray], keys: list[str]) -> None:
+        """Restore ``optimizer_state``; ``keys``: the shared tensors in the order the run sends them."""
+        parts: dict[str, dict] = {}
+        for name, value in state.items():
+            part, _, key = name.partition("/")
+            parts.setdefault(part, {})[key] = np.asarray(value)
+        unknown = set(parts) - {MOMENTUM, *MOMENTS}
+        if unknown or (MOMENTUM in parts and not hasattr(self, "momentum_vector")):
+            raise FedrexError(f"the checkpoint holds server-optimizer state {sorted(parts)} that strategy "
+                              f"{self.settings.strategy} does not keep")
+        if MOMENTUM in parts:
+            self.momentum_vector = [parts[MOMENTUM][k] for k in keys]
+        for name in MOMENTS:
+            if name in parts:
+                setattr(self, name, {k: parts[name][k] for k in keys})
+
     def _apply_round_rules(self, server_round, usable: list, failed: list[int]) -> list:
         """Statuses and virtual times for this round's replies; only the ``ok`` ones aggregate."""
         pid_of = self.recorder.partition_of
-        reports = [(pid_of[m.metadata.src_node_id], int(reply_details(m).get("samples", 0)),
+        # a round's work: rows trained, plus rows only passed forward (mode head) at their relative cost
+        work = [self.fleet.work(reply_details(m).get("samples", 0), reply_details(m).get("forward_samples", 0))
+                for m in usable]
+        reports = [(pid_of[m.metadata.src_node_id], work[i],
                     self._download_bytes(m.metadata.src_node_id),
-                    sum(v.numpy().nbytes for v in m.content.array_records[ARRAYS].values())) for m in usable]
+                    sum(v.numpy().nbytes for v in m.content.array_records[ARRAYS].values())) for i, m in enumerate(usable)]
         outcome, accepted, facts = self.fleet.settle(self.recorder.global_round(server_round), reports, failed,
                                                      self._target)
         for pid, values in outcome.items():
@@ -234,7 +315,8 @@ class RecordingMixin:
         nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, 1, 1)
         config["global-round"] = global_round
         self.recorder.note_sampled(server_round, "evaluate", nodes)
-        return self._attach_frozen(super().configure_evaluate(server_round, arrays, config, SampledGrid(grid, nodes)))
+        return self._attach_frozen(super().configure_evaluate(server_round, arrays, config, SampledGrid(grid, nodes)),
+                                   "evaluate")
 
     def aggregate_evaluate(self, server_round, replies):
         replies = self.recorder.on_replies(server_round, "evaluate", list(replies))
@@ -242,9 +324,10 @@ class RecordingMixin:
 
 
 def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onnx_partitions=frozenset(),
-                  onnx_body: bytes = b""):
+                  onnx_body: bytes = b"", start: dict | None = None):
     """An instance of the named Flower strategy with the recording mixin in front; ``frozen``:
-    the global model's tensors that are sent down but never aggregated; ``fleet``: the round
+    the global model's tensors that are sent down but never aggregated; ``start``: the start
+    model's shared tensors (sent where ``_sends_start`` says); ``fleet``: the round
     rules and virtual clock (``server/fleet.py``; None: ideal devices); ``onnx_partitions`` get
     ``onnx_body`` instead of the frozen tensors."""
     base = FLOWER_STRATEGIES[settings.strategy]
@@ -263,6 +346,8 @@ def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onn
     cls = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
     strategy = cls(**kwargs)
     strategy.recorder, strategy.settings, strategy.frozen = recorder, settings, ArrayRecord(frozen)
+    strategy.start_record = ArrayRecord(start) if start is not None else None
+    recorder.server_state = strategy.optimizer_state  # checkpointed with each round's weights
     strategy.fleet = fleet if fleet is not None else Fleet({}, settings, 0.0)
     strategy.onnx_partitions, strategy.onnx_body = frozenset(onnx_partitions), onnx_body
     return strategy

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from models.errors import FedrexError
 from models.run_settings import RunSettings, split_pairs
-from simulations.localhost import port_open, process_groups, stop_groups
+from simulations.localhost import port_open, stop_groups
+from simulations.watchdog import simulation_groups
 
 
 def load_settings(config_file: str | None, pairs: list[str] | None, base: dict | None = None) -> RunSettings:
@@ -131,6 +132,10 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
                "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()), "--stream"]
     start = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run cleans up as an interrupted one
+    # a kill -9 of this process skips the cleanup below: the watchdog (its own session) does it then
+    watchdog = subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(os.getpid()), str(home), port],
+                                cwd=app_dir(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True) if started_here else None
     try:
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1) as process:
@@ -142,16 +147,42 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     finally:
         signal.signal(signal.SIGTERM, previous)
         config_file.unlink(missing_ok=True)
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
         if started_here:  # the managed SuperLink this call started, and the simulation processes it started
             # in sessions of their own (they name its address); a SuperLink the user started stays
-            stop_groups(process_groups("flower-superlink", str(home)) | process_groups("flwr-", f"127.0.0.1:{port}"))
-    store = RunStore.open(run_dir) if (run_dir / "run.json").exists() else None
-    if process.returncode != 0 or store is None or store.meta.get("status") == "running":
-        raise FedrexError(f"the simulation stopped before finishing (flwr exit code {process.returncode}); see "
-                          f"{run_dir}/events.jsonl, then `fedrex simulate --resume {run_dir}`")
+            stop_groups(simulation_groups(str(home), port))
+    store = check_finished(run_dir, settings, control, process.returncode)
     print(f"[fedrex] {store.completed_rounds}/{settings.num_rounds} rounds in {time.time() - start:.0f}s -> {run_dir}",
           file=sys.stderr)
     return run_dir
+
+
+def check_finished(run_dir: Path, settings: RunSettings, control: dict, returncode: int):
+    """The run's store if the simulation did all it was asked (every round, or up to --stop-after);
+    else one error naming the cause. `flwr run --stream` exits 0 even when the ServerApp raised, so
+    run.json decides: the ServerApp records ``failed`` and the reason before it dies, and a run
+    that is still ``running`` or short of its rounds died without a word (it is marked failed)."""
+    from server.store import RunStore
+
+    if not (run_dir / "run.json").exists():
+        raise FedrexError(f"the simulation ended (flwr exit code {returncode}) before creating {run_dir}/run.json; "
+                          "run again with --verbose to see Flower's and Ray's logs")
+    store = RunStore.open(run_dir)
+    stop_after = int(control.get("stop-after") or 0)
+    asked = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
+    status = store.meta.get("status")
+    if status == "failed":
+        cause = store.meta.get("failure", "no reason recorded")
+    elif returncode != 0 or status == "running" or store.completed_rounds < asked:
+        cause = (f"the simulation ended (flwr exit code {returncode}, run.json status {status!r}) after round "
+                 f"{store.completed_rounds} of {asked}")
+        store.fail(cause)
+    else:
+        return store
+    raise FedrexError(f"the run failed ({cause}); details in {run_dir}/events.jsonl (--verbose shows Flower's logs); "
+                      f"{store.completed_rounds} rounds are saved: `fedrex simulate --resume {run_dir}` continues")
 
 
 def simulate_cmd(args) -> int:

@@ -61,11 +61,15 @@ def test_the_promise_table_equals_the_pandas_computation(reported_run):
         for column, metric in (("acc mean", "acc"), ("acc on attacked rows mean", "acc_attacked_rows"),
                                ("acc under char mean", "adv_acc.char"),
                                ("acc under synonym mean", "adv_acc.synonym"),
-                               ("comprehensiveness mean", "comprehensiveness")):
+                               ("comprehensiveness mean", "comprehensiveness"),
+                               ("random maps mean", "comprehensiveness_random"),
+                               ("agreement with round 0 mean", "start_agreement_spearman")):
             assert float(row[column]) == pytest.approx(values(rnd, model, metric).mean(), abs=5e-5), (rnd, model, column)
         gain = values(rnd, "personal", "acc") - values(rnd, "global", "acc")
         expected = "–" if model == "global" else f"{(gain < 0).mean():.4f}"
         assert row["harmed"] == expected
+    # round 0's global model is the start: its maps agree with themselves
+    assert float(rows[(0, "global")]["agreement with round 0 mean"]) == pytest.approx(1.0)
 
 
 def test_load_run_has_proper_dtypes(reported_run):
@@ -158,6 +162,29 @@ def test_a_run_with_missing_rounds_still_reports_and_names_them(reported_run, tm
     assert "Missing rounds:** 3, 4" in text
 
 
+def test_a_failed_run_says_so_first_and_a_bad_folder_gets_one_error_line(reported_run, tmp_path, capsys):
+    from simulations.cli import main
+
+    failed = tmp_path / "failed"
+    shutil.copytree(reported_run, failed)
+    meta = json.loads((failed / "run.json").read_text())
+    meta.update(status="failed", failure="round 3: RuntimeError: boom")
+    (failed / "run.json").write_text(json.dumps(meta))
+    first = write_report(failed).read_text().splitlines()[0]
+    assert first == "# FedREX run tiny: FAILED (round 3: RuntimeError: boom)"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "run.json").write_text("{not json")
+    empty = tmp_path / "empty"
+    shutil.copytree(reported_run, empty)
+    (empty / "clients.parquet").write_bytes(b"PAR1 truncated")
+    for folder, message in ((tmp_path / "nonexistent", "does not exist"), (broken, "not valid JSON"),
+                            (empty, "is not readable")):
+        assert main(["report", str(folder)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fedrex: error: ") and message in err[0], err
+
+
 def test_compare_runs_gives_one_row_per_run_and_model(reported_run, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(reported_run, other)
@@ -168,6 +195,9 @@ def test_compare_runs_gives_one_row_per_run_and_model(reported_run, tmp_path):
 
     table = compare_runs([reported_run, other])
     assert len(table) == 4 and set(table["mode"]) == {"finetune", "ditto"}
+    wide = per_client(load_run(reported_run))
+    first = table[(table["run_id"] == "tiny") & (table["model"] == "global")].iloc[0]
+    assert first["acc_attacked_rows_mean"] == pytest.approx(wide["global.acc_attacked_rows"].mean())
     write_report(reported_run, [other])
     assert "## Method comparison" in (reported_run / "report.md").read_text()
 

@@ -85,10 +85,12 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
     assert set(accuracy["client_id"]) == set(critics)
     assert accuracy.groupby(["round", "client_id", "model"]).size().to_dict() == {
         (r, c, m): 1 for r in (0, 1, 2) for c in critics for m in ("global", "personal")}
-    # fedper's personal head lives on the device, in the state folder its node config named.
+    # fedper's personal head lives on the device, in the state folder its node config named, under
+    # the run's id: another run on the same device starts from nothing, not from this run's heads
     for i in range(2):
-        assert sorted(p.name for p in (tmp_path / f"state{i}").rglob("round-*.safetensors")) == \
-            ["round-0001.safetensors", "round-0002.safetensors"]
+        saved = sorted((tmp_path / f"state{i}").rglob("*.safetensors"))
+        assert [(p.relative_to(tmp_path / f"state{i}").parts[:2], p.name) for p in saved] == \
+            [(("deployed", "client_state"), "round-0001.safetensors"), (("deployed", "client_state"), "round-0002.safetensors")]
     has_personal = frame[(frame["metric"] == "has_personal") & (frame["round"] == 2)]
     assert (has_personal["value"] == 1.0).all() and len(has_personal) == 2
 

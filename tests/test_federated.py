@@ -154,6 +154,81 @@ def test_a_resumed_run_gives_the_same_rows_as_an_uninterrupted_one(baseline, tmp
     assert sorted(resumed["round"].unique()) == [0, 1, 2, 3]  # round 0: the start, evaluated once
 
 
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_a_resumed_run_with_a_server_optimizer_gives_the_uninterrupted_rows(tmp_path, strategy):
+    """FedAvgM's momentum and FedAdam's moments are checkpointed with the weights: stopped after
+    round 1 and resumed, the run gives the uninterrupted run's rows and final weights, bit for bit
+    (before, the resumed FedAvgM crashed and FedAdam drifted)."""
+    pairs = [f"strategy={strategy}", "num-rounds=2", "evaluate-every=2", "server-lr=0.01"]
+    whole = run(tmp_path, *pairs, "run-id=whole")
+    folder = run(tmp_path, *pairs, "run-id=stopped", control={"stop-after": 1})
+    assert json.loads((folder / "run.json").read_text())["status"] == "stopped"
+    simulate(load_settings(None, []), {"resume": str(folder)})
+    assert json.loads((folder / "run.json").read_text())["status"] == "completed"
+    pd.testing.assert_frame_equal(tidy(folder), tidy(whole))
+    final = load_weights(folder / "checkpoints" / "round-0002.safetensors")
+    for key, tensor in load_weights(whole / "checkpoints" / "round-0002.safetensors").items():
+        assert torch.equal(final[key], tensor), key
+
+
+def test_a_server_that_dies_mid_run_fails_loudly_and_writes_no_report(tmp_path, capsys):
+    """The ServerApp raises when round 2 starts (the crash-server-round drill): `fedrex run` exits
+    non-zero with one error line naming the cause, run.json says failed and why, round 1 stays
+    saved for a resume, and no report is written as if the run had finished."""
+    from simulations.cli import main
+
+    args = ["run", "--runs-dir", str(tmp_path)]
+    for pair in [*SMALL, "fraction-evaluate=0", "crash-server-round=2", "run-id=crashed"]:
+        args += ["--run-config", pair]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "fedrex: error: the run failed (round 2: RuntimeError: failure drill: crash-server-round=2)" in err
+    meta = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert meta["status"] == "failed" and "failure drill" in meta["failure"] and meta["completed_rounds"] == 1
+    events = [json.loads(line) for line in (tmp_path / "crashed" / "events.jsonl").read_text().splitlines()]
+    assert any(e.get("kind") == "run_failed" and e["round"] == 2 and "Traceback" in e["traceback"] for e in events)
+    assert not (tmp_path / "crashed" / "report.md").exists()
+    # the drill fired once: a resume runs on to the end
+    simulate(load_settings(None, []), {"resume": str(tmp_path / "crashed")})
+    meta = json.loads((tmp_path / "crashed" / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["completed_rounds"] == 3 and "failure" not in meta
+
+
+def test_a_killed_simulation_leaves_nothing_running_and_resumes_to_the_uninterrupted_rows(baseline, tmp_path):
+    """kill -9 of `fedrex simulate`'s process group after round 1: its watchdog stops the managed
+    SuperLink, the simulation processes and Ray (they live in sessions of their own), so nothing
+    FedREX started is left, the ports are free, and --resume gives the uninterrupted run's rows."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from simulations.localhost import matching_pids, port_open
+
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
+    for pair in [*SMALL, "run-id=killed"]:
+        command += ["--run-config", pair]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta, deadline = tmp_path / "killed" / "run.json", time.time() + 300
+    while time.time() < deadline and not (meta.exists() and json.loads(meta.read_text())["completed_rounds"] >= 1):
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    def leftovers():
+        return (matching_pids("flower-superlink", str(tmp_path)) | matching_pids("flwr-simulation")
+                | matching_pids("flwr-serverapp") | matching_pids("raylet"))
+
+    deadline = time.time() + 60
+    while leftovers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not leftovers() and not port_open(39091)
+    assert json.loads(meta.read_text())["status"] == "running"  # nobody said otherwise: the resume decides
+    simulate(load_settings(None, []), {"resume": str(tmp_path / "killed")})
+    pd.testing.assert_frame_equal(tidy(tmp_path / "killed"), tidy(baseline))
+
+
 def test_ditto_and_dp_keep_personal_state_and_epsilon_grows(tmp_path):
     folder = run(tmp_path, "run-id=ditto", "mode=ditto", "dp=true", "noise-multiplier=1.0", "fraction-train=1.0",
                  "num-rounds=2", "adv-weight=0.5")

@@ -157,7 +157,11 @@ def test_every_mode_trains_and_keeps_its_personal_part_at_home(critics, mode_nam
     sent, metrics = train_round(build, received, critics[0], base.replace(lr=1e-2), state, 1, 0, 0.0)
     trained = "head.weight" if mode_name == "head" else "conv1.weight"  # head: only the head is shared
     assert metrics["steps"] == 3 and not torch.equal(sent[trained], received[trained])
-    assert metrics["samples"] > 0
+    # the device's work: rows trained; mode head trains numpy steps on one forward pass per row
+    if mode_name == "head":
+        assert metrics["samples"] == 0 and metrics["forward_samples"] == len(critics[0]) and metrics["head_samples"] > 0
+    else:
+        assert metrics["samples"] > 0 and "forward_samples" not in metrics
     if mode_name in ("fedper", "fedrep"):
         assert set(state.personal) == {"head.weight", "head.bias"}
     elif mode_name == "ditto":
@@ -169,7 +173,7 @@ def test_every_mode_trains_and_keeps_its_personal_part_at_home(critics, mode_nam
     assert set(personal.state_dict()) == set(received)
     if mode_name in ("mix", "select"):
         assert personal.chosen_alpha in mode.alphas
-    if mode_name in ("prior", "head"):
+    if mode_name in ("prior", "prior-shift", "head"):
         assert not torch.equal(personal.head.bias, received["head.bias"])
         assert torch.equal(personal.head.weight, received["head.weight"])
 
@@ -180,6 +184,8 @@ def test_every_mode_trains_and_keeps_its_personal_part_at_home(critics, mode_nam
     ({"strategy": "fedsgd"}, "strategy must be one of"),
     ({"lr": -1.0}, "lr >= 0"),
     ({"dp": True, "expl_weight": 1.0}, "not supported"),
+    ({"mode": "head", "adv_weight": 0.0, "start_kd": 1.0}, "mode head does not support expl-weight, expl-erasure or start-kd"),
+    ({"dp": True, "start_kd": 1.0}, "dp with start-kd"),
 ])
 def test_unsupported_combinations_are_rejected_before_anything_starts(pairs, message):
     with pytest.raises(FedrexError, match=message):
@@ -195,6 +201,18 @@ def test_logit_bias_solves_its_regularised_problem():
     grad = p - torch.tensor([0.25, 0.75], dtype=torch.float64) + bias
     assert torch.allclose(grad, torch.zeros(2, dtype=torch.float64), atol=1e-5)
     assert bias[1] > bias[0]
+
+
+def test_the_label_shift_bias_swaps_the_models_prior_for_the_users():
+    """Hand computation: the model calls these rows positive with mean probability 0.8; the user's
+    3 of 4 positive rows smooth to 4/6: bias = log([2/6, 4/6]) - log([0.2, 0.8])."""
+    from models.personalization import label_shift_bias
+
+    logits = np.log(np.array([[0.1, 0.9], [0.3, 0.7], [0.2, 0.8], [0.2, 0.8]]))
+    bias = label_shift_bias(logits, np.array([1, 1, 1, 0]))
+    assert np.allclose(bias, np.log([2 / 6, 4 / 6]) - np.log([0.2, 0.8]))
+    shifted = torch.softmax(torch.from_numpy(logits + bias), -1).numpy().mean(0)
+    assert shifted[1] < 0.8  # the user's rows are called positive less often than the model's prior said
 
 
 def test_label_log_prior_is_the_smoothed_label_share():
@@ -219,3 +237,78 @@ def test_a_reply_with_other_tensors_is_dropped_and_recorded(tmp_path, critics, t
     assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in start.items())
     events = (store.folder / "events.jsonl").read_text()
     assert "reply not aggregated" in events and reason in events
+
+
+def _scripted_round(strategy, server_round: int, weights: dict, updates: list[dict]) -> dict:
+    """One round of ``strategy`` whose CLIENTS replies are ``weights + updates[i]`` (no training:
+    the server's arithmetic alone), committed through the recorder as a real round is."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    messages = strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord({}),
+                                        Grid(strategy.recorder.partition_of))
+    replies = []
+    for msg in messages:
+        pid = strategy.recorder.partition_of[msg.metadata.dst_node_id]
+        TaskIdentity.node_id = msg.metadata.dst_node_id
+        # a device may list its tensors in another order than the server sent them
+        sent = {k: weights[k] + updates[pid][k] for k in reversed(list(weights))}
+        replies.append(_reply(msg, {"partition_id": pid, "samples": 8}, 8, ArrayRecord(sent)))
+        TaskIdentity.node_id = 0
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    strategy.recorder.commit(server_round, aggregated)
+    return aggregated.to_torch_state_dict()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_resumed_strategy_continues_exactly_as_an_uninterrupted_one(tmp_path, strategy):
+    """Three rounds of fixed client updates, uninterrupted; then the same run stopped after round 2
+    and resumed from its checkpoint in a new strategy object (as a new ServerApp process does):
+    the server optimizer's state (FedAvgM's momentum, FedAdam's moments and its round count) is
+    checkpointed, so round 3 gives the same weights, bit for bit. The tensors are stored in another
+    order than the model's (safetensors sorts names) to catch optimizers that pair by position."""
+    settings = RunSettings(min_train_clients=CLIENTS, fraction_train=1.0, krum_byzantine=1, strategy=strategy,
+                           server_lr=0.1, fraction_evaluate=0)
+    start = {"z.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3)}  # not in name order
+    gen = torch.Generator().manual_seed(0)
+    updates = [[{k: torch.randn(v.shape, generator=gen) for k, v in start.items()} for _ in range(CLIENTS)]
+               for _ in range(3)]
+    nodes, names = {100 + i: i for i in range(CLIENTS)}, {i: f"c{i}" for i in range(CLIENTS)}
+
+    def strategy_for(store, offset):
+        return make_strategy(settings, Recorder(store, settings, offset, nodes, names, {}, show_progress=False), {})
+
+    whole = strategy_for(RunStore.create(tmp_path, settings.to_flower(), "whole"), 0)
+    weights = dict(start)
+    for rnd in (1, 2, 3):
+        weights = _scripted_round(whole, rnd, weights, updates[rnd - 1])
+    store = RunStore.create(tmp_path, settings.to_flower(), "resumed")
+    first = strategy_for(store, 0)
+    resumed_weights = dict(start)
+    for rnd in (1, 2):
+        resumed_weights = _scripted_round(first, rnd, resumed_weights, updates[rnd - 1])
+    store = RunStore.open(store.folder)
+    saved = store.load_checkpoint(2)
+    assert list(saved) == sorted(saved)  # the file's order is not the model's
+    second = strategy_for(store, 2)
+    second.load_optimizer_state(store.load_server_state(2), list(start))
+    has_state = strategy in ("fedavgm", "fedadam")
+    assert bool(store.load_server_state(2)) == has_state
+    after = _scripted_round(second, 1, {k: saved[k] for k in start}, updates[2])
+    for key, tensor in weights.items():
+        assert torch.equal(after[key], tensor), (strategy, key)
+    if has_state:  # the test can fail: without the optimizer state the resumed round differs
+        fresh = strategy_for(RunStore.open(store.folder), 2)
+        differs = _scripted_round(fresh, 1, {k: saved[k] for k in start}, updates[2])
+        assert not all(torch.equal(differs[k], weights[k]) for k in weights)
+
+
+def test_a_loss_part_is_averaged_over_the_steps_that_computed_it(critics):
+    """adv-ratio 0.5 computes the adversarial term on about half the steps: its reported mean is
+    over those steps (the same batches as with every step adversarial, lr 0), not halved."""
+    from models.objectives import ObjectiveConfig
+    from models.training import fit
+
+    model, _ = network("student", critics)
+    every = fit(model, critics[0], ObjectiveConfig(adv=0.5, adv_ratio=1.0), max_steps=12, batch_size=8, lr=0.0, seed=0)
+    some = fit(model, critics[0], ObjectiveConfig(adv=0.5, adv_ratio=0.5), max_steps=12, batch_size=8, lr=0.0, seed=0)
+    assert 0.75 * every["adv"] < some["adv"] < 1.25 * every["adv"]
+    assert some["ce"] == pytest.approx(every["ce"], rel=0.25)

@@ -4,6 +4,8 @@ nothing but batches, clipping and noise)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,9 +52,11 @@ def dp_round(start, critic, **kw):
 
 
 def test_the_server_cannot_replay_the_noise(start, critic):
-    first, _, _ = dp_round(start, critic)
-    second, _, _ = dp_round(start, critic)  # everything the server knows is the same
+    first, first_metrics, _ = dp_round(start, critic)
+    second, second_metrics, _ = dp_round(start, critic)  # everything the server knows is the same
     assert not torch.equal(first["conv1.weight"], second["conv1.weight"])
+    # the device clock's work is the expected Poisson rows (6 steps x 37 rows x 1/3), not the draws
+    assert first_metrics["samples"] == second_metrics["samples"] == 74
     replay_a, _, _ = dp_round(start, critic, dp_reproducible_noise=True)
     replay_b, _, _ = dp_round(start, critic, dp_reproducible_noise=True)
     assert all(torch.equal(replay_a[k], replay_b[k]) for k in replay_a)  # the named, simulation-only option
@@ -90,3 +94,26 @@ def test_dp_and_a_proximal_term_are_refused_not_silently_dropped():
 def test_round_seeds_are_what_the_server_could_compute():
     """The reproducible option's seed is public: (run seed, round, partition) -> same number."""
     assert round_seed(RunSettings(seed=3), 2, 5) == round_seed(RunSettings(seed=3), 2, 5)
+
+
+def test_a_device_keys_its_state_by_run_and_counts_the_update_it_may_have_sent(tmp_path):
+    """Two runs on one device with the same state-dir keep apart (a new run does not read the last
+    run's privacy ledger); after an interrupted round, a resumed device restores its personal
+    weights from the last completed round but counts the budget of the round in flight, whose
+    update it may already have sent."""
+    from client.app import state_folder
+    from client.state import ClientState
+
+    node = {"state-dir": str(tmp_path)}
+    first, second = state_folder(node, {"run-id": "run-a"}), state_folder(node, {"run-id": "run-b"})
+    assert first != second and state_folder({}, {"run-dir": "/runs/x"}) == Path("/runs/x")
+    with pytest.raises(FedrexError, match="sent no run id"):
+        state_folder(node, {})
+    ClientState({"w": torch.ones(1)}, [(1.0, 0.1, 5)], 1).save(first, 3, 1)
+    ClientState({"w": torch.full((1,), 2.0)}, [(1.0, 0.1, 5), (1.0, 0.1, 5)], 2).save(first, 3, 2)  # in flight
+    assert ClientState.load(second, 3, 2) is None
+    resumed = ClientState.load(first, 3, 2)  # the server redoes round 2
+    assert torch.equal(resumed.personal["w"], torch.ones(1)) and resumed.last_round == 1
+    assert resumed.dp_history == [(1.0, 0.1, 5), (1.0, 0.1, 5)]
+    only_in_flight = ClientState.load(first, 3, 1)
+    assert only_in_flight.personal is None and len(only_in_flight.dp_history) == 2
