@@ -28,7 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analysis.load import device_rounds, fairness_by_tier, load_run, round_summary, time_to_accuracy  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis.load import (device_rounds, fairness_by_tier, load_run, per_client, round_summary,  # noqa: E402
+                           time_to_accuracy)
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 
@@ -74,6 +77,10 @@ def summarize(name: str, pairs: list[str], run_dir: Path, wall: float) -> dict:
     row = {"row": name, "settings": pairs, "wall_s": wall,
            **{f"{m}_pooled_{r}": float(summary.loc[(r, m), "pooled"]) for m in ("global", "personal")
               for r in (0, last)}}
+    wide = per_client(df, last)  # the share of held-out reviews the global model calls fresh, and the truth
+    weights = wide["client.n_test"]
+    row["global_called_positive"] = float(np.average(wide["global.pred_positive"], weights=weights))
+    row["true_positive"] = float(np.average(wide["client.test_positive"], weights=weights))
     statuses = device_rounds(df)
     if len(statuses):
         row["statuses"] = {k: int(v) for k, v in statuses["status"].value_counts().items()}
@@ -95,6 +102,8 @@ def tables(rows: list[dict]) -> str:
         "row": r["row"], "global start": r["global_pooled_0"],
         "global end": r[next(k for k in r if k.startswith("global_pooled_") and k != "global_pooled_0")],
         "personal end": r[next(k for k in r if k.startswith("personal_pooled_") and k != "personal_pooled_0")],
+        "called positive (true)": f"{r['global_called_positive']:.2f} ({r['true_positive']:.2f})"
+        if "global_called_positive" in r else "–",
         "virtual minutes": r.get("virtual_hours", float("nan")) * 60,
         "rounds abandoned": str(r["abandoned_rounds"]) if "abandoned_rounds" in r else "–",
         **{status: count(r, status) for status in ("ok", "straggler", "dropped", "abandoned", "unavailable")}}
