@@ -12,7 +12,6 @@ personal models) stays where it is.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -25,8 +24,8 @@ from models.linear_head import head_work, train_linear_head
 from models.objectives import ObjectiveConfig, saliency
 from models.personalization import RoundInputs, get_mode
 from models.run_settings import RunSettings
-from models.attribution import FRACTIONS
-from models.tokenizer import content_mask, content_positions
+from models.attribution import FRACTIONS, top_tokens
+from models.tokenizer import content_mask
 from models.training import fit, predict_logits, seed_everything
 
 
@@ -70,14 +69,9 @@ def with_reference_saliency(model, data: EncodedData, erasure_seed: int | None =
 
 
 def erase_top(ids: np.ndarray, attr: np.ndarray, fraction: float) -> np.ndarray:
-    """``ids`` without the ceil(fraction x content tokens) tokens of highest ``attr`` (ERASER's
-    deletion; special tokens stay)."""
-    positions = content_positions(ids)
-    if len(positions) == 0:
-        return ids
-    k = min(len(positions), max(1, math.ceil(fraction * len(positions))))
-    top = positions[np.argsort(-attr[positions], kind="stable")[:k]]
-    return np.delete(ids, top)
+    """``ids`` without the tokens ERASER's comprehensiveness deletes: the ceil(fraction x content
+    tokens) of highest ``attr`` (``models.attribution.top_tokens``; special tokens stay)."""
+    return np.delete(ids, top_tokens(attr, ids, fraction)[0])
 
 
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,

@@ -72,16 +72,16 @@ class ClientState:
         with the privacy ledger of the newest saved round of all: a file of the round in flight
         (or later) means the device trained in it and may have sent that update before the run
         was interrupted, so its budget counts as spent."""
-        folder = cls.folder(run_dir, partition_id)
-        saved = sorted(folder.glob("round-*.json"))
+        saved = sorted(cls.folder(run_dir, partition_id).glob("round-*.json"))
+        if not saved:
+            return None
+        spent = [tuple(h) for h in json.loads(saved[-1].read_text())["dp_history"]]
         candidates = [p for p in saved if int(p.stem.split("-")[1]) < before_round]
         if not candidates:
-            newest = json.loads(saved[-1].read_text()) if saved else None
-            return cls(dp_history=[tuple(h) for h in newest["dp_history"]]) if newest and newest["dp_history"] else None
+            return cls(dp_history=spent) if spent else None
         meta = json.loads(candidates[-1].read_text())
-        spent = json.loads(saved[-1].read_text())["dp_history"]
         personal = load_weights(candidates[-1].with_suffix(".safetensors")) if meta["has_personal"] else None
-        return cls(personal, [tuple(h) for h in spent], meta["last_round"], meta["train_seconds"])
+        return cls(personal, spent, meta["last_round"], meta["train_seconds"])
 
 
 def restore(context, run_dir: Path | None, partition_id: int, current_round: int,

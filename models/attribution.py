@@ -49,7 +49,7 @@ def random_attributions(data: EncodedData, seed: int = 0) -> list[np.ndarray]:
     return [rng.random(len(ids)).astype(np.float32) for ids in data.ids]
 
 
-def _top_k(attr: np.ndarray, ids: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def top_tokens(attr: np.ndarray, ids: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """The k real tokens with the most *signed* support for the explained (predicted) class, as
     ERASER defines rationales: a token with negative attribution is evidence against the
     prediction, so removing it should not count as removing the rationale."""
@@ -77,7 +77,7 @@ def eraser_scores(model, data: EncodedData, attributions: list[np.ndarray],
     variants, owners = [], []
     for i, (ids, attr) in enumerate(zip(data.ids, attributions)):
         for fraction in fractions:
-            top, positions = _top_k(attr, ids, fraction)
+            top, positions = top_tokens(attr, ids, fraction)
             keep_without = np.setdiff1d(np.arange(len(ids)), top)
             keep_only = np.sort(np.concatenate([np.setdiff1d(np.arange(len(ids)), positions), top]))
             variants += [ids[keep_without], ids[keep_only]]

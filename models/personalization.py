@@ -175,14 +175,16 @@ class LabelPrior(Mode):
         if len(inputs.data):
             import torch
 
-            bias = fit_logit_bias(predict_logits(model, inputs.data), inputs.data.labels,
-                                  inputs.settings.prior_l2)
+            bias = self.user_bias(predict_logits(model, inputs.data), inputs.data.labels, inputs.settings)
             with torch.no_grad():
                 model.head.bias.add_(torch.from_numpy(bias).to(model.head.bias.dtype))
         return model
 
+    def user_bias(self, logits: np.ndarray, labels: np.ndarray, settings) -> np.ndarray:
+        return fit_logit_bias(logits, labels, settings.prior_l2)
 
-class LabelShift(Mode):
+
+class LabelShift(LabelPrior):
     """A label-shift correction in closed form: the global model's logits + log(user's add-one
     smoothed label frequencies) - log(the model's mean predicted probabilities on the user's rows),
     the prior ratio of Saerens et al. (2002) with the user's labelled prior in place of their EM
@@ -195,15 +197,8 @@ class LabelShift(Mode):
     description = ("the global model's prior on the user's rows moved toward the user's label prior by their "
                    "ratio (closed form, after Saerens et al. 2002)")
 
-    def personal_model(self, inputs, personal):
-        model = inputs.global_model()
-        if len(inputs.data):
-            import torch
-
-            bias = label_shift_bias(predict_logits(model, inputs.data), inputs.data.labels)
-            with torch.no_grad():
-                model.head.bias.add_(torch.from_numpy(bias).to(model.head.bias.dtype))
-        return model
+    def user_bias(self, logits, labels, settings):
+        return label_shift_bias(logits, labels)
 
 
 def label_shift_bias(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -130,6 +130,12 @@ class RunSettings:
     # (client/onnx_client.py; mode head only)
     onnx_clients: str = ""
 
+    def last_round(self, control: dict) -> int:
+        """The round a run (or resume) with these run controls is asked to end at: all of them, or
+        ``stop-after``'s (a global round number)."""
+        stop_after = int(control.get("stop-after") or 0)
+        return min(self.num_rounds, stop_after) if stop_after else self.num_rounds
+
     def attacks(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.client_attacks.split(",") if a.strip())
 

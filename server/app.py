@@ -163,9 +163,8 @@ def run_federated(grid: Grid, settings: RunSettings, control: dict | None = None
     try:
         return _run_rounds(grid, settings, control, store, offset)
     except BaseException as exc:
-        if store.meta.get("status") != "failed":  # the first recorded cause is the one that matters
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            store.fail(f"round {store.completed_rounds + 1}: {reason}", traceback=traceback.format_exc())
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        store.fail(f"round {store.completed_rounds + 1}: {reason}", traceback=traceback.format_exc())
         raise
 
 
@@ -202,8 +201,7 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
     if resumed:  # FedAvgM's momentum, FedAdam's moments: as they were after round `offset`
         strategy.load_optimizer_state(store.load_server_state(offset), list(shared))
     progress_grid = ProgressGrid(grid, show=recorder.show_progress)
-    stop_after = int(control.get("stop-after") or 0)
-    last = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
+    last = settings.last_round(control)
     round_config = {**base_config, "run-dir": str(store.folder.resolve())}
     if offset == 0 and settings.fraction_evaluate > 0:  # round 0: every user's start, before any training
         replies = progress_grid.send_and_receive(
@@ -216,8 +214,7 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
                    train_config=ConfigRecord(dict(round_config)), evaluate_config=ConfigRecord(dict(round_config)),
                    evaluate_fn=recorder.commit)
     if store.completed_rounds < last:  # Flower's loop ended without committing every round it was asked for
-        store.fail(f"the strategy's loop ended after round {store.completed_rounds} of {last}")
-        raise FedrexError(f"run {store.run_id} committed {store.completed_rounds} of {last} rounds")
+        raise FedrexError(f"the strategy's loop ended after round {store.completed_rounds} of {last}")
     store.finish("completed" if store.completed_rounds >= settings.num_rounds else "stopped")
     log(f"run {store.run_id}: {store.completed_rounds}/{settings.num_rounds} rounds done, outputs in {store.folder}")
     return store

@@ -292,12 +292,13 @@ class RecordingMixin:
     def _apply_round_rules(self, server_round, usable: list, failed: list[int]) -> list:
         """Statuses and virtual times for this round's replies; only the ``ok`` ones aggregate."""
         pid_of = self.recorder.partition_of
-        # a round's work: rows trained, plus rows only passed forward (mode head) at their relative cost
-        work = [self.fleet.work(reply_details(m).get("samples", 0), reply_details(m).get("forward_samples", 0))
-                for m in usable]
-        reports = [(pid_of[m.metadata.src_node_id], work[i],
-                    self._download_bytes(m.metadata.src_node_id),
-                    sum(v.numpy().nbytes for v in m.content.array_records[ARRAYS].values())) for i, m in enumerate(usable)]
+        reports = []
+        for m in usable:
+            details = reply_details(m)
+            # a round's work: rows trained, plus rows only passed forward (mode head) at their relative cost
+            work = self.fleet.work(details.get("samples", 0), details.get("forward_samples", 0))
+            reports.append((pid_of[m.metadata.src_node_id], work, self._download_bytes(m.metadata.src_node_id),
+                            sum(v.numpy().nbytes for v in m.content.array_records[ARRAYS].values())))
         outcome, accepted, facts = self.fleet.settle(self.recorder.global_round(server_round), reports, failed,
                                                      self._target)
         for pid, values in outcome.items():

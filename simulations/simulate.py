@@ -170,8 +170,7 @@ def check_finished(run_dir: Path, settings: RunSettings, control: dict, returnco
         raise FedrexError(f"the simulation ended (flwr exit code {returncode}) before creating {run_dir}/run.json; "
                           "run again with --verbose to see Flower's and Ray's logs")
     store = RunStore.open(run_dir)
-    stop_after = int(control.get("stop-after") or 0)
-    asked = min(settings.num_rounds, stop_after) if stop_after else settings.num_rounds
+    asked = settings.last_round(control)
     status = store.meta.get("status")
     if status == "failed":
         cause = store.meta.get("failure", "no reason recorded")
