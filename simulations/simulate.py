@@ -19,7 +19,7 @@ from pathlib import Path
 
 from models.errors import FedrexError
 from models.run_settings import RunSettings, split_pairs
-from simulations.localhost import port_open, stop_groups
+from simulations.localhost import free_ports, port_open, stop_groups
 from simulations.watchdog import simulation_groups
 
 
@@ -121,19 +121,19 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
                   "client-resources-num-gpus": 0.0, "init-args-num-cpus": os.cpu_count() or 1,
                   "init-args-log-to-driver": verbose}
     bin_dir = Path(sys.executable).parent
-    home = Path(os.environ.get("FLWR_HOME") or Path(settings.runs_dir) / ".flower")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            # offline: the app's dependencies are this environment's, never installed at run time
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}  # silences Ray's GPU-visibility FutureWarning
-    port = env.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091")
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences Ray's GPU-visibility FutureWarning
+           **superlink_env(settings)}
+    home, port = env["FLWR_HOME"], env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     started_here = not port_open(port)
     command = [str(bin_dir / "flwr"), "run", str(app_dir()), "--run-config", str(config_file),
                "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()), "--stream"]
     start = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run cleans up as an interrupted one
     # a kill -9 of this process skips the cleanup below: the watchdog (its own session) does it then
-    watchdog = subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(os.getpid()), str(home), port],
+    watchdog = subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(os.getpid()), home, port],
                                 cwd=app_dir(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True) if started_here else None
     try:
@@ -152,11 +152,26 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
             watchdog.wait()
         if started_here:  # the managed SuperLink this call started, and the simulation processes it started
             # in sessions of their own (they name its address); a SuperLink the user started stays
-            stop_groups(simulation_groups(str(home), port))
+            stop_groups(simulation_groups(home, port))
     store = check_finished(run_dir, settings, control, process.returncode)
     print(f"[fedrex] {store.completed_rounds}/{settings.num_rounds} rounds in {time.time() - start:.0f}s -> {run_dir}",
           file=sys.stderr)
     return run_dir
+
+
+def superlink_env(settings: RunSettings) -> dict[str, str]:
+    """Where this run's managed SuperLink lives: its FLWR_HOME (database, log) and its two ports
+    (runtime HTTP API and Control API). Each run gets a home of its own under the runs folder and
+    free ports, so simulations started side by side each get their own SuperLink instead of
+    joining the first one's. A user who sets FLWR_LOCAL_SUPERLINK_HTTP_API_PORT (and
+    FLWR_LOCAL_CONTROL_API_PORT, FLWR_HOME) chooses them: a SuperLink already answering there is
+    used, and left running."""
+    chosen = {key: os.environ[key] for key in ("FLWR_HOME", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT",
+                                                "FLWR_LOCAL_CONTROL_API_PORT") if os.environ.get(key)}
+    http_port, control_port = free_ports(2)
+    return {"FLWR_HOME": str(Path(settings.runs_dir) / ".flower" / settings.run_id),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+            **chosen}
 
 
 def check_finished(run_dir: Path, settings: RunSettings, control: dict, returncode: int):

@@ -203,7 +203,7 @@ def test_a_killed_simulation_leaves_nothing_running_and_resumes_to_the_uninterru
     import subprocess
     import time
 
-    from simulations.localhost import matching_pids, port_open
+    from simulations.localhost import matching_pids
 
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
     for pair in [*SMALL, "run-id=killed"]:
@@ -223,10 +223,40 @@ def test_a_killed_simulation_leaves_nothing_running_and_resumes_to_the_uninterru
     deadline = time.time() + 60
     while leftovers() and time.time() < deadline:
         time.sleep(0.5)
-    assert not leftovers() and not port_open(39091)
+    assert not leftovers()
     assert json.loads(meta.read_text())["status"] == "running"  # nobody said otherwise: the resume decides
     simulate(load_settings(None, []), {"resume": str(tmp_path / "killed")})
     pd.testing.assert_frame_equal(tidy(tmp_path / "killed"), tidy(baseline))
+
+
+def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baseline, tmp_path):
+    """Two `fedrex simulate` started together: each starts a SuperLink of its own (free ports, its
+    own home), both run at once, and each gives the rows the uninterrupted baseline gives for its
+    rounds (before, the second joined the first one's SuperLink on the fixed port)."""
+    import subprocess
+    import time
+
+    from simulations.localhost import matching_pids
+
+    def start(run_id: str, rounds: int) -> subprocess.Popen:
+        command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
+        for pair in [*SMALL, f"run-id={run_id}", f"num-rounds={rounds}"]:
+            command += ["--run-config", pair]
+        return subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    processes = [start("side-a", 1), start("side-b", 2)]
+    most_superlinks = 0
+    while any(process.poll() is None for process in processes):
+        most_superlinks = max(most_superlinks, len(matching_pids("flower-superlink", str(tmp_path))))
+        time.sleep(0.5)
+    outputs = [process.stdout.read() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert most_superlinks == 2
+    first = tidy(baseline)
+    for run_id, rounds in (("side-a", 1), ("side-b", 2)):
+        pd.testing.assert_frame_equal(tidy(tmp_path / run_id), first[first["round"] <= rounds].reset_index(drop=True))
+    assert not matching_pids("flower-superlink", str(tmp_path))
 
 
 def test_ditto_and_dp_keep_personal_state_and_epsilon_grows(tmp_path):
