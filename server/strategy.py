@@ -182,15 +182,18 @@ class RecordingMixin:
         connected = set(grid.get_node_ids())
         return sorted((pid, node) for node, pid in nodes.items() if node in connected)
 
-    def _draw(self, candidates: list[tuple[int, int]], count: int, server_round: int, salt: int) -> list[int]:
-        rng = np.random.default_rng([self.settings.seed, self.recorder.global_round(server_round), salt])
+    def _draw(self, candidates: list[tuple[int, int]], count: int, key: tuple[int, int]) -> list[int]:
+        rng = np.random.default_rng([self.settings.seed, *key])
         chosen = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
         return [candidates[i][1] for i in sorted(chosen)]
 
-    def _sample(self, grid, server_round: int, fraction: float, minimum: int, salt: int) -> list[int]:
+    def _sample_evaluate(self, grid) -> list[int]:
+        """The users evaluated: a panel, the same seeded draw in every round (round 0 included),
+        so that two rounds' numbers describe the same users; a fresh draw per round would compare
+        different users (with their own label mixes) and show it as the model changing."""
         available = self._available(grid)
-        count = min(len(available), max(minimum, int(len(available) * fraction)))
-        return self._draw(available, count, server_round, salt) if available else []
+        count = min(len(available), max(1, int(len(available) * self.settings.fraction_evaluate)))
+        return self._draw(available, count, (0, 1)) if available else []
 
     def _sample_train(self, grid, server_round: int) -> list[int]:
         """Training clients under the fleet's rules (server/fleet.py): only devices available on
@@ -205,7 +208,8 @@ class RecordingMixin:
         if self.fleet.enabled:
             self.recorder.counts["device_unavailable"] = float(len(unavailable))
         allowed = set(candidates)
-        return self._draw([a for a in available if a[0] in allowed], count, server_round, 0)
+        return self._draw([a for a in available if a[0] in allowed], count,
+                          (self.recorder.global_round(server_round), 0))
 
     def configure_train(self, server_round, arrays, config, grid):
         if self.recorder.global_round(server_round) == self.settings.crash_server_round:
@@ -313,7 +317,7 @@ class RecordingMixin:
             return []
         if self.settings.fraction_evaluate == 0:
             return []
-        nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, 1, 1)
+        nodes = self._sample_evaluate(grid)
         config["global-round"] = global_round
         self.recorder.note_sampled(server_round, "evaluate", nodes)
         return self._attach_frozen(super().configure_evaluate(server_round, arrays, config, SampledGrid(grid, nodes)),
