@@ -46,6 +46,7 @@ from analysis.report import markdown_table  # noqa: E402
 from references import central_student_accuracy, reference_accuracy, start_model_accuracy  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION  # noqa: E402
+from models.datasets import REGISTRY  # noqa: E402
 from models.run_settings import RunSettings  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
 
@@ -175,7 +176,23 @@ def run_one(dataset: str, name: str, pairs: list[str], rounds: int, extra: list[
     start = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
     return {"dataset": dataset, "name": name, "config": config, "run_id": run_id, "seconds": time.time() - start,
-            "attacks_version": RECIPES_VERSION, **summarise(runs_dir / run_id)}
+            "attacks_version": RECIPES_VERSION, "data": data_rule(dataset), **summarise(runs_dir / run_id)}
+
+
+def data_rule(dataset: str) -> str:
+    """What FedREX's copy of ``dataset`` leaves out (rt_critics: SST-2 train's texts), so rows measured
+    on another copy are known as such."""
+    disjoint = REGISTRY[dataset].disjoint_from if dataset in REGISTRY else None
+    return f"without {disjoint[0]} {disjoint[1]} texts" if disjoint else ""
+
+
+STALE = " †"
+STALE_NOTE = ("† measured on an older copy of the data (rt_critics before it left out the 99 reviews SST-2 "
+              "train holds, 0.8% of its rows); not re-run since.")
+
+
+def stale(row: dict) -> bool:
+    return row.get("data", "") != data_rule(row["dataset"])
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -189,7 +206,7 @@ def user_stats(values) -> dict:
 
 
 def _row(label: str, r: dict, tag: str, model: str, harmed: bool = False, spread: str = "") -> list[str]:
-    return [label, str(int(r[f"{tag}_{model}_clients"])),
+    return [label + (STALE if stale(r) else ""), str(int(r[f"{tag}_{model}_clients"])),
             f"{fmt(r[f'{tag}_{model}_mean'])} ± {fmt(r[f'{tag}_{model}_ci95'])}{spread}",
             f"{fmt(r[f'{tag}_{model}_median'])} / {fmt(r[f'{tag}_{model}_p10'])}", fmt(r[f"{tag}_{model}_pooled"]),
             f"{fmt(r.get(f'{tag}_{model}_pred_positive'), 2)} ({fmt(r.get(f'{tag}_true_positive'), 2)})",
@@ -227,7 +244,11 @@ def table(dataset: str, refs: dict, rows: list[dict]) -> str:
         spread = f" (seeds {', '.join(fmt(v) for v in seeds)})" if seeds else ""
         body.append(_row(f"{r['name']}: personal model, round {r['last_round']}", r, "final", "personal", True,
                          spread))
-    return f"### {dataset}\n\n" + markdown_table(pd.DataFrame(body, columns=HEAD))
+    return f"### {dataset}\n\n" + markdown_table(pd.DataFrame(body, columns=HEAD)) + footnote(rows)
+
+
+def footnote(rows: list[dict]) -> str:
+    return f"\n\n{STALE_NOTE}" if any(stale(r) for r in rows) else ""
 
 
 def sweep_table(dataset: str, rows: list[dict]) -> str:
@@ -239,7 +260,7 @@ def sweep_table(dataset: str, rows: list[dict]) -> str:
                           if k not in ("dataset", "attack-examples", "fidelity-examples", "evaluate-every"))
         start = ("bare student (before the defended start)" if "attacks_version" not in r
                  else "bare student" if "normalizer=false" in r["config"] else "student + normaliser")
-        body.append([change, start, fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
+        body.append([change, start + (STALE if stale(r) else ""), fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
                      f"{fmt(r['final_global_mean'])} ± {fmt(r['final_global_ci95'])}",
                      f"{fmt(r.get('final_global_pred_positive'), 2)} ({fmt(r.get('final_true_positive'), 2)})",
                      f"{r['seconds']:.0f}"])
@@ -247,7 +268,7 @@ def sweep_table(dataset: str, rows: list[dict]) -> str:
             "pooled acc, last round",
             "per-user mean ± 95% CI", "called positive (true)", "seconds"]
     return f"### {dataset}: sweep of the federation's settings (global model)\n\n" + markdown_table(
-        pd.DataFrame(body, columns=head))
+        pd.DataFrame(body, columns=head)) + footnote(rows)
 
 
 def faithfulness_table(dataset: str, rows: list[dict]) -> str:
@@ -258,7 +279,7 @@ def faithfulness_table(dataset: str, rows: list[dict]) -> str:
     chosen = [r for r in rows if r["name"] in {f"{mode}, {n}" for n, _ in FAITHFULNESS}]
     body = []
     for r in chosen:
-        body.append([r["name"], f"{fmt(r.get('r0_global_comprehensiveness'))} ({fmt(r.get('r0_global_comprehensiveness_random'))})",
+        body.append([r["name"] + (STALE if stale(r) else ""), f"{fmt(r.get('r0_global_comprehensiveness'))} ({fmt(r.get('r0_global_comprehensiveness_random'))})",
                      f"{fmt(r.get('final_global_comprehensiveness'))} ({fmt(r.get('final_global_comprehensiveness_random'))})",
                      fmt(r.get("final_global_start_agreement_spearman")),
                      fmt(r.get("final_personal_comprehensiveness")), fmt(r["final_global_pooled"]),
@@ -268,7 +289,7 @@ def faithfulness_table(dataset: str, rows: list[dict]) -> str:
             "agreement with round 0 (Spearman)", "personal comprehensiveness", "global pooled acc",
             "personal mean acc", f"global under {' / '.join(ATTACKS)}", "seconds"]
     return f"### {dataset}: explanations through the rounds (global model)\n\n" + markdown_table(
-        pd.DataFrame(body, columns=head))
+        pd.DataFrame(body, columns=head)) + footnote(chosen)
 
 
 def with_seeds(rows: list[dict]) -> list[dict]:
@@ -284,7 +305,8 @@ def with_seeds(rows: list[dict]) -> list[dict]:
 
 
 def save(path: Path, rows: list[dict], refs: dict) -> None:
-    atomic_write_json(path, {"attacks_version": RECIPES_VERSION, "rows": rows, "references": refs})
+    atomic_write_json(path, {"attacks_version": RECIPES_VERSION, "rows": rows, "references": refs,
+                             "data": {dataset: data_rule(dataset) for dataset in refs}})
 
 
 def check_start(row: dict, refs: dict) -> None:
@@ -315,6 +337,9 @@ def main() -> int:
     if saved.get("attacks_version") != RECIPES_VERSION:  # older attack recipes or an older start model
         print("[bench] dropping method rows and references measured with older attacks or start", file=sys.stderr)
         rows, refs = [r for r in rows if r["name"].startswith("sweep")], {}
+    for dataset in list(refs):  # references on an older copy of the data: measured again
+        if saved.get("data", {}).get(dataset, "") != data_rule(dataset):
+            del refs[dataset]
     started = time.time()
     for dataset in datasets:
         if dataset not in refs:
@@ -335,12 +360,17 @@ def main() -> int:
         for dataset, name, pairs in runs_for(part, datasets):
             if args.only not in name:
                 continue
-            if any(r["dataset"] == dataset and r["name"] == name for r in rows):
+            if any(r["dataset"] == dataset and r["name"] == name and not stale(r) for r in rows):
                 print(f"[bench] {dataset} / {name}: already measured", file=sys.stderr)
                 continue
             print(f"[bench] {dataset} / {name} ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
-            rows.append(run_one(dataset, name, pairs, args.rounds, args.set, Path(args.runs_dir)))
-            check_start(rows[-1], refs[dataset])
+            row = run_one(dataset, name, pairs, args.rounds, args.set, Path(args.runs_dir))
+            check_start(row, refs[dataset])
+            older = [i for i, r in enumerate(rows) if r["dataset"] == dataset and r["name"] == name]
+            if older:  # measured on an older copy of the data: the new row takes its place
+                rows[older[0]] = row
+            else:
+                rows.append(row)
             save(json_path, rows, refs)
     md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d])) for d in refs)
     for dataset in refs:

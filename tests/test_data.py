@@ -24,11 +24,33 @@ def test_rt_critics_natural_partition_has_118_clients_covering_all_rows():
     fed = federated("rt_critics", kind="natural")
     sizes = [len(fed.partition(pid)) for pid in range(fed.num_partitions)]
     assert fed.num_partitions == 118
-    assert sum(sizes) == 12_820
-    assert min(sizes) == 20 and max(sizes) == 1_132
+    assert sum(sizes) == 12_820 - 99  # without the reviews SST-2 train holds (next test)
+    assert min(sizes) == 20 and max(sizes) == 1_125
     # every partition is one critic, and the client id names that critic
     part = fed.partition(3)
     assert set(part["user_id"]) == {fed.client_id(3)}
+
+
+def test_rt_critics_holds_no_text_the_start_model_learnt_from_sst2(tmp_path):
+    """SST-2 was cut from Rotten Tomatoes snippets: 99 critic reviews (98 with the same label) are
+    SST-2 training sentences or phrases, which the shipped student and the SST-2 references
+    learnt. FedREX's rt_critics leaves them out, so no user is tested on a text the start model
+    was trained on; without SST-2 beside it, the loader says why it cannot check."""
+    from models.datasets import data_dir, overlap_key
+
+    raw = pd.read_parquet(data_dir() / "rt_critics" / "reviews.parquet")
+    seen = {overlap_key(t) for t in pd.read_parquet(data_dir() / "sst2" / "train.parquet")["text"]}
+    assert overlap_key("It's a masterpiece!") == overlap_key("it 's a masterpiece !")
+    contaminated = raw["text"].map(overlap_key).isin(seen)
+    assert contaminated.sum() == 99
+    loaded = cached_text_dataset("rt_critics", "train")[0].to_pandas()
+    assert not loaded["text"].map(overlap_key).isin(seen).any()
+    assert sorted(loaded["text"]) == sorted(raw.loc[~contaminated, "text"])
+    alone = tmp_path / "rt_critics"
+    alone.mkdir()
+    (alone / "reviews.parquet").symlink_to(data_dir() / "rt_critics" / "reviews.parquet")
+    with pytest.raises(FedrexError, match="cannot check this dataset against sst2 train"):
+        load_text_dataset("rt_critics", "train", tmp_path)
 
 
 def test_sent140_keeps_single_label_users():
