@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from client.data import data_profile, load_local_data, round_seed
 from client.device import profile_for
 from models.errors import FedrexError
-from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, METRICS, NORMALIZER, NUM_EXAMPLES
+from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, EVALUATE_USERS, METRICS, NORMALIZER, NUM_EXAMPLES
 from models.run_settings import RunSettings
 
 
@@ -80,12 +80,16 @@ def state_folder(node_config, config) -> Path | None:
     return Path(str(config["run-dir"])) if "run-dir" in config else None
 
 
-def _reply(msg: Message, details: dict, num_examples: int, arrays: ArrayRecord | None = None) -> Message:
+def _reply(msg: Message, details: dict | list[dict], num_examples: int, arrays: ArrayRecord | None = None) -> Message:
     """Flower's strategies need one MetricRecord with the same keys from every client, so it holds
-    only the weighting count; the per-client details (which vary: DP, tiny clients) travel as JSON."""
-    clean = {k: float(v) for k, v in details.items() if isinstance(v, (int, float)) and v == v}
+    only the weighting count; the per-client details (which vary: DP, tiny clients) travel as JSON
+    (a list of them when the message carried several users: ``EVALUATE_USERS``)."""
+    def clean(values: dict) -> dict:
+        return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
+
+    body = [clean(d) for d in details] if isinstance(details, list) else clean(details)
     content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
-                          DETAILS: ConfigRecord({"json": json.dumps(clean)})})
+                          DETAILS: ConfigRecord({"json": json.dumps(body)})})
     if arrays is not None:
         content[ARRAYS] = arrays
     return Message(content, reply_to=msg)
@@ -100,7 +104,8 @@ def query(msg: Message, context: Context) -> Message:
     positive = float((local.train.labels == 1).mean()) if len(local.train) else 0.0
     info = ConfigRecord({"client-id": local.client_id, "partition-id": local.partition_id,
                          "n-train": len(local.train), "n-test": len(local.test), "train-positive": positive,
-                         DEVICE: profile.as_record()})
+                         # a simulated node reads any partition: it can evaluate other users too
+                         "simulated": int("data-file" not in context.node_config), DEVICE: profile.as_record()})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
@@ -123,6 +128,27 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    users = msg.content.config_records.get(EVALUATE_USERS)
+    if users is None:
+        return _reply(msg, *_evaluate_user(msg, context))
+    if "data-file" in context.node_config:
+        raise FedrexError("the server asked a device to evaluate other users: only simulated nodes can")
+    measured = [_evaluate_user(msg, _user_context(context, int(pid))) for pid in json.loads(str(users["partitions"]))]
+    return _reply(msg, [details for details, _ in measured], sum(count for _, count in measured))
+
+
+def _user_context(context: Context, partition_id: int) -> Context:
+    """The node's context for its own user; for another user (simulation: an evaluate message
+    carrying several) a context naming that user's partition, with no state in memory, so the
+    user's personal state comes from its saved copy in the run dir (``client.state.restore``)."""
+    if int(context.node_config.get("partition-id", -1)) == partition_id:
+        return context
+    return Context(run_id=context.run_id, node_id=context.node_id,
+                   node_config={**context.node_config, "partition-id": partition_id}, state=RecordDict(),
+                   run_config=context.run_config)
+
+
+def _evaluate_user(msg: Message, context: Context) -> tuple[dict, int]:
     settings, _, network, round_number, run_dir, local, profile = _setup(msg, context)
     if profile.runtime == "onnx":
         from client import onnx_client
@@ -132,4 +158,4 @@ def evaluate(msg: Message, context: Context) -> Message:
         from client import torch_client
 
         metrics = torch_client.evaluate(msg, context, settings, network, round_number, run_dir, local)
-    return _reply(msg, {"partition_id": local.partition_id, **metrics}, len(local.test))
+    return {"partition_id": local.partition_id, **metrics}, len(local.test)

@@ -64,6 +64,11 @@ DEVICE_METRICS = ("status", "download_s", "compute_s", "upload_s", "round_s", "f
 # a message to a device that walked away from its last training round carries this ConfigRecord
 # ({"dropped-round": r}): the device never finished round r, so it keeps its personal state from before
 FLEET = "fleet"
+# Simulation only: an evaluate message may carry several users (key "partitions", a JSON list of
+# partition ids), which the node evaluates one after another, each with its own rows and saved
+# state, and answers in one reply whose DETAILS json is a list (one dict per user, each naming
+# its partition_id). A device with its own data file always gets one message of its own.
+EVALUATE_USERS = "evaluate-users"
 
 
 def check_attacks(names) -> tuple[str, ...]:

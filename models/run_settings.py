@@ -62,6 +62,11 @@ class RunSettings:
     # and torch threads each client uses
     client_cpus: int = 1  # whole cores: the supported simulation path (flwr run) reserves integers
     client_threads: int = 1
+    # users one evaluation message carries in simulation (models.protocol.EVALUATE_USERS): each
+    # message costs the engine far more than a user's forward passes, so 0 (auto) spreads the
+    # evaluated users over 4 messages per concurrent client worker; 1: a message per user, as a
+    # fleet of devices gets (and does always: device files, device simulation, ONNX devices)
+    evaluate_batch: int = 0
     # local training
     local_epochs: float = 1.0
     local_max_steps: int = 30
@@ -182,6 +187,7 @@ class RunSettings:
             (self.evaluate_every >= 1, f"evaluate-every must be >= 1, got {self.evaluate_every}"),
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
             (self.client_cpus >= 1 and self.client_threads >= 1, "client-cpus and client-threads must be >= 1"),
+            (self.evaluate_batch >= 0, f"evaluate-batch must be >= 0 (0: auto), got {self.evaluate_batch}"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
             # lr = 0 is allowed: a round that cannot learn must return the model bit for bit (a drill)
             (self.batch_size >= 1 and self.lr >= 0 and self.personal_lr >= 0,

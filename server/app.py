@@ -58,14 +58,15 @@ def start_config(settings: RunSettings, network: dict) -> dict:
     return config
 
 
-def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tuple[dict, dict, dict]:
+def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tuple[dict, dict, dict, set]:
     """Ask every connected node who it is: node id -> partition id, partition id -> client id,
-    partition id -> device profile (a dict; ``client/device.py``)."""
+    partition id -> device profile (a dict; ``client/device.py``), and the partition ids of
+    simulated nodes (they read any partition: an evaluate message may carry several users)."""
     config = ConfigRecord(dict(base_config))
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-    partition_of, client_of, profiles, positive = {}, {}, {}, {}
+    partition_of, client_of, profiles, positive, simulated = {}, {}, {}, {}, set()
     for msg in replies:
         if msg.has_error():
             log(f"node {msg.metadata.src_node_id} did not answer the query: {msg.error.reason}")
@@ -77,6 +78,8 @@ def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tu
                               "give each device its own client-id (or partition-id) in its node config")
         partition_of[msg.metadata.src_node_id] = pid
         client_of[pid] = client_id
+        if int(info.get("simulated", 0)):
+            simulated.add(pid)
         if DEVICE in info:
             profiles[pid] = parse_profile(str(info[DEVICE]))
             positive[pid] = float(info.get("train-positive", 0.0))
@@ -84,7 +87,7 @@ def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tu
         raise FedrexError(f"only {len(partition_of)} clients answered; min-train-clients is {settings.min_train_clients}")
     if settings.device_assign == "label":
         profiles = assign_by_label(profiles, positive)
-    return partition_of, client_of, profiles
+    return partition_of, client_of, profiles, simulated
 
 
 def onnx_devices(settings: RunSettings, model, profiles: dict, client_of: dict) -> tuple[set, bytes]:
@@ -191,13 +194,14 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
         log(f"every client puts the start model's word normaliser in front of it ({len(base_config[NORMALIZER]) / 1024:.0f} KB)")
     elif settings.normalizer:
         log("the start artifact ships no word normaliser: every client serves the bare model")
-    partition_of, client_of, profiles = discover_clients(grid, settings, base_config)
+    partition_of, client_of, profiles, simulated = discover_clients(grid, settings, base_config)
     recorder = Recorder(store, settings, offset, partition_of, client_of, frozen)
     fleet = start_fleet(settings, store, model, profiles)
     if fleet.enabled and offset == 0:
         recorder.profile_rows({pid: profile_rows(p) for pid, p in profiles.items()})
     onnx_partitions, onnx_body = onnx_devices(settings, model, profiles, client_of)
-    strategy = make_strategy(settings, recorder, frozen, fleet, onnx_partitions, onnx_body, start_shared)
+    strategy = make_strategy(settings, recorder, frozen, fleet, onnx_partitions, onnx_body, start_shared,
+                             batchable=frozenset() if fleet.enabled else frozenset(simulated) - set(onnx_partitions))
     if resumed:  # FedAvgM's momentum, FedAdam's moments: as they were after round `offset`
         strategy.load_optimizer_state(store.load_server_state(offset), list(shared))
     progress_grid = ProgressGrid(grid, show=recorder.show_progress)

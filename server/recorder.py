@@ -57,15 +57,24 @@ class Recorder:
         self.rows: list[dict] = []
         self.counts: dict[str, float] = {}
         self.expected: dict[str, set] = {}
+        self.users_of: dict[int, list[int]] = {}  # node -> the users its evaluate message carries
         self.timed_out: dict[str, list[int]] = {}  # per phase: sampled pids that never replied
         self.started = time.time()
 
     def global_round(self, server_round: int) -> int:
         return self.offset + server_round
 
-    def note_sampled(self, server_round: int, phase: str, nodes: list[int]) -> None:
-        self.counts[f"{phase}_sampled"] = len(nodes)
+    def note_sampled(self, server_round: int, phase: str, nodes: list[int],
+                     users_of: dict[int, list[int]] | None = None) -> None:
+        """``nodes``: those sent a message; ``users_of``: the users each one's message carries
+        (several in a simulation's evaluation; by default each node's own)."""
+        self.users_of = users_of or {}
+        self.counts[f"{phase}_sampled"] = sum(len(self._users(node)) for node in nodes)
+        self.counts[f"{phase}_messages"] = len(nodes)
         self.expected[phase] = set(nodes)
+
+    def _users(self, node: int) -> list[int]:
+        return self.users_of.get(node) or [self.partition_of.get(node, -1)]
 
     def device_row(self, partition_id: int, outcome: dict) -> None:
         """One client's device status (a position in DEVICE_STATUSES) and virtual times this round."""
@@ -85,31 +94,41 @@ class Recorder:
 
     def on_replies(self, server_round: int, phase: str, replies: list) -> list:
         """Record replies and failures; return replies sorted by partition id (errors last)."""
-        ok, failed = [], []
+        ok, failed, users_ok = [], [], 0
         for msg in replies:
             node = msg.metadata.src_node_id
-            pid = self.partition_of.get(node, -1)
             if msg.has_error():
                 failed.append(msg)
-                self._row(pid, phase, "failed", 1.0)
-                self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
-                                 client_id=self.client_of.get(pid), error=msg.error.reason)
+                for pid in self._users(node):
+                    self._row(pid, phase, "failed", 1.0)
+                    self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
+                                     client_id=self.client_of.get(pid), error=msg.error.reason)
                 continue
-            ok.append((pid, msg))
-            for key, value in reply_details(msg).items():
-                if key == "partition_id":
+            ok.append((self.partition_of.get(node, -1), msg))
+            details = reply_details(msg)
+            # several users (EVALUATE_USERS): each names its partition, one of those the message carried
+            per_user = ([(int(d.get("partition_id", -1)), d) for d in details] if isinstance(details, list)
+                        else [(self.partition_of.get(node, -1), details)])
+            for pid, user in per_user:
+                if pid not in self._users(node):
+                    self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
+                                     error=f"node {node} answered for a user it was not sent: ignored")
                     continue
-                model, metric = split_metric_key(key)
-                self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
+                users_ok += 1
+                for key, value in user.items():
+                    if key == "partition_id":
+                        continue
+                    model, metric = split_metric_key(key)
+                    self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
         answered = {m.metadata.src_node_id for m in replies}
         self.timed_out[phase] = []
         for node in sorted(self.expected.get(phase, set()) - answered):  # timed out: slow or gone
-            pid = self.partition_of.get(node, -1)
-            self.timed_out[phase].append(pid)
-            self._row(pid, phase, "failed", 1.0)
-            self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
-                             client_id=self.client_of.get(pid), error="no reply before round-timeout")
-        self.counts[f"{phase}_replied"] = len(ok)
+            for pid in self._users(node):
+                self.timed_out[phase].append(pid)
+                self._row(pid, phase, "failed", 1.0)
+                self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
+                                 client_id=self.client_of.get(pid), error="no reply before round-timeout")
+        self.counts[f"{phase}_replied"] = users_ok
         self.counts[f"{phase}_failed"] = self.counts.get(f"{phase}_sampled", len(replies)) - len(ok)
         return [m for _, m in sorted(ok, key=lambda item: item[0])] + failed
 

@@ -19,6 +19,8 @@ optimizer, Krum's selection) and changes four things:
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 
@@ -27,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
 from models.errors import FedrexError
-from models.protocol import ARRAYS, DETAILS, FLEET, FROZEN, NORMALIZER, ONNX_BODY, START
+from models.protocol import ARRAYS, DETAILS, EVALUATE_USERS, FLEET, FROZEN, NORMALIZER, ONNX_BODY, START
 from models.run_settings import RunSettings
 from server.fleet import Fleet
 
@@ -117,6 +119,7 @@ class RecordingMixin:
     fleet = None  # server.fleet.Fleet, set by make_strategy
     onnx_partitions: frozenset = frozenset()  # devices without torch (set by make_strategy)...
     onnx_body: bytes = b""  # ...and the body they run (models.export.body_onnx_int8)
+    batchable: frozenset = frozenset()  # partitions on simulated nodes (set by make_strategy)
     _target = 0  # this round's goal count of training reports
     _config_bytes = 0  # what the round's config carries besides the weights (the word normaliser)
     _waited = False  # this round found no device available (_wait_for_devices)
@@ -319,9 +322,30 @@ class RecordingMixin:
             return []
         nodes = self._sample_evaluate(grid)
         config["global-round"] = global_round
-        self.recorder.note_sampled(server_round, "evaluate", nodes)
-        return self._attach_frozen(super().configure_evaluate(server_round, arrays, config, SampledGrid(grid, nodes)),
-                                   "evaluate")
+        batches = self._evaluation_batches(nodes)
+        self.recorder.note_sampled(server_round, "evaluate", [batch[0] for batch in batches],
+                                   {batch[0]: [self.recorder.partition_of[n] for n in batch] for batch in batches})
+        messages = self._attach_frozen(super().configure_evaluate(server_round, arrays, config,
+                                                                  SampledGrid(grid, [b[0] for b in batches])), "evaluate")
+        for msg in messages:
+            users = self.recorder.users_of.get(msg.metadata.dst_node_id, [])
+            if len(users) > 1:  # a RecordDict of its own: the others share one
+                msg.content = RecordDict({**dict(msg.content.items()),
+                                          EVALUATE_USERS: ConfigRecord({"partitions": json.dumps(users)})})
+        return messages
+
+    def _evaluation_batches(self, nodes: list[int]) -> list[list[int]]:
+        """The evaluated nodes grouped into messages: users on simulated nodes share messages of
+        ``evaluate-batch`` users (auto: 4 messages per concurrent client worker, so the workers stay
+        busy to the end of the round); every other node gets a message of its own."""
+        pid_of = self.recorder.partition_of
+        pooled = [n for n in nodes if pid_of[n] in self.batchable]
+        alone = [[n] for n in nodes if pid_of[n] not in self.batchable]
+        size = self.settings.evaluate_batch
+        if size == 0:
+            workers = max(1, (os.cpu_count() or 1) // self.settings.client_cpus)
+            size = max(1, math.ceil(len(pooled) / (4 * workers)))
+        return [pooled[i:i + size] for i in range(0, len(pooled), size)] + alone
 
     def aggregate_evaluate(self, server_round, replies):
         replies = self.recorder.on_replies(server_round, "evaluate", list(replies))
@@ -329,12 +353,13 @@ class RecordingMixin:
 
 
 def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onnx_partitions=frozenset(),
-                  onnx_body: bytes = b"", start: dict | None = None):
+                  onnx_body: bytes = b"", start: dict | None = None, batchable=frozenset()):
     """An instance of the named Flower strategy with the recording mixin in front; ``frozen``:
     the global model's tensors that are sent down but never aggregated; ``start``: the start
     model's shared tensors (sent where ``_sends_start`` says); ``fleet``: the round
     rules and virtual clock (``server/fleet.py``; None: ideal devices); ``onnx_partitions`` get
-    ``onnx_body`` instead of the frozen tensors."""
+    ``onnx_body`` instead of the frozen tensors; ``batchable``: partitions whose evaluation may share a
+    message with other users' (simulated nodes: ``evaluate-batch``)."""
     base = FLOWER_STRATEGIES[settings.strategy]
     kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                   min_available_nodes=1, train_metrics_aggr_fn=_count_only, evaluate_metrics_aggr_fn=_count_only)
@@ -355,4 +380,5 @@ def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onn
     recorder.server_state = strategy.optimizer_state  # checkpointed with each round's weights
     strategy.fleet = fleet if fleet is not None else Fleet({}, settings, 0.0)
     strategy.onnx_partitions, strategy.onnx_body = frozenset(onnx_partitions), onnx_body
+    strategy.batchable = frozenset(batchable)
     return strategy

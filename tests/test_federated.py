@@ -259,6 +259,23 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     assert not matching_pids("flower-superlink", str(tmp_path))
 
 
+def test_users_evaluated_together_in_one_message_give_the_rows_of_one_message_each(tmp_path):
+    """evaluate-batch=3: 8 users in messages of 3, 3 and 2, most evaluated on another user's node
+    (their personal state, Ditto's model here, read from the run dir), give every row that one
+    message per user gives, to the last digit."""
+    alone = run(tmp_path, "run-id=alone", "mode=ditto", "num-rounds=2", "evaluate-batch=1")
+    together = run(tmp_path, "run-id=together", "mode=ditto", "num-rounds=2", "evaluate-batch=3")
+    pd.testing.assert_frame_equal(tidy(together), tidy(alone))
+    messages = {}
+    for name in ("alone", "together"):
+        rounds = pd.read_parquet(tmp_path / name / "rounds.parquet")
+        counts = rounds[rounds["metric"].isin(["evaluate_messages", "evaluate_replied"])]
+        messages[name] = counts.groupby(["round", "metric"])["value"].first().to_dict()
+    assert messages["alone"] == {(r, m): 8.0 for r in (0, 1, 2) for m in ("evaluate_messages", "evaluate_replied")}
+    assert messages["together"] == {**{(r, "evaluate_messages"): 3.0 for r in (0, 1, 2)},
+                                    **{(r, "evaluate_replied"): 8.0 for r in (0, 1, 2)}}
+
+
 def test_ditto_and_dp_keep_personal_state_and_epsilon_grows(tmp_path):
     folder = run(tmp_path, "run-id=ditto", "mode=ditto", "dp=true", "noise-multiplier=1.0", "fraction-train=1.0",
                  "num-rounds=2", "adv-weight=0.5")
