@@ -61,7 +61,7 @@ def client_tokenizer(max_length: int, normalizer: bytes | None) -> WordPieceToke
     return WordPieceTokenizer(max_length, normalizer=WordNormalizer.from_bytes(normalizer) if normalizer else None)
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=16384)  # a simulation's users, encoded once per worker process (a few KB each)
 def _encoded(settings: RunSettings, partition_id: int, normalizer: bytes | None) -> LocalData:
     fed = federation(settings)
     client = fed.client(partition_id)

@@ -4,6 +4,9 @@ to ``client/onnx_client.py`` by the device's runtime."""
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
+
 import torch
 from flwr.app import Message
 
@@ -17,17 +20,24 @@ from models.personalization import get_mode
 from models.protocol import ARRAYS, FLEET, FROZEN, START, metric_key
 
 
-def received_model(msg: Message, build, mode) -> dict:
+def received_model(msg: Message, network: dict, mode) -> dict:
     """The global model as received: the artifact's frozen tensors plus the shared ones, which
     must be exactly the tensors this client's mode shares (else the two sides disagree on the run)."""
     records = msg.content.array_records
     shared = records[ARRAYS].to_torch_state_dict()
     frozen = records[FROZEN].to_torch_state_dict() if FROZEN in records else {}
-    expected = set(mode.shared_keys(build()))
+    expected = shared_keys(mode.name, json.dumps(network, sort_keys=True))
     if set(shared) != expected:
         raise FedrexError(f"the server sent tensors {sorted(set(shared) ^ expected)[:3]}... that mode {mode.name} "
                           "does not share: server and client disagree on the run's mode or network")
     return {**frozen, **shared}
+
+
+@lru_cache(maxsize=8)
+def shared_keys(mode_name: str, network_json: str) -> frozenset[str]:
+    """The tensors mode ``mode_name`` shares in this network, found once per process (building a
+    network to ask costs more than a small user's whole evaluation)."""
+    return frozenset(get_mode(mode_name).shared_keys(build_network(json.loads(network_json))))
 
 
 def dropped_round(msg: Message) -> int | None:
@@ -52,7 +62,7 @@ def train(msg: Message, context, settings, config, network, round_number, run_di
     """One round of local work; returns (the mode's shared tensors, metrics)."""
     torch.set_num_threads(settings.client_threads)  # the simulation engine runs several clients at once
     build = lambda: build_network(network)  # noqa: E731
-    received = received_model(msg, build, get_mode(settings.mode))
+    received = received_model(msg, network, get_mode(settings.mode))
     state = restore(context, run_dir, local.partition_id, round_number, dropped_round(msg))
     sent, metrics = train_round(build, received, local.train, settings, state, round_number, local.partition_id,
                                 float(config.get("proximal-mu", 0.0)), local.tokenizer,
@@ -67,7 +77,7 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
     """Global and personal model metrics on the held-out rows, plus who the client is."""
     torch.set_num_threads(settings.client_threads)
     build = lambda: build_network(network)  # noqa: E731
-    global_state = received_model(msg, build, get_mode(settings.mode))
+    global_state = received_model(msg, network, get_mode(settings.mode))
     state = restore(context, run_dir, local.partition_id, round_number + 1, dropped_round(msg))
     metrics = client_profile(local, state, settings)
     if len(local.test) > 0:

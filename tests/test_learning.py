@@ -96,7 +96,7 @@ def federated_round(tmp_path, critics, net: str, tamper=None, **settings_kw):
     build = lambda: build_network(config)  # noqa: E731  (what a client builds: no vocabulary yet)
     for msg in messages:
         pid = nodes[msg.metadata.dst_node_id]
-        received = received_model(msg, build, mode)
+        received = received_model(msg, config, mode)
         sent, metrics = train_round(build, received, critics[pid], settings, ClientState(), 1, pid, 0.0)
         if tamper is not None and pid == 0:
             sent = tamper(sent)
