@@ -175,6 +175,9 @@ class RecordingMixin:
         bad = [k for k, v in got.items() if v.shape != self._sent[k].shape or v.dtype != self._sent[k].dtype]
         if bad:
             return f"reply tensor {bad[0]!r} has another shape or dtype than was sent"
+        broken = [k for k, v in got.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+        if broken:  # one NaN in a weighted mean makes every weight NaN
+            return f"reply tensor {broken[0]!r} holds NaN or infinite values"
         # in the sent order: a server optimizer (FedAvgM) pairs tensors by position, not by name
         msg.content[ARRAYS] = _record({k: got[k] - v for k, v in self._sent.items()})
         return None

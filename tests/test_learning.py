@@ -231,6 +231,8 @@ def test_fedper_heads_never_leave_the_device(tmp_path, critics):
 @pytest.mark.parametrize("tamper, reason", [
     (lambda sent: {k: v for k, v in sent.items() if k != "head.bias"}, "differ from the sent ones"),
     (lambda sent: {**sent, "head.bias": sent["head.bias"].double()}, "another shape or dtype"),
+    (lambda sent: {**sent, "head.bias": sent["head.bias"] * float("nan")}, "NaN or infinite"),
+    (lambda sent: {**sent, "conv1.weight": sent["conv1.weight"] + float("inf")}, "NaN or infinite"),
 ])
 def test_a_reply_with_other_tensors_is_dropped_and_recorded(tmp_path, critics, tamper, reason):
     start, after, store = federated_round(tmp_path, critics, "student", tamper=tamper, strategy="fedavg", lr=0.0)
