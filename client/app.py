@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -88,11 +89,22 @@ def _reply(msg: Message, details: dict | list[dict], num_examples: int, arrays: 
         return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
 
     body = [clean(d) for d in details] if isinstance(details, list) else clean(details)
-    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}),
-                          DETAILS: ConfigRecord({"json": json.dumps(body)})})
+    record = {"json": json.dumps(body)}
+    if worker_node():
+        record["worker"] = worker_node()
+    content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}), DETAILS: ConfigRecord(record)})
     if arrays is not None:
         content[ARRAYS] = arrays
     return Message(content, reply_to=msg)
+
+
+def worker_node() -> str:
+    """The Ray node a simulated client runs on (its node id), so a run on a Ray cluster shows where
+    its clients ran; "" on a device, where Ray is not even imported."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    return str(ray.get_runtime_context().get_node_id())
 
 
 app = ClientApp()

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from models.protocol import DEVICE, DEVICE_STATUSES, split_metric_key
+from models.protocol import DETAILS, DEVICE, DEVICE_STATUSES, split_metric_key
 from server.aggregate import ci95
 from server.strategy import reply_details
 from server.store import RunStore
@@ -120,6 +120,13 @@ class Recorder:
                         continue
                     model, metric = split_metric_key(key)
                     self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
+        workers: dict[str, int] = {}  # Ray node id -> users it served (simulation; devices send none)
+        for _, msg in ok:
+            worker = str(msg.content.config_records[DETAILS].get("worker", ""))
+            if worker:
+                workers[worker] = workers.get(worker, 0) + len(self._users(msg.metadata.src_node_id))
+        if workers:
+            self.store.event(round=self.global_round(server_round), phase=phase, workers=workers)
         answered = {m.metadata.src_node_id for m in replies}
         self.timed_out[phase] = []
         for node in sorted(self.expected.get(phase, set()) - answered):  # timed out: slow or gone

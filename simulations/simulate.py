@@ -17,6 +17,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from models.datasets import DATA_DIR_ENV
 from models.errors import FedrexError
 from models.run_settings import RunSettings, split_pairs
 from simulations.localhost import free_ports, port_open, stop_groups
@@ -104,9 +105,12 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
         settings = RunSettings.from_flower(RunStore.open(folder).meta["settings"])
     elif not settings.run_id:
         settings = settings.replace(run_id=new_run_id())
-    # The simulation runs in Flower's processes with another working directory: absolute paths.
+    # The simulation runs in Flower's processes with another working directory, and on a Ray cluster
+    # (RAY_ADDRESS) in processes that never saw this shell's environment: absolute paths, and the
+    # data folder named in the settings rather than left to $FEDREX_DATA_DIR.
+    data_dir = settings.data_dir or os.environ.get(DATA_DIR_ENV, "")
     settings = settings.replace(runs_dir=str(Path(settings.runs_dir).resolve()),
-                                data_dir=str(Path(settings.data_dir).resolve()) if settings.data_dir else "")
+                                data_dir=str(Path(data_dir).resolve()) if data_dir else "")
     run_dir = Path(control["resume"]) if control.get("resume") else Path(settings.runs_dir) / settings.run_id
     if not control.get("resume") and (run_dir / "run.json").exists():
         raise FedrexError(f"{run_dir} already holds a run; use --resume {run_dir} or another run id")
@@ -117,14 +121,19 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {**settings.to_flower(), **control}.items()))
     # Flower's own default is 2 CPUs per simulated client (one actor on a 2-core machine).
+    # Ray: the cluster RAY_ADDRESS names (its nodes say what they have), else a new local one of this
+    # machine's cores; never a cluster someone else left running here, which Ray would join unasked
+    ray_address = os.environ.get("RAY_ADDRESS") or "local"
     federation = {"num-supernodes": num_clients, "client-resources-num-cpus": settings.client_cpus,
-                  "client-resources-num-gpus": 0.0, "init-args-num-cpus": os.cpu_count() or 1,
-                  "init-args-log-to-driver": verbose}
+                  "client-resources-num-gpus": 0.0, "init-args-log-to-driver": verbose}
+    if ray_address == "local":
+        federation["init-args-num-cpus"] = os.cpu_count() or 1
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            # offline: the app's dependencies are this environment's, never installed at run time
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences Ray's GPU-visibility FutureWarning
+           "RAY_ADDRESS": ray_address,
            **superlink_env(settings)}
     home, port = env["FLWR_HOME"], env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     started_here = not port_open(port)

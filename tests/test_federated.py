@@ -259,6 +259,36 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     assert not matching_pids("flower-superlink", str(tmp_path))
 
 
+def test_a_simulation_on_a_two_node_ray_cluster_runs_clients_on_both_and_gives_the_same_rows(baseline, tmp_path):
+    """An existing Ray cluster (a head and a second node, one CPU each, on this machine) named by
+    RAY_ADDRESS: `fedrex simulate` joins it instead of starting Ray, its clients run on both nodes
+    (the run's events name the Ray node of every reply), and the rows are the local run's."""
+    import os
+    import subprocess
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
+        for pair in [*SMALL, "run-id=on-ray", "num-rounds=1"]:
+            command += ["--run-config", pair]
+        result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                                env={**os.environ, "RAY_ADDRESS": cluster.address}, timeout=600)
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "on-ray" / "events.jsonl").read_text().splitlines()]
+    workers = [e["workers"] for e in events if "workers" in e]
+    assert {(e["round"], e["phase"]) for e in events if "workers" in e} == {(0, "evaluate"), (1, "train"), (1, "evaluate")}
+    assert len(set().union(*workers)) == 2  # both Ray nodes served clients
+    assert all(sum(w.values()) == 8 for w, e in zip(workers, events) if e.get("phase") == "evaluate")
+    first = tidy(baseline)
+    pd.testing.assert_frame_equal(tidy(tmp_path / "on-ray"), first[first["round"] <= 1].reset_index(drop=True))
+
+
 def test_users_evaluated_together_in_one_message_give_the_rows_of_one_message_each(tmp_path):
     """evaluate-batch=3: 8 users in messages of 3, 3 and 2, most evaluated on another user's node
     (their personal state, Ditto's model here, read from the run dir), give every row that one
