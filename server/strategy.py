@@ -85,7 +85,7 @@ class ProgressGrid:
                 pending.discard(reply.metadata.reply_to_message_id)
             now = time.time()
             if self.show and pending and now - last_shown >= self.every:
-                print(f"    {phase}: {len(replies)}/{total} clients answered ({now - start:.0f}s)", file=sys.stderr,
+                print(f"    {phase}: {len(replies)}/{total} messages answered ({now - start:.0f}s)", file=sys.stderr,
                       flush=True)
                 last_shown = now
             if pending:
