@@ -62,7 +62,7 @@ class SampledGrid:
 
 class ProgressGrid:
     """The grid handed to the strategy: ``send_and_receive`` pushes, then pulls replies itself so
-    that a long round shows how many clients have answered (every ``every`` seconds, on stderr)."""
+    that a long round shows how many messages have been answered (every ``every`` seconds, on stderr)."""
 
     def __init__(self, grid, every: float = 15.0, show: bool = True):
         self._grid, self.every, self.show = grid, every, show
