@@ -300,15 +300,17 @@ def with_seeds(rows: list[dict]) -> list[dict]:
     for r in rows:
         if "(seed" in r["name"]:
             continue
-        others = [o["final_personal_mean"] for o in rows
-                  if o["dataset"] == r["dataset"] and o["name"].startswith(f"{r['name']} (seed")]
+        others = [o["final_personal_mean"] for o in rows  # seeds of the same data copy only
+                  if o["dataset"] == r["dataset"] and o["name"].startswith(f"{r['name']} (seed")
+                  and stale(o) == stale(r)]
         out.append({**r, "seed_means": [r["final_personal_mean"], *others]} if others else r)
     return out
 
 
-def save(path: Path, rows: list[dict], refs: dict) -> None:
+def save(path: Path, rows: list[dict], refs: dict, refs_data: dict) -> None:
+    """``refs_data``: the data copy each dataset's references were measured on (``data_rule``)."""
     atomic_write_json(path, {"attacks_version": RECIPES_VERSION, "rows": rows, "references": refs,
-                             "data": {dataset: data_rule(dataset) for dataset in refs}})
+                             "data": {dataset: refs_data.get(dataset, "") for dataset in refs}})
 
 
 def check_start(row: dict, refs: dict) -> None:
@@ -339,9 +341,11 @@ def main() -> int:
     if saved.get("attacks_version") != RECIPES_VERSION:  # older attack recipes or an older start model
         print("[bench] dropping method rows and references measured with older attacks or start", file=sys.stderr)
         rows, refs = [r for r in rows if r["name"].startswith("sweep")], {}
-    for dataset in list(refs):  # references on an older copy of the data: measured again
-        if saved.get("data", {}).get(dataset, "") != data_rule(dataset):
+    refs_data = dict(saved.get("data", {}))
+    for dataset in datasets:  # references on an older copy of the data: measured again
+        if dataset in refs and refs_data.get(dataset, "") != data_rule(dataset):
             del refs[dataset]
+        refs_data[dataset] = data_rule(dataset)
     started = time.time()
     for dataset in datasets:
         if dataset not in refs:
@@ -349,13 +353,14 @@ def main() -> int:
             settings = load_settings(None, DATASETS[dataset])
             refs[dataset] = {**reference_accuracy(settings, settings.distill_dataset, settings.prior_l2),
                              **start_model_accuracy(settings)}
-            save(json_path, rows, refs)
+            save(json_path, rows, refs, refs_data)
         if CENTRAL not in refs[dataset]:
             print(f"[bench] {dataset}: {CENTRAL}", file=sys.stderr, flush=True)
             refs[dataset][CENTRAL] = central_student_accuracy(load_settings(None, DATASETS[dataset]))
-            save(json_path, rows, refs)
+            save(json_path, rows, refs, refs_data)
     for row in rows:  # re-read every kept run: a newer summary (columns) applies to older rows too
-        if (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
+        # (not a row of an older data copy: its folder may hold a newer run of the same name by now)
+        if not stale(row) and (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
             row.update(summarise(Path(args.runs_dir) / row["run_id"]))
     parts = ["hardening", "methods", "faithfulness", "sweep", "seeds"] if args.part == "all" else [args.part]
     for part in parts:
@@ -373,7 +378,7 @@ def main() -> int:
                 rows[older[0]] = row
             else:
                 rows.append(row)
-            save(json_path, rows, refs)
+            save(json_path, rows, refs, refs_data)
     md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d])) for d in refs)
     for dataset in refs:
         expl = [r for r in rows if r["dataset"] == dataset and any(r["name"].endswith(n) for n, _ in FAITHFULNESS)]

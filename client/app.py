@@ -117,7 +117,8 @@ def query(msg: Message, context: Context) -> Message:
     info = ConfigRecord({"client-id": local.client_id, "partition-id": local.partition_id,
                          "n-train": len(local.train), "n-test": len(local.test), "train-positive": positive,
                          # a simulated node reads any partition: it can evaluate other users too
-                         "simulated": int("data-file" not in context.node_config), DEVICE: profile.as_record()})
+                         "simulated": int(not {"data-file", "state-dir"} & set(context.node_config)),
+                         DEVICE: profile.as_record()})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
 
@@ -143,7 +144,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     users = msg.content.config_records.get(EVALUATE_USERS)
     if users is None:
         return _reply(msg, *_evaluate_user(msg, context))
-    if "data-file" in context.node_config:
+    if {"data-file", "state-dir"} & set(context.node_config):
         raise FedrexError("the server asked a device to evaluate other users: only simulated nodes can")
     measured = [_evaluate_user(msg, _user_context(context, int(pid))) for pid in json.loads(str(users["partitions"]))]
     return _reply(msg, [details for details, _ in measured], sum(count for _, count in measured))

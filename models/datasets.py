@@ -152,6 +152,7 @@ def without_texts_of(dataset, other: str, split: str, data_dir_path):
     except FedrexError as err:
         raise FedrexError(f"cannot check this dataset against {other} {split}, whose texts it must not "
                           f"hold: {err}") from None
+    seen.discard("")  # a text without letters or digits says nothing about overlap
     keep = [i for i, text in enumerate(dataset[TEXT]) if overlap_key(text) not in seen]
     return dataset.select(keep) if len(keep) < len(dataset) else dataset
 

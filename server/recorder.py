@@ -109,17 +109,24 @@ class Recorder:
             # several users (EVALUATE_USERS): each names its partition, one of those the message carried
             per_user = ([(int(d.get("partition_id", -1)), d) for d in details] if isinstance(details, list)
                         else [(self.partition_of.get(node, -1), details)])
+            carried, answered_for = self._users(node), set()
             for pid, user in per_user:
-                if pid not in self._users(node):
+                if pid not in carried or pid in answered_for:
                     self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
-                                     error=f"node {node} answered for a user it was not sent: ignored")
+                                     error=f"node {node} answered for a user it was not sent, or twice: ignored")
                     continue
+                answered_for.add(pid)
                 users_ok += 1
                 for key, value in user.items():
                     if key == "partition_id":
                         continue
                     model, metric = split_metric_key(key)
                     self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
+            for pid in carried:
+                if pid not in answered_for:  # the reply left a user it carried out
+                    self._row(pid, phase, "failed", 1.0)
+                    self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
+                                     client_id=self.client_of.get(pid), error="the reply carried no result for this user")
         workers: dict[str, int] = {}  # Ray node id -> users it served (simulation; devices send none)
         for _, msg in ok:
             worker = str(msg.content.config_records[DETAILS].get("worker", ""))
@@ -136,7 +143,7 @@ class Recorder:
                 self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
                                  client_id=self.client_of.get(pid), error="no reply before round-timeout")
         self.counts[f"{phase}_replied"] = users_ok
-        self.counts[f"{phase}_failed"] = self.counts.get(f"{phase}_sampled", len(replies)) - len(ok)
+        self.counts[f"{phase}_failed"] = self.counts.get(f"{phase}_sampled", len(replies)) - users_ok
         return [m for _, m in sorted(ok, key=lambda item: item[0])] + failed
 
     def reject(self, server_round: int, msg, reason: str) -> None:

@@ -194,12 +194,16 @@ class RecordingMixin:
         return [candidates[i][1] for i in sorted(chosen)]
 
     def _sample_evaluate(self, grid) -> list[int]:
-        """The users evaluated: a panel, the same seeded draw in every round (round 0 included),
-        so that two rounds' numbers describe the same users; a fresh draw per round would compare
-        different users (with their own label mixes) and show it as the model changing."""
-        available = self._available(grid)
+        """The users evaluated: a panel, the same users in every round (round 0 included), so that
+        two rounds' numbers describe the same users; a fresh draw per round would compare different
+        users (with their own label mixes) and show it as the model changing. Every known user has
+        one seeded rank for the whole run; the panel is the first connected ones in that order, so
+        a device that goes away takes only its own place (the next in rank fills it)."""
+        available = dict(self._available(grid))  # partition id -> node id
         count = min(len(available), max(1, int(len(available) * self.settings.fraction_evaluate)))
-        return self._draw(available, count, (0, 1)) if available else []
+        known = sorted(self.recorder.partition_of.values())
+        ranked = [known[i] for i in np.random.default_rng([self.settings.seed, 0, 1]).permutation(len(known))]
+        return [available[pid] for pid in sorted([pid for pid in ranked if pid in available][:count])]
 
     def _sample_train(self, grid, server_round: int) -> list[int]:
         """Training clients under the fleet's rules (server/fleet.py): only devices available on

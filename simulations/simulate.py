@@ -117,13 +117,17 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     num_clients = check_before_start(settings)
     print(f"[fedrex] {num_clients} clients ({settings.dataset}, {settings.partitioner}), run dir {run_dir}",
           file=sys.stderr, flush=True)
+    # Ray: the cluster RAY_ADDRESS names (its nodes say what they have), else a new local one of this
+    # machine's cores; never a cluster someone else left running here, which Ray would join unasked
+    ray_address = os.environ.get("RAY_ADDRESS") or "local"
+    if ray_address != "local" and settings.evaluate_batch == 0:
+        # a message carrying several users reads their saved state from the run folder, which on a
+        # cluster of machines lives on whichever machine trained them: one message per user there
+        settings = settings.replace(evaluate_batch=1)
     config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {**settings.to_flower(), **control}.items()))
     # Flower's own default is 2 CPUs per simulated client (one actor on a 2-core machine).
-    # Ray: the cluster RAY_ADDRESS names (its nodes say what they have), else a new local one of this
-    # machine's cores; never a cluster someone else left running here, which Ray would join unasked
-    ray_address = os.environ.get("RAY_ADDRESS") or "local"
     federation = {"num-supernodes": num_clients, "client-resources-num-cpus": settings.client_cpus,
                   "client-resources-num-gpus": 0.0, "init-args-log-to-driver": verbose}
     if ray_address == "local":

@@ -430,6 +430,54 @@ def test_a_sample_of_users_is_evaluated_as_a_panel_the_same_users_every_round(tm
     assert evaluated(3) == []  # evaluate-every=5
     assert trained(1) != trained(2) and len(trained(1)) == 10
 
+    class Fewer(Grid):  # a panel member went away: the others stay, the next in rank fills in
+        def get_node_ids(self):
+            return [n for n in super().get_node_ids() if n != panel[0]]
+
+    smaller = sorted(m.metadata.dst_node_id for m in strategy.configure_evaluate(10, weights, ConfigRecord({}), Fewer()))
+    assert len(set(smaller) & set(panel)) == 9 and panel[0] not in smaller
+
+
+def test_a_reply_for_several_users_counts_each_user_once_and_fails_the_ones_it_left_out(tmp_path):
+    """evaluate-batch=3 over 8 simulated users: 3 messages. One reply answers all its users, one
+    leaves a user out and names another twice, one never comes: 5 users answered, the 3 others
+    failed (each with a row and an event), nothing counted twice."""
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import _reply
+    from server.recorder import Recorder
+    from server.store import RunStore
+    from server.strategy import make_strategy
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1000, 1008))
+
+    settings = RunSettings(evaluate_batch=3, evaluate_every=1)
+    nodes = {node: node - 1000 for node in range(1000, 1008)}
+    store = RunStore.create(tmp_path, settings.to_flower(), "r")
+    recorder = Recorder(store, settings, 0, nodes, {i: f"user-{i}" for i in range(8)}, {}, show_progress=False)
+    strategy = make_strategy(settings, recorder, {}, batchable=frozenset(range(8)))
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    messages = strategy.configure_evaluate(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({}), Grid())
+    carried = [json.loads(str(m.content.config_records["evaluate-users"]["partitions"])) for m in messages]
+    assert carried == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    answers = {0: [0, 1, 2], 1: [3, 4, 4]}  # message 1 leaves user 5 out and names user 4 twice
+    replies = []
+    for i, users in answers.items():
+        TaskIdentity.node_id = messages[i].metadata.dst_node_id
+        replies.append(_reply(messages[i], [{"partition_id": u, "global.acc": 0.5} for u in users], 3))
+    TaskIdentity.node_id = 0
+    recorder.on_replies(1, "evaluate", replies)
+    rows = pd.DataFrame(recorder.rows)
+    assert sorted(rows[rows["metric"] == "acc"]["partition_id"]) == [0, 1, 2, 3, 4]
+    assert sorted(rows[rows["metric"] == "failed"]["partition_id"]) == [5, 6, 7]
+    assert (recorder.counts["evaluate_messages"], recorder.counts["evaluate_sampled"],
+            recorder.counts["evaluate_replied"], recorder.counts["evaluate_failed"]) == (3, 8, 5, 3)
+    events = [json.loads(line) for line in (store.folder / "events.jsonl").read_text().splitlines()]
+    assert sorted(e["partition_id"] for e in events if "error" in e) == [4, 5, 6, 7]  # 4: named twice
+
 
 def test_the_reference_cost_mixes_clean_and_adversarial_steps_in_the_training_share(monkeypatch):
     """Clean steps cost 0.66 ms per sample and adversarial ones 1.46 (the issue's figures, on a
