@@ -59,7 +59,9 @@ MODES = ["finetune", "prior", "prior-shift", "mix", "select", "ditto", "fedper"]
 SEEDED = {"rt_critics": [RunSettings().mode], "sent140_users": [RunSettings().mode, "prior-shift"]}
 # every method run attacks every held-out row with both recipes (10 per user are too few to compare)
 ATTACKS = ("char", "synonym")
-EVALUATION = [f"client-attacks={','.join(ATTACKS)}", "attack-examples=100000"]
+# a round that attacks every held-out row of 118 critics can take longer than the default round
+# timeout on a busy machine: a user whose reply misses it would silently leave the row's averages
+EVALUATION = [f"client-attacks={','.join(ATTACKS)}", "attack-examples=100000", "round-timeout=14400"]
 HARDENING = [  # (row name, change from the defaults): what each defence buys, one change each
     ("no hardening", ["adv-weight=0"]),
     ("+ perturbed text", ["perturb-share=0.5"]),
@@ -177,6 +179,11 @@ def run_one(dataset: str, name: str, pairs: list[str], rounds: int, extra: list[
         shutil.rmtree(runs_dir / run_id)
     start = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
+    frame = pd.read_parquet(runs_dir / run_id / "clients.parquet")
+    failed = frame[frame["metric"] == "failed"]
+    if len(failed):  # a row over a subset of the users is not the row it claims to be
+        raise SystemExit(f"{run_id}: {failed['client_id'].nunique()} users failed in rounds "
+                         f"{sorted(failed['round'].unique())} (see its events.jsonl); the row is not recorded")
     return {"dataset": dataset, "name": name, "config": config, "run_id": run_id, "seconds": time.time() - start,
             "attacks_version": RECIPES_VERSION, "data": data_rule(dataset), **summarise(runs_dir / run_id)}
 
