@@ -182,7 +182,8 @@ class Recorder:
         if c.get("train_failed"):
             line += f" ({c['train_failed']} failed)"
         if (rows["metric"] == "acc").any():
-            line += f", evaluated {c.get('evaluate_replied', 0)}: " + "; ".join(evaluation_summary(rows))
+            failed = f" ({c['evaluate_failed']:.0f} failed: see events.jsonl)" if c.get("evaluate_failed") else ""
+            line += f", evaluated {c.get('evaluate_replied', 0)}{failed}: " + "; ".join(evaluation_summary(rows))
         if "virtual_clock_s" in c:
             line += (f", virtual round {c['virtual_round_s']:.1f}s (clock {c['virtual_clock_s'] / 3600:.2f}h): "
                      + " ".join(f"{s} {int(c[f'device_{s}'])}" for s in DEVICE_STATUSES if c.get(f"device_{s}"))
