@@ -133,7 +133,7 @@ class Recorder:
             if worker:
                 workers[worker] = workers.get(worker, 0) + len(self._users(msg.metadata.src_node_id))
         if workers:
-            self.store.event(round=self.global_round(server_round), phase=phase, workers=workers)
+            self.store.event(kind="workers", round=self.global_round(server_round), phase=phase, workers=workers)
         answered = {m.metadata.src_node_id for m in replies}
         self.timed_out[phase] = []
         for node in sorted(self.expected.get(phase, set()) - answered):  # timed out: slow or gone

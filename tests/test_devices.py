@@ -460,14 +460,14 @@ def test_a_reply_for_several_users_counts_each_user_once_and_fails_the_ones_it_l
     recorder = Recorder(store, settings, 0, nodes, {i: f"user-{i}" for i in range(8)}, {}, show_progress=False)
     strategy = make_strategy(settings, recorder, {}, batchable=frozenset(range(8)))
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    messages = strategy.configure_evaluate(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({}), Grid())
-    carried = [json.loads(str(m.content.config_records["evaluate-users"]["partitions"])) for m in messages]
-    assert carried == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    answers = {0: [0, 1, 2], 1: [3, 4, 4]}  # message 1 leaves user 5 out and names user 4 twice
+    sent = strategy.configure_evaluate(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({}), Grid())
+    by_users = {tuple(json.loads(str(m.content.config_records["evaluate-users"]["partitions"]))): m for m in sent}
+    assert sorted(by_users) == [(0, 1, 2), (3, 4, 5), (6, 7)]  # in whatever order Flower lists them
+    answers = {(0, 1, 2): [0, 1, 2], (3, 4, 5): [3, 4, 4]}  # the second leaves user 5 out, names 4 twice
     replies = []
-    for i, users in answers.items():
-        TaskIdentity.node_id = messages[i].metadata.dst_node_id
-        replies.append(_reply(messages[i], [{"partition_id": u, "global.acc": 0.5} for u in users], 3))
+    for carried, users in answers.items():
+        TaskIdentity.node_id = by_users[carried].metadata.dst_node_id
+        replies.append(_reply(by_users[carried], [{"partition_id": u, "global.acc": 0.5} for u in users], 3))
     TaskIdentity.node_id = 0
     recorder.on_replies(1, "evaluate", replies)
     rows = pd.DataFrame(recorder.rows)
