@@ -21,13 +21,20 @@ class RunFolderError(ValueError):
     """A folder that is not a readable FedREX run (`fedrex report` turns it into one error line)."""
 
 
-def load_run(run_dir) -> pd.DataFrame:
-    """The tidy per-client table: run_id, round, client_id, partition_id, model, metric, value."""
-    path = Path(run_dir) / "clients.parquet"
+def run_file(run_dir, name: str, missing: str) -> Path:
+    """``run_dir``/``name``, or one RunFolderError: the folder does not exist, or lacks the file
+    (``missing`` says what that means)."""
     if not Path(run_dir).is_dir():
         raise RunFolderError(f"{run_dir} does not exist")
+    path = Path(run_dir) / name
     if not path.exists():
-        raise RunFolderError(f"{run_dir} has no clients.parquet: not a FedREX run folder, or no round was committed yet")
+        raise RunFolderError(f"{run_dir} has no {name}: {missing}")
+    return path
+
+
+def load_run(run_dir) -> pd.DataFrame:
+    """The tidy per-client table: run_id, round, client_id, partition_id, model, metric, value."""
+    path = run_file(run_dir, "clients.parquet", "not a FedREX run folder, or no round was committed yet")
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises its own types for truncated or foreign files
@@ -43,11 +50,7 @@ def load_run(run_dir) -> pd.DataFrame:
 
 
 def run_info(run_dir) -> dict:
-    path = Path(run_dir) / "run.json"
-    if not Path(run_dir).is_dir():
-        raise RunFolderError(f"{run_dir} does not exist")
-    if not path.exists():
-        raise RunFolderError(f"{run_dir} has no run.json: not a FedREX run folder")
+    path = run_file(run_dir, "run.json", "not a FedREX run folder")
     try:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -90,12 +90,19 @@ def _reply(msg: Message, details: dict | list[dict], num_examples: int, arrays: 
 
     body = [clean(d) for d in details] if isinstance(details, list) else clean(details)
     record = {"json": json.dumps(body)}
-    if worker_node():
-        record["worker"] = worker_node()
+    worker = worker_node()
+    if worker:
+        record["worker"] = worker
     content = RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: int(num_examples)}), DETAILS: ConfigRecord(record)})
     if arrays is not None:
         content[ARRAYS] = arrays
     return Message(content, reply_to=msg)
+
+
+def simulated_node(node_config) -> bool:
+    """A node of a simulation: it reads any partition (neither a device's own data file nor its
+    own state folder), so it can evaluate other users too (``EVALUATE_USERS``)."""
+    return not {"data-file", "state-dir"} & set(node_config)
 
 
 def worker_node() -> str:
@@ -116,8 +123,7 @@ def query(msg: Message, context: Context) -> Message:
     positive = float((local.train.labels == 1).mean()) if len(local.train) else 0.0
     info = ConfigRecord({"client-id": local.client_id, "partition-id": local.partition_id,
                          "n-train": len(local.train), "n-test": len(local.test), "train-positive": positive,
-                         # a simulated node reads any partition: it can evaluate other users too
-                         "simulated": int(not {"data-file", "state-dir"} & set(context.node_config)),
+                         "simulated": int(simulated_node(context.node_config)),
                          DEVICE: profile.as_record()})
     return Message(RecordDict({"info": info}), reply_to=msg)
 
@@ -144,7 +150,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     users = msg.content.config_records.get(EVALUATE_USERS)
     if users is None:
         return _reply(msg, *_evaluate_user(msg, context))
-    if {"data-file", "state-dir"} & set(context.node_config):
+    if not simulated_node(context.node_config):
         raise FedrexError("the server asked a device to evaluate other users: only simulated nodes can")
     measured = [_evaluate_user(msg, _user_context(context, int(pid))) for pid in json.loads(str(users["partitions"]))]
     return _reply(msg, [details for details, _ in measured], sum(count for _, count in measured))

@@ -131,7 +131,6 @@ def start_fleet(settings: RunSettings, store: RunStore, model, profiles: dict) -
                    & (rounds["round"] <= store.completed_rounds)]
     fleet.clock = float(clock.sort_values("round")["value"].iloc[-1]) if len(clock) else 0.0
     fleet.dropped_in = dropped_devices(store)
-
     return fleet
 
 

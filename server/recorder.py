@@ -95,21 +95,24 @@ class Recorder:
     def on_replies(self, server_round: int, phase: str, replies: list) -> list:
         """Record replies and failures; return replies sorted by partition id (errors last)."""
         ok, failed, users_ok = [], [], 0
+        workers: dict[str, int] = {}  # Ray node id -> users it served (simulation; devices send none)
         for msg in replies:
             node = msg.metadata.src_node_id
+            carried = self._users(node)
             if msg.has_error():
                 failed.append(msg)
-                for pid in self._users(node):
-                    self._row(pid, phase, "failed", 1.0)
-                    self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
-                                     client_id=self.client_of.get(pid), error=msg.error.reason)
+                for pid in carried:
+                    self._failed(server_round, phase, pid, msg.error.reason)
                 continue
             ok.append((self.partition_of.get(node, -1), msg))
+            worker = str(msg.content.config_records[DETAILS].get("worker", ""))
+            if worker:
+                workers[worker] = workers.get(worker, 0) + len(carried)
             details = reply_details(msg)
             # several users (EVALUATE_USERS): each names its partition, one of those the message carried
             per_user = ([(int(d.get("partition_id", -1)), d) for d in details] if isinstance(details, list)
                         else [(self.partition_of.get(node, -1), details)])
-            carried, answered_for = self._users(node), set()
+            answered_for = set()
             for pid, user in per_user:
                 if pid not in carried or pid in answered_for:
                     self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
@@ -124,14 +127,7 @@ class Recorder:
                     self._row(pid, model or (phase if phase == "train" else "client"), metric, value)
             for pid in carried:
                 if pid not in answered_for:  # the reply left a user it carried out
-                    self._row(pid, phase, "failed", 1.0)
-                    self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
-                                     client_id=self.client_of.get(pid), error="the reply carried no result for this user")
-        workers: dict[str, int] = {}  # Ray node id -> users it served (simulation; devices send none)
-        for _, msg in ok:
-            worker = str(msg.content.config_records[DETAILS].get("worker", ""))
-            if worker:
-                workers[worker] = workers.get(worker, 0) + len(self._users(msg.metadata.src_node_id))
+                    self._failed(server_round, phase, pid, "the reply carried no result for this user")
         if workers:
             self.store.event(kind="workers", round=self.global_round(server_round), phase=phase, workers=workers)
         answered = {m.metadata.src_node_id for m in replies}
@@ -139,21 +135,23 @@ class Recorder:
         for node in sorted(self.expected.get(phase, set()) - answered):  # timed out: slow or gone
             for pid in self._users(node):
                 self.timed_out[phase].append(pid)
-                self._row(pid, phase, "failed", 1.0)
-                self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
-                                 client_id=self.client_of.get(pid), error="no reply before round-timeout")
+                self._failed(server_round, phase, pid, "no reply before round-timeout")
         self.counts[f"{phase}_replied"] = users_ok
         self.counts[f"{phase}_failed"] = self.counts.get(f"{phase}_sampled", len(replies)) - users_ok
         return [m for _, m in sorted(ok, key=lambda item: item[0])] + failed
 
+    def _failed(self, server_round: int, phase: str, pid: int, reason: str) -> None:
+        """A user that failed this phase: its ``failed`` row and an event saying why."""
+        self._row(pid, phase, "failed", 1.0)
+        self.store.event(round=self.global_round(server_round), phase=phase, partition_id=pid,
+                         client_id=self.client_of.get(pid), error=reason)
+
     def reject(self, server_round: int, msg, reason: str) -> None:
         """A train reply that cannot be aggregated (wrong tensors): recorded as failed, dropped."""
-        pid = self.partition_of.get(msg.metadata.src_node_id, -1)
-        self._row(pid, "train", "failed", 1.0)
+        self._failed(server_round, "train", self.partition_of.get(msg.metadata.src_node_id, -1),
+                     f"reply not aggregated: {reason}")
         self.counts["train_replied"] = self.counts.get("train_replied", 1) - 1
         self.counts["train_failed"] = self.counts.get("train_failed", 0) + 1
-        self.store.event(round=self.global_round(server_round), phase="train", partition_id=pid,
-                         client_id=self.client_of.get(pid), error=f"reply not aggregated: {reason}")
 
     def commit(self, server_round: int, arrays):
         """Flower's evaluate_fn: persist the finished round. Flower also calls it with round 0

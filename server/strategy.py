@@ -98,6 +98,12 @@ def _count_only(records, weighting_key: str) -> MetricRecord:
     return MetricRecord({"clients": len(records)})
 
 
+def _add_own_record(msg, name: str, record) -> None:
+    """Give ``msg`` the record ``name`` in a RecordDict of its own (Flower's strategies share one
+    RecordDict between a round's messages, so adding to it would reach every message)."""
+    msg.content = RecordDict({**dict(msg.content.items()), name: record})
+
+
 def reply_details(msg) -> dict:
     return json.loads(str(msg.content.config_records[DETAILS]["json"]))
 
@@ -138,7 +144,8 @@ class RecordingMixin:
     def _attach_frozen(self, messages, phase: str) -> list:
         """Every message gets the frozen tensors (and the start model where ``_sends_start``); one
         to a device without torch gets the run's body as ONNX instead (``onnx_body``), in a
-        RecordDict of its own."""
+        RecordDict of its own; one to a device that walked away is told so (``FLEET``), and an
+        evaluate message carrying several users names them (``EVALUATE_USERS``)."""
         messages = list(messages)
         for msg in messages:  # Flower's strategies share one RecordDict between messages
             msg.content[FROZEN] = self.frozen
@@ -149,9 +156,11 @@ class RecordingMixin:
             if pid in self.onnx_partitions:
                 content = {k: v for k, v in msg.content.items() if k not in (FROZEN, START)}
                 msg.content = RecordDict({**content, ONNX_BODY: ConfigRecord({"int8": self.onnx_body})})
-            if pid in self.fleet.dropped_in:  # a RecordDict of its own: the others share one
-                msg.content = RecordDict({**dict(msg.content.items()),
-                                          FLEET: ConfigRecord({"dropped-round": self.fleet.dropped_in[pid]})})
+            if pid in self.fleet.dropped_in:
+                _add_own_record(msg, FLEET, ConfigRecord({"dropped-round": self.fleet.dropped_in[pid]}))
+            users = self.recorder.users_of.get(msg.metadata.dst_node_id, [])  # note_sampled: this round's
+            if len(users) > 1:
+                _add_own_record(msg, EVALUATE_USERS, ConfigRecord({"partitions": json.dumps(users)}))
         return messages
 
     def _download_bytes(self, node: int) -> int:
@@ -332,14 +341,8 @@ class RecordingMixin:
         batches = self._evaluation_batches(nodes)
         self.recorder.note_sampled(server_round, "evaluate", [batch[0] for batch in batches],
                                    {batch[0]: [self.recorder.partition_of[n] for n in batch] for batch in batches})
-        messages = self._attach_frozen(super().configure_evaluate(server_round, arrays, config,
-                                                                  SampledGrid(grid, [b[0] for b in batches])), "evaluate")
-        for msg in messages:
-            users = self.recorder.users_of.get(msg.metadata.dst_node_id, [])
-            if len(users) > 1:  # a RecordDict of its own: the others share one
-                msg.content = RecordDict({**dict(msg.content.items()),
-                                          EVALUATE_USERS: ConfigRecord({"partitions": json.dumps(users)})})
-        return messages
+        return self._attach_frozen(super().configure_evaluate(server_round, arrays, config,
+                                                              SampledGrid(grid, [b[0] for b in batches])), "evaluate")
 
     def _evaluation_batches(self, nodes: list[int]) -> list[list[int]]:
         """The evaluated nodes grouped into messages: users on simulated nodes share messages of
