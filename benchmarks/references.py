@@ -117,19 +117,27 @@ def start_model_accuracy(settings) -> dict[str, dict[str, float]]:
     return rows
 
 
-def central_student_accuracy(settings, epochs: float = 2.0) -> dict[str, float]:
+def central_student_accuracy(settings, epochs: float = 2.0, public_share: float = 0.0) -> dict[str, float]:
     """{client id: accuracy}: the run's starting model fine-tuned centrally on the pooled training
     rows of all users (same objective, learning rate and batch size as the clients, same
     tokenizer), i.e. what the federation would reach with no federation constraints: the
-    non-federated upper reference."""
+    non-federated upper reference. ``public_share`` > 0 mixes in that many times as many rows of the
+    data the start was distilled from (its train split, a seeded draw): the non-federated twin of
+    server learning (``server-steps``)."""
     from models.encoded import EncodedData
     from models.training import fit, predict_logits, seed_everything
     from server.app import global_model
 
     users = user_splits(settings)
     tokenizer = start_tokenizer(settings)
-    pooled = EncodedData.from_texts([t for _, train, _, _, _ in users for t in train],
-                                    np.concatenate([y for _, _, y, _, _ in users]), tokenizer)
+    texts = [t for _, train, _, _, _ in users for t in train]
+    labels = np.concatenate([y for _, _, y, _, _ in users])
+    if public_share > 0:
+        public = cached_text_dataset(settings.distill_dataset, "train", settings.data_dir or None)[0]
+        count = min(len(public), int(public_share * len(texts)))
+        drawn = public.select(np.random.default_rng(settings.seed).choice(len(public), count, replace=False).tolist())
+        texts, labels = texts + list(drawn["text"]), np.concatenate([labels, np.asarray(drawn["label"])])
+    pooled = EncodedData.from_texts(texts, labels, tokenizer)
     seed_everything(settings.seed)
     model, _ = global_model(settings)
     fit(model, pooled, settings.objective(), epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,

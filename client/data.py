@@ -19,7 +19,7 @@ from models.encoded import EncodedData
 from models.errors import FedrexError
 from models.partitioning import ClientData, FederatedData, PartitionConfig, split_indices
 from models.run_settings import RunSettings
-from models.tokenizer import WordPieceTokenizer
+from models.tokenizer import WordPieceTokenizer, client_tokenizer
 
 
 @dataclass
@@ -50,15 +50,6 @@ def federated_data(settings_key: tuple, dataset: str, data_dir: str, config: Par
 def federation(settings: RunSettings) -> FederatedData:
     config = partition_config(settings)
     return federated_data((settings.dataset, settings.data_dir, config), settings.dataset, settings.data_dir, config)
-
-
-@lru_cache(maxsize=4)
-def client_tokenizer(max_length: int, normalizer: bytes | None) -> WordPieceTokenizer:
-    """The tokenizer every text of a client goes through: WordPiece, behind the start model's word
-    normaliser when the server sent one (``models.protocol.NORMALIZER``)."""
-    from models.normalizer import WordNormalizer
-
-    return WordPieceTokenizer(max_length, normalizer=WordNormalizer.from_bytes(normalizer) if normalizer else None)
 
 
 @lru_cache(maxsize=16384)  # a simulation's users, encoded once per worker process (a few KB each)
