@@ -1,7 +1,7 @@
 """Personalization experiment on real users, with the reference rows every such table needs.
 
     python benchmarks/personalization.py [--datasets rt_critics,sent140_users]
-        [--part hardening|methods|faithfulness|server|sweep|seeds|all] [--rounds 3] [--set KEY=VALUE ...]
+        [--part hardening|methods|faithfulness|sweep|seeds|all] [--rounds 3] [--set KEY=VALUE ...]
 
 - ``hardening``: the default run (the defended start: student + word normaliser, embedding-PGD
   hardening), then one change each: no hardening, perturbed-text hardening added, perturbed text
@@ -11,9 +11,6 @@
 - ``faithfulness``: the explanation term (``expl-weight``) anchored to the start model's maps, at
   several weights, and anchored to the received model's (the old behaviour): comprehensiveness
   and agreement with the round-0 maps per round, beside random maps, with accuracy and time;
-- ``server``: server learning (``server-steps=30``: after each aggregation, steps on labelled public
-  SST-2 train rows), alone and under ``prior-shift``; its non-federated twin is a reference row
-  (the central student with public rows mixed in);
 - ``sweep``: one change at a time from the defaults on rt_critics (client learning rate, local
   steps, logit-adjusted loss, server optimizer), to choose and justify the defaults;
 - ``seeds``: the headline rows again with seeds 1 and 2 (per-user accuracy on a few test rows is
@@ -81,12 +78,9 @@ FAITHFULNESS = [  # (row name, change from the defaults): the explanation term's
 COMBINATIONS = [  # (row name, change from the defaults): what works on its own, together
     ("prior-shift + start-kd 3.0", ["mode=prior-shift", "start-kd=3.0"]),
 ]
-SERVER_STEPS = [  # server learning on the public rows the start was distilled from (server/public_steps.py)
-    ("server steps 30 (public SST-2 rows)", ["server-steps=30"]),
-    ("prior-shift + server steps 30", ["mode=prior-shift", "server-steps=30"]),
-]
 CENTRAL = "central FedREX student (start model fine-tuned on pooled user rows, 2 epochs)"
-# what server learning could reach with no federation: the same central fine-tune with public rows mixed in
+# the same central fine-tune with public rows mixed in: what the federation's users' rows add to the public
+# data when nothing is federated (server learning on those rows was tried and removed: README)
 CENTRAL_PUBLIC = "central FedREX student on pooled user rows + twice as many SST-2 train rows (2 epochs)"
 SWEEP = [  # (name, change from the defaults)
     ("defaults", []),
@@ -131,9 +125,6 @@ def runs_for(part: str, datasets: list[str]) -> list[tuple[str, str, list[str]]]
             out += [(dataset, m, [f"mode={m}", *EVALUATION]) for m in MODES if m != mode]
             out += [(dataset, name, [*EVALUATION, *pairs]) for name, pairs in COMBINATIONS]
             out.append((dataset, f"{mode} +DP (noise 1.0)", ["dp=true", "noise-multiplier=1.0", *EVALUATION]))
-        elif part == "server":
-            out += [(dataset, f"{mode}, {name}" if not name.startswith("prior") else name, [*EVALUATION, *pairs])
-                    for name, pairs in SERVER_STEPS]
         elif part == "seeds":
             out += [(dataset, f"{m} (seed {seed})", [f"mode={m}", f"seed={seed}", *EVALUATION])
                     for m in SEEDED.get(dataset, [mode]) for seed in (1, 2)]
@@ -346,7 +337,7 @@ def check_start(row: dict, refs: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="rt_critics,sent140_users")
-    parser.add_argument("--part", default="all", choices=["hardening", "methods", "faithfulness", "server", "sweep", "seeds", "all"])
+    parser.add_argument("--part", default="all", choices=["hardening", "methods", "faithfulness", "sweep", "seeds", "all"])
     parser.add_argument("--rounds", type=int, default=RunSettings().num_rounds)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only", default="", help="run only the rows of the part whose name contains this")
@@ -386,7 +377,7 @@ def main() -> int:
         # (not a row of an older data copy: its folder may hold a newer run of the same name by now)
         if not stale(row) and (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
             row.update(summarise(Path(args.runs_dir) / row["run_id"]))
-    parts = ["hardening", "methods", "faithfulness", "server", "sweep", "seeds"] if args.part == "all" else [args.part]
+    parts = ["hardening", "methods", "faithfulness", "sweep", "seeds"] if args.part == "all" else [args.part]
     for part in parts:
         for dataset, name, pairs in runs_for(part, datasets):
             if args.only not in name:

@@ -13,7 +13,8 @@ same partitions and per-user train/test rows the clients use):
   serves it (behind its word normaliser when the run uses one), alone and with the log of each
   user's add-one smoothed training label frequencies added to its log-probabilities: a closed-form
   correction of the start model with no training at all;
-- the central FedREX student: the start model fine-tuned centrally on the pooled user rows.
+- the central FedREX student: the start model fine-tuned centrally on the pooled user rows, alone
+  and with twice as many SST-2 train rows mixed in (the student's twin of central TF-IDF on both).
 
 Returns per-user accuracy so every row is summarised like FedREX's own (mean, median, p10).
 """
@@ -122,8 +123,7 @@ def central_student_accuracy(settings, epochs: float = 2.0, public_share: float 
     rows of all users (same objective, learning rate and batch size as the clients, same
     tokenizer), i.e. what the federation would reach with no federation constraints: the
     non-federated upper reference. ``public_share`` > 0 mixes in that many times as many rows of the
-    data the start was distilled from (its train split, a seeded draw): the non-federated twin of
-    server learning (``server-steps``)."""
+    data the start was distilled from (its train split, a seeded draw)."""
     from models.encoded import EncodedData
     from models.training import fit, predict_logits, seed_everything
     from server.app import global_model

@@ -57,10 +57,6 @@ class RunSettings:
     server_momentum: float = 0.9  # fedavgm's momentum (server learning rate 1)
     trimmed_beta: float = 0.2
     krum_byzantine: int = 1
-    # server learning (server/public_steps.py): after each aggregation the server takes this many
-    # steps (batch-size rows each, the clients' lr and objective) on labelled rows of the public data
-    # the start was distilled from (distill-dataset, train split); 0 = none
-    server_steps: int = 0
     round_timeout: float = 600.0
     # simulation engine: CPU cores Ray reserves per client actor (actors = cores / client-cpus)
     # and torch threads each client uses
@@ -191,7 +187,6 @@ class RunSettings:
             (self.evaluate_every >= 1, f"evaluate-every must be >= 1, got {self.evaluate_every}"),
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
             (self.client_cpus >= 1 and self.client_threads >= 1, "client-cpus and client-threads must be >= 1"),
-            (self.server_steps >= 0, f"server-steps must be >= 0, got {self.server_steps}"),
             (self.evaluate_batch >= 0, f"evaluate-batch must be >= 0 (0: auto), got {self.evaluate_batch}"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
             # lr = 0 is allowed: a round that cannot learn must return the model bit for bit (a drill)

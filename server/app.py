@@ -18,7 +18,6 @@ from models.personalization import get_mode
 from models.protocol import CONFIG, DEVICE, DEVICE_STATUSES, NORMALIZER, split_state
 from models.run_settings import CONTROL_KEYS, RunSettings
 from server.fleet import Fleet, assign_by_label, measure_ms_per_sample, parse_profile, profile_rows
-from server.public_steps import PublicDataSteps
 from server.recorder import Recorder
 from server.store import RunStore
 from server.strategy import ProgressGrid, make_strategy
@@ -200,11 +199,8 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
     if fleet.enabled and offset == 0:
         recorder.profile_rows({pid: profile_rows(p) for pid, p in profiles.items()})
     onnx_partitions, onnx_body = onnx_devices(settings, model, profiles, client_of)
-    public_steps = (PublicDataSteps(settings, model, frozen, base_config.get(NORMALIZER))
-                    if settings.server_steps else None)
     strategy = make_strategy(settings, recorder, frozen, fleet, onnx_partitions, onnx_body, start_shared,
-                             batchable=frozenset() if fleet.enabled else frozenset(simulated) - set(onnx_partitions),
-                             public_steps=public_steps)
+                             batchable=frozenset() if fleet.enabled else frozenset(simulated) - set(onnx_partitions))
     if resumed:  # FedAvgM's momentum, FedAdam's moments: as they were after round `offset`
         strategy.load_optimizer_state(store.load_server_state(offset), list(shared))
     progress_grid = ProgressGrid(grid, show=recorder.show_progress)

@@ -126,7 +126,6 @@ class RecordingMixin:
     onnx_partitions: frozenset = frozenset()  # devices without torch (set by make_strategy)...
     onnx_body: bytes = b""  # ...and the body they run (models.export.body_onnx_int8)
     batchable: frozenset = frozenset()  # partitions on simulated nodes (set by make_strategy)
-    public_steps = None  # server learning on public rows after each aggregation (server/public_steps.py)
     _target = 0  # this round's goal count of training reports
     _config_bytes = 0  # what the round's config carries besides the weights (the word normaliser)
     _waited = False  # this round found no device available (_wait_for_devices)
@@ -283,11 +282,7 @@ class RecordingMixin:
         if update is None:
             return None, metrics
         step = _numpy(update)
-        arrays = {k: (v + step[k]).astype(v.dtype) for k, v in self._sent.items()}
-        if self.public_steps is not None:
-            arrays = self.public_steps(arrays, self.recorder.global_round(server_round))
-            self.recorder.counts["server_steps_s"] = self.public_steps.seconds
-        return _record(arrays), metrics
+        return _record({k: (v + step[k]).astype(v.dtype) for k, v in self._sent.items()}), metrics
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The server optimizer's state after the last aggregation (FedAvgM's momentum, FedAdam's
@@ -368,14 +363,13 @@ class RecordingMixin:
 
 
 def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onnx_partitions=frozenset(),
-                  onnx_body: bytes = b"", start: dict | None = None, batchable=frozenset(), public_steps=None):
+                  onnx_body: bytes = b"", start: dict | None = None, batchable=frozenset()):
     """An instance of the named Flower strategy with the recording mixin in front; ``frozen``:
     the global model's tensors that are sent down but never aggregated; ``start``: the start
     model's shared tensors (sent where ``_sends_start`` says); ``fleet``: the round
     rules and virtual clock (``server/fleet.py``; None: ideal devices); ``onnx_partitions`` get
     ``onnx_body`` instead of the frozen tensors; ``batchable``: partitions whose evaluation may share a
-    message with other users' (simulated nodes: ``evaluate-batch``); ``public_steps``: the server's
-    own steps on public rows after each aggregation (``server/public_steps.py``; None: none)."""
+    message with other users' (simulated nodes: ``evaluate-batch``)."""
     base = FLOWER_STRATEGIES[settings.strategy]
     kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=1,
                   min_available_nodes=1, train_metrics_aggr_fn=_count_only, evaluate_metrics_aggr_fn=_count_only)
@@ -397,5 +391,4 @@ def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onn
     strategy.fleet = fleet if fleet is not None else Fleet({}, settings, 0.0)
     strategy.onnx_partitions, strategy.onnx_body = frozenset(onnx_partitions), onnx_body
     strategy.batchable = frozenset(batchable)
-    strategy.public_steps = public_steps
     return strategy
