@@ -59,9 +59,11 @@ class ClientState:
 
     def save(self, run_dir: Path, partition_id: int, round_number: int) -> None:
         folder = self.folder(run_dir, partition_id)
-        if self.personal is not None:
-            save_weights(folder / f"round-{round_number:04d}.safetensors", self.personal)
-        atomic_write_json(folder / f"round-{round_number:04d}.json", {**self._meta(), "has_personal": self.personal is not None})
+        digest = (save_weights(folder / f"round-{round_number:04d}.safetensors", self.personal)
+                  if self.personal is not None else None)
+        # the JSON is written last and names its weights' SHA-256: a weights file changed since is refused
+        atomic_write_json(folder / f"round-{round_number:04d}.json",
+                          {**self._meta(), "has_personal": self.personal is not None, "sha256": digest})
         for old in sorted(folder.glob("round-*.json"))[:-KEEP_VERSIONS]:
             old.unlink(missing_ok=True)
             old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -80,7 +82,8 @@ class ClientState:
         if not candidates:
             return cls(dp_history=spent) if spent else None
         meta = json.loads(candidates[-1].read_text())
-        personal = load_weights(candidates[-1].with_suffix(".safetensors")) if meta["has_personal"] else None
+        personal = (load_weights(candidates[-1].with_suffix(".safetensors"), meta.get("sha256"), str(candidates[-1]))
+                    if meta["has_personal"] else None)
         return cls(personal, spent, meta["last_round"], meta["train_seconds"])
 
 

@@ -4,10 +4,13 @@ An artifact folder holds ``config.json`` (architecture, labels, tokenizer length
 ``model.safetensors`` (float weights) and ``model.int8.safetensors`` (weights quantized to int8,
 one symmetric scale per output row; biases and other 1-D tensors stay float32). Loading reads
 JSON and safetensors only, so a corrupted or foreign file is an error, never code execution.
+``config.json`` records the SHA-256 of each weight file as written (``sha256``), and loading checks
+it: a weight file changed or truncated since is refused, even where it still parses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +24,7 @@ from models.packaged import candidates
 
 FORMAT = "fedrex-model/1"
 INT8_SUFFIX, SCALE_SUFFIX = "::int8", "::scale"
+FLOAT_FILE, INT8_FILE = "model.safetensors", "model.int8.safetensors"
 
 
 def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,20 +73,30 @@ def atomic_write_json(path: Path, payload) -> None:
     atomic_write_bytes(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=float).encode())
 
 
-def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
+    """Write ``state`` atomically; returns the file's SHA-256 (hex), for whoever records it."""
     from safetensors.torch import save
 
-    atomic_write_bytes(Path(path), save({k: v.detach().contiguous() for k, v in state.items()}))
+    data = save({k: v.detach().contiguous() for k, v in state.items()})
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_weights(path: Path, sha256: str | None = None, recorded_in: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; with ``sha256`` (what ``save_weights`` returned, kept in
+    ``recorded_in``), a file whose bytes changed since is refused before it is parsed."""
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.exists():
         raise FedrexError(f"{path} does not exist")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise FedrexError(f"{path} is not the file that was written: its SHA-256 differs from the one recorded "
+                          f"in {recorded_in or 'its record'} ({len(data)} bytes now); it was changed or truncated "
+                          "since, so it is not loaded")
     try:
-        return load_file(str(path))
+        return dict(sorted(load(data).items()))  # by name, as safetensors' own file reader gives them
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise FedrexError(f"{path} is not a valid safetensors file ({type(exc).__name__}); re-create it") from None
 
@@ -92,9 +106,9 @@ def save_artifact(folder: Path, model: torch.nn.Module, config: dict) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    save_weights(folder / "model.safetensors", state)
-    save_weights(folder / "model.int8.safetensors", quantize_state(state))
-    atomic_write_json(folder / "config.json", {"format": FORMAT, **config})
+    digests = {FLOAT_FILE: save_weights(folder / FLOAT_FILE, state),
+               INT8_FILE: save_weights(folder / INT8_FILE, quantize_state(state))}
+    atomic_write_json(folder / "config.json", {"format": FORMAT, **config, "sha256": digests})
     return {"float_bytes": (folder / "model.safetensors").stat().st_size,
             "int8_bytes": (folder / "model.int8.safetensors").stat().st_size}
 
@@ -148,7 +162,8 @@ def load_artifact(folder: Path, int8: bool = False) -> tuple[torch.nn.Module, di
     """Rebuild the network from ``config.json`` and load its (float or int8) weights."""
     config = read_config(folder)
     model = build_network(config["network"])
-    state = load_weights(Path(folder) / ("model.int8.safetensors" if int8 else "model.safetensors"))
+    name = INT8_FILE if int8 else FLOAT_FILE
+    state = load_weights(Path(folder) / name, config.get("sha256", {}).get(name), f"{folder}/config.json")
     if int8:
         state = dequantize_state(state)
     try:

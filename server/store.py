@@ -1,7 +1,8 @@
 """A run's folder and its atomic, per-round persistence.
 
     runs/<run-id>/
-      run.json              resolved settings, seed, status, last completed round
+      run.json              resolved settings, seed, status, last completed round, the SHA-256 of
+                            each kept checkpoint (a checkpoint changed since is refused on resume)
       clients/round-NNNN.parquet   tidy per-client rows of one round (the source of truth)
       clients.parquet       all rounds, tidy: run_id, round, client_id, partition_id, model, metric, value
       rounds.parquet        per-round summaries: run_id, round, model, metric, stat, value
@@ -95,14 +96,20 @@ class RunStore:
     def has_checkpoint(self, round_number: int) -> bool:
         return self.checkpoint_path(round_number).exists()
 
+    def _load_checkpoint_file(self, round_number: int) -> dict:
+        """The checkpoint's tensors, checked against the SHA-256 run.json recorded when the round
+        was committed (a checkpoint edited or truncated since is refused, not resumed from)."""
+        path = self.checkpoint_path(round_number)
+        digest = self.meta.get("checkpoint_sha256", {}).get(path.name)
+        return load_weights(path, digest, str(self.folder / "run.json"))
+
     def load_checkpoint(self, round_number: int) -> dict:
         """The model's weights after ``round_number``."""
-        return {k: v for k, v in load_weights(self.checkpoint_path(round_number)).items()
-                if not k.startswith(SERVER_STATE)}
+        return {k: v for k, v in self._load_checkpoint_file(round_number).items() if not k.startswith(SERVER_STATE)}
 
     def load_server_state(self, round_number: int) -> dict[str, np.ndarray]:
         """The server optimizer's state after ``round_number`` (empty for a stateless strategy)."""
-        return {k[len(SERVER_STATE):]: v.numpy() for k, v in load_weights(self.checkpoint_path(round_number)).items()
+        return {k[len(SERVER_STATE):]: v.numpy() for k, v in self._load_checkpoint_file(round_number).items()
                 if k.startswith(SERVER_STATE)}
 
     def commit_round(self, round_number: int, weights: dict, rows: pd.DataFrame, weights_by_client=None,
@@ -113,7 +120,7 @@ class RunStore:
         import torch
 
         state = {f"{SERVER_STATE}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in (server_state or {}).items()}
-        save_weights(self.checkpoint_path(round_number), {**weights, **state})
+        digest = save_weights(self.checkpoint_path(round_number), {**weights, **state})
         rows = rows.assign(run_id=self.run_id, round=round_number)[CLIENT_COLUMNS]
         write_parquet(self.folder / "clients" / f"round-{round_number:04d}.parquet", rows)
         clients = self.read_parts(upto=round_number)
@@ -125,9 +132,13 @@ class RunStore:
         previous = self.read_rounds()
         previous = previous[previous["round"] < round_number] if len(previous) else previous
         write_parquet(self.folder / "rounds.parquet", pd.concat([previous, summary], ignore_index=True))
+        kept = sorted((self.folder / "checkpoints").glob("round-*.safetensors"))
+        digests = self.meta.get("checkpoint_sha256", {})
+        digests[self.checkpoint_path(round_number).name] = digest
+        self.meta["checkpoint_sha256"] = {p.name: digests[p.name] for p in kept[-keep_checkpoints:] if p.name in digests}
         self.meta["completed_rounds"] = round_number
         self._write_meta()
-        for old in sorted((self.folder / "checkpoints").glob("round-*.safetensors"))[:-keep_checkpoints]:
+        for old in kept[:-keep_checkpoints]:
             old.unlink(missing_ok=True)
 
     def read_parts(self, upto: int) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from models.artifact import load_artifact, read_config
+from models.artifact import load_artifact, read_config, resolve_artifact
 from models.attacks import ATTACKS, attack_dataset, word_budget
 from models.attribution import eraser_scores, integrated_gradients, random_attributions
 from models.encoded import EncodedData
@@ -195,6 +195,11 @@ def test_corrupted_and_foreign_artifacts_are_refused(quick_artifact, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(quick_artifact, bad)
     (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(FedrexError, match="SHA-256 differs"):
+        load_artifact(bad)
+    config = json.loads((bad / "config.json").read_text())
+    del config["sha256"]  # as an artifact written before checksums were recorded: the parser refuses it
+    (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(FedrexError, match="not a valid safetensors"):
         load_artifact(bad)
     (bad / "config.json").write_text('{"format": "someone-else/3"}')
@@ -205,6 +210,39 @@ def test_corrupted_and_foreign_artifacts_are_refused(quick_artifact, tmp_path):
         read_config(bad)
     with pytest.raises(FedrexError, match="no config.json"):
         read_config(tmp_path)
+
+
+def _flip_last_byte(path):
+    """Change one byte of a tensor's data: the file still parses as safetensors."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_weight_file_changed_after_it_was_written_is_refused(quick_artifact, tmp_path):
+    """config.json records each weight file's SHA-256 at write time (the shipped artifact's too);
+    one flipped bit in the weights, which safetensors alone would load, is refused; so is a
+    truncated file, with the same message."""
+    import hashlib
+    import shutil
+
+    from models.artifact import INT8_FILE, load_weights
+
+    shipped = resolve_artifact("sst2-student")
+    for folder in (quick_artifact, shipped):
+        recorded = read_config(folder)["sha256"]
+        assert recorded == {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in recorded}
+        assert set(recorded) == {"model.safetensors", INT8_FILE}
+    changed = tmp_path / "changed"
+    shutil.copytree(quick_artifact, changed)
+    _flip_last_byte(changed / INT8_FILE)
+    assert load_weights(changed / INT8_FILE)  # still a valid safetensors file...
+    with pytest.raises(FedrexError, match="SHA-256 differs from the one recorded in .*config.json"):
+        load_artifact(changed, int8=True)  # ...but not the one that was written
+    load_artifact(changed)  # the float file is untouched and loads
+    (changed / "model.safetensors").write_bytes((changed / "model.safetensors").read_bytes()[:-8])
+    with pytest.raises(FedrexError, match="changed or truncated"):
+        load_artifact(changed)
 
 
 class _Exploit:

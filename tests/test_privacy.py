@@ -117,3 +117,33 @@ def test_a_device_keys_its_state_by_run_and_counts_the_update_it_may_have_sent(t
     assert resumed.dp_history == [(1.0, 0.1, 5), (1.0, 0.1, 5)]
     only_in_flight = ClientState.load(first, 3, 1)
     assert only_in_flight.personal is None and len(only_in_flight.dp_history) == 2
+
+
+def test_a_checkpoint_or_personal_state_changed_after_its_round_is_refused(tmp_path):
+    """run.json records each kept checkpoint's SHA-256 when the round commits, and a device's state
+    file names its weights' SHA-256: a file changed since (still valid safetensors) is refused on
+    resume with a clear error, never loaded; pruned checkpoints leave run.json too."""
+    from server.store import RunStore
+
+    store = RunStore.create(tmp_path, {"seed": 0}, "tamper")
+    for number in (1, 2, 3):
+        store.commit_round(number, {"w": torch.full((4,), float(number))}, pd.DataFrame(
+            columns=["client_id", "partition_id", "model", "metric", "value"]))
+    reopened = RunStore.open(store.folder)
+    assert sorted(reopened.meta["checkpoint_sha256"]) == ["round-0002.safetensors", "round-0003.safetensors"]
+    assert torch.equal(reopened.load_checkpoint(3)["w"], torch.full((4,), 3.0))
+    path = store.checkpoint_path(3)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(FedrexError, match="run.json"):
+        reopened.load_checkpoint(3)
+    with pytest.raises(FedrexError, match="changed or truncated"):
+        reopened.load_server_state(3)
+
+    ClientState({"w": torch.ones(2)}, [], 1).save(tmp_path, 7, 1)
+    weights = ClientState.folder(tmp_path, 7) / "round-0001.safetensors"
+    assert torch.equal(ClientState.load(tmp_path, 7, 2).personal["w"], torch.ones(2))
+    weights.write_bytes(weights.read_bytes()[:-4] + bytes(4))
+    with pytest.raises(FedrexError, match="round-0001.json"):
+        ClientState.load(tmp_path, 7, 2)
