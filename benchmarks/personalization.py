@@ -67,7 +67,6 @@ HARDENING = [  # (row name, change from the defaults): what each defence buys, o
     ("+ perturbed text", ["perturb-share=0.5"]),
     ("perturbed text instead of PGD", ["perturb-share=0.5", "adv-weight=0"]),
     ("undefended start (no normaliser)", ["normalizer=false"]),
-    ("adversarial text (16 rows per recipe: char, synonym)", ["adv-text-rows=16", "adv-text-attacks=char,synonym"]),
 ]
 FAITHFULNESS = [  # (row name, change from the defaults): the explanation term's anchor and parts
     ("no explanation term (expl 0, the defaults)", []),

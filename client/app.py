@@ -40,8 +40,7 @@ OPTIONAL_PACKAGES = (
     ("opacus", "dp", "dp=true (DP-SGD)", lambda s, runtime: runtime == "torch" and s.dp),
     ("nltk", "synonyms", "the synonym attacks or synonym perturbations", lambda s, runtime: runtime == "torch"
      and ((s.attack_examples > 0 and any(a.startswith("synonym") for a in s.attacks()))
-          or (s.perturb_share > 0 and "synonym" in s.perturbations())
-          or (s.adv_text_rows > 0 and any(a.startswith("synonym") for a in s.adv_text_recipes())))),
+          or (s.perturb_share > 0 and "synonym" in s.perturbations()))),
 )
 
 

@@ -127,15 +127,10 @@ class ClientTrainer:
             from client.privacy import PrivateTraining
 
             privacy = PrivateTraining(self.settings, self.state, seed)
-        from models.augment import chain
-
-        adversarial = self.adversarial_text(model, seed)
-        result = self._count(local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs,
-                                       self.settings.lr, extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
-                                       trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer,
-                                       augment=chain(self.perturbed_text(seed), *adversarial)))
-        self.forward_samples += sum(getattr(a, "queries", 0) for a in adversarial)  # each query: one forward pass
-        return result
+        return self._count(local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs,
+                                     self.settings.lr, extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
+                                     trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer,
+                                     augment=self.perturbed_text(seed)))
 
     def explanation_reference(self, model):
         """The model whose maps the explanation term keeps: the start (``expl-anchor=start``) or
@@ -162,20 +157,6 @@ class ClientTrainer:
 
         return PerturbedText(self.tokenizer, row_share=self.settings.perturb_share,
                              word_share=self.settings.attack_budget, kinds=self.settings.perturbations(), seed=seed)
-
-    def adversarial_text(self, model, seed: int) -> list:
-        """Adversarial-text hardening (``adv-text-rows``): one ``models.augment.AdversarialText`` per
-        recipe of ``adv-text-attacks``, each attacking that many seeded rows every local epoch against
-        ``model`` as it is then (through the client's tokenizer, so its normaliser too)."""
-        if self.settings.adv_text_rows <= 0:
-            return []
-        if self.tokenizer is None:
-            raise FedrexError("adversarial-text hardening needs the client's tokenizer")
-        from models.augment import AdversarialText
-
-        return [AdversarialText(model, self.tokenizer, rows=self.settings.adv_text_rows, attack=recipe,
-                                budget=self.settings.attack_budget, seed=seed + 104729 * k)
-                for k, recipe in enumerate(self.settings.adv_text_recipes())]
 
     def head(self, model, data: EncodedData, seed: int) -> dict:
         """Mode ``head``: the linear head trained in numpy on the frozen body's features, the same

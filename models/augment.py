@@ -99,7 +99,6 @@ class AdversarialText:
         self.model.train(was_training)
         found = [(i, r.perturbed) for i, r in zip(picked, results) if r.success]
         self.last_found = len(found)
-        self.queries = getattr(self, "queries", 0) + sum(r.queries for r in results)  # forward passes: device work
         return with_texts(data, [i for i, _ in found], [text for _, text in found], self.tokenizer)
 
 

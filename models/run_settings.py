@@ -89,11 +89,6 @@ class RunSettings:
     # replaced by a copy with the attacks' own edits (models.augment), drawn fresh every round
     perturb_share: float = 0.0
     perturb_kinds: str = "char,synonym"  # comma-separated transformations of models.augment
-    # adversarial-text hardening: each local epoch the client attacks this many of its training rows
-    # with each recipe of adv-text-attacks (models.attacks) against the model as it is then, through
-    # its normaliser, and trains on the texts that fooled it in place of their rows (labels kept)
-    adv_text_rows: int = 0
-    adv_text_attacks: str = "char"
     # differential privacy (Opacus DP-SGD on the update that leaves the device)
     dp: bool = False
     noise_multiplier: float = 1.0
@@ -148,9 +143,6 @@ class RunSettings:
 
     def attacks(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.client_attacks.split(",") if a.strip())
-
-    def adv_text_recipes(self) -> tuple[str, ...]:
-        return tuple(a.strip() for a in self.adv_text_attacks.split(",") if a.strip())
 
     def perturbations(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.perturb_kinds.split(",") if k.strip())
@@ -223,9 +215,6 @@ class RunSettings:
              "dp with perturb-share > 0 is not supported (DP-SGD samples fixed rows; perturbed rows change every epoch)"),
             (self.perturb_share == 0 or (self.perturbations() and set(self.perturbations()) <= set(PERTURBATIONS)),
              f"perturb-kinds must name some of {', '.join(PERTURBATIONS)}, got {self.perturb_kinds!r}"),
-            (self.adv_text_rows >= 0, f"adv-text-rows must be >= 0, got {self.adv_text_rows}"),
-            (not (self.dp and self.adv_text_rows > 0),
-             "dp with adv-text-rows > 0 is not supported (DP-SGD samples fixed rows; adversarial rows change every epoch)"),
             (not (self.device_mix and self.device_trace), "give device-mix or device-trace, not both"),
             (self.device_assign in DEVICE_ASSIGNMENTS,
              f"device-assign must be one of {', '.join(DEVICE_ASSIGNMENTS)}, got {self.device_assign!r}"),
@@ -240,8 +229,6 @@ class RunSettings:
         for ok, message in checks:
             if not ok:
                 raise FedrexError(message)
-        if self.adv_text_rows > 0 and not check_attacks(self.adv_text_recipes()):
-            raise FedrexError("adv-text-attacks names no attack; set adv-text-rows=0 to train on none")
         if self.attack_examples > 0:
             if not check_attacks(self.attacks()):
                 raise FedrexError("client-attacks names no attack; set attack-examples=0 to measure none")
@@ -250,7 +237,6 @@ class RunSettings:
                    "supports_proximal"),
                   (self.adv_weight > 0, "adv-weight > 0 (hardening)", "supports_hardening"),
                   (self.perturb_share > 0, "perturb-share > 0 (hardening)", "supports_hardening"),
-                  (self.adv_text_rows > 0, "adv-text-rows > 0 (hardening)", "supports_hardening"),
                   # terms of the torch shared update, as hardening is (mode head trains a numpy head)
                   (self.expl_weight > 0 or self.expl_erasure > 0 or self.start_kd > 0,
                    "expl-weight, expl-erasure or start-kd > 0 (terms of the shared update's loss)", "supports_hardening")]

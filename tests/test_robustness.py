@@ -225,37 +225,3 @@ def test_a_client_encodes_and_perturbs_its_rows_through_the_normaliser_it_was_se
     for i in changed:
         assert np.array_equal(perturbed.ids[i], defended.encode_ids([perturbed.texts[i]])[0])
     assert ClientTrainer(settings.replace(perturb_share=0.0), state=None).perturbed_text(seed=0) is None
-
-
-def test_adversarial_text_hardening_attacks_the_clients_model_through_its_normaliser(model, normalizer):
-    """adv-text-rows: each recipe of adv-text-attacks attacks that many of the client's rows against
-    the model being trained, through the client's tokenizer (its normaliser included); the texts
-    that fooled it are what the round trains on, and every query counts as the device's work."""
-    from client.data import load_local_data
-    from client.local import ClientTrainer
-    from models.run_settings import RunSettings
-
-    settings = RunSettings(dataset="rt_critics", min_samples=300, adv_text_rows=20, adv_text_attacks="char,synonym",
-                           adv_weight=0.0, local_max_steps=2)
-    local = load_local_data({"partition-id": 0}, settings, 2, normalizer.to_bytes())
-    trainer = ClientTrainer(settings, state=None, tokenizer=local.tokenizer)
-    steps = trainer.adversarial_text(model, seed=0)
-    assert [s.attack for s in steps] == ["char", "synonym"] and all(s.rows == 20 and s.model is model for s in steps)
-    assert all(s.tokenizer is local.tokenizer for s in steps)
-    out = steps[0](local.train, 0)
-    changed = [i for i in range(len(local.train)) if out.texts[i] != local.train.texts[i]]
-    assert 0 < len(changed) == steps[0].last_found <= 20 and steps[0].queries >= len(changed)
-    model.eval()
-    with torch.no_grad():  # each replacement fools the model as the client serves it: behind the normaliser
-        fooled = model(torch.from_numpy(local.tokenizer.encode([out.texts[i] for i in changed]))).argmax(-1).numpy()
-    assert (fooled != out.labels[changed]).all()
-    trained = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity())
-    trained.load_state_dict(model.state_dict())
-    before = trainer.forward_samples
-    trainer.shared(trained, local.train, seed=0)
-    assert trainer.forward_samples > before  # the attacks' queries are the device's work
-    assert ClientTrainer(settings.replace(adv_text_rows=0), state=None).adversarial_text(model, 0) == []
-    with pytest.raises(FedrexError, match="dp with adv-text-rows"):
-        settings.replace(dp=True).validate()
-    with pytest.raises(FedrexError, match="unknown attack"):
-        settings.replace(adv_text_attacks="char,typo").validate()
