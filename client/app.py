@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from client.data import data_profile, load_local_data, round_seed
 from client.device import profile_for
+from client.faults import before_training, corrupted, drawn_fault
 from models.errors import FedrexError
 from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, EVALUATE_USERS, METRICS, NORMALIZER, NUM_EXAMPLES
 from models.run_settings import RunSettings
@@ -133,6 +134,8 @@ def train(msg: Message, context: Context) -> Message:
     settings, config, network, round_number, run_dir, local, profile = _setup(msg, context)
     if profile.crashes:
         raise RuntimeError(f"injected crash of partition {local.partition_id} (crash-clients)")
+    fault = drawn_fault(settings, round_number, local.partition_id)
+    before_training(fault, settings, local.partition_id)
     if profile.runtime == "onnx":
         from client import onnx_client
 
@@ -142,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
 
         sent, metrics = torch_client.train(msg, context, settings, config, network, round_number, run_dir, local)
     metrics.update(partition_id=local.partition_id, n_train=len(local.train))
-    return _reply(msg, metrics, len(local.train), ArrayRecord(sent))
+    return _reply(msg, metrics, len(local.train), ArrayRecord(corrupted(fault, sent)))
 
 
 @app.evaluate()

@@ -40,6 +40,10 @@ ATTACKS = ("char", "synonym", "char-beam", "synonym-sim", "hotflip")
 # one number for all attacks (every attack runs on the same seeded rows): ACC_ATTACKED_ROWS
 ATTACK_METRICS = ("adv_acc", "attack_success", "words_changed_pct", "queries")
 ACC_ATTACKED_ROWS = "acc_attacked_rows"
+# faults a training client can be told to inject (fault-rates; client/faults.py): raise before
+# training, hang past the round timeout, reply with a NaN in its weights, or with a tensor of
+# another shape (the server must reject the last two before aggregating: server/strategy.py)
+FAULTS = ("raise", "hang", "nan", "shape")
 # the edits perturbed-text hardening draws from (perturb-kinds; models/augment.py's transformations)
 PERTURBATIONS = ("char", "synonym")
 # what travels in a round's config beside the network: the start artifact's word normaliser (its

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.personalization import MODES
-from models.protocol import EXPL_ANCHORS, PERTURBATIONS, check_attacks
+from models.protocol import EXPL_ANCHORS, FAULTS, PERTURBATIONS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -129,6 +129,9 @@ class RunSettings:
     min_report_share: float = 0.8  # fewer ok reports than this share of the goal: the round is abandoned
     # failure drills: comma-separated partition ids whose device raises in train (client/device.py)
     crash_clients: str = ""
+    # fault injection: "kind=rate,..." (kinds: models.protocol.FAULTS); each training client draws at
+    # most one fault per round from (seed, round, partition), so a run's faults are reproducible
+    fault_rates: str = ""
     # failure drill: the ServerApp raises when this round starts (0: never), as a crashed strategy would
     crash_server_round: int = 0
     # comma-separated partition ids whose simulated device has no torch: ONNX body + numpy head
@@ -143,6 +146,22 @@ class RunSettings:
 
     def attacks(self) -> tuple[str, ...]:
         return tuple(a.strip() for a in self.client_attacks.split(",") if a.strip())
+
+    def faults(self) -> dict[str, float]:
+        """``fault-rates`` as {kind: rate}; one clear error for a malformed value."""
+        rates = {}
+        for part in (p.strip() for p in self.fault_rates.split(",") if p.strip()):
+            kind, _, rate = part.partition("=")
+            try:
+                rates[kind.strip()] = float(rate)
+            except ValueError:
+                raise FedrexError(f"fault-rates: {part!r} is not kind=rate") from None
+        unknown = set(rates) - set(FAULTS)
+        if unknown:
+            raise FedrexError(f"fault-rates: unknown fault {sorted(unknown)[0]!r}; faults: {', '.join(FAULTS)}")
+        if any(not 0 <= r <= 1 for r in rates.values()) or sum(rates.values()) > 1:
+            raise FedrexError(f"fault-rates: each rate must be in [0, 1] and they must sum to <= 1, got {self.fault_rates!r}")
+        return rates
 
     def perturbations(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.perturb_kinds.split(",") if k.strip())
@@ -215,6 +234,7 @@ class RunSettings:
              "dp with perturb-share > 0 is not supported (DP-SGD samples fixed rows; perturbed rows change every epoch)"),
             (self.perturb_share == 0 or (self.perturbations() and set(self.perturbations()) <= set(PERTURBATIONS)),
              f"perturb-kinds must name some of {', '.join(PERTURBATIONS)}, got {self.perturb_kinds!r}"),
+            (bool(self.faults()) or not self.fault_rates.strip(), "fault-rates names no fault"),
             (not (self.device_mix and self.device_trace), "give device-mix or device-trace, not both"),
             (self.device_assign in DEVICE_ASSIGNMENTS,
              f"device-assign must be one of {', '.join(DEVICE_ASSIGNMENTS)}, got {self.device_assign!r}"),

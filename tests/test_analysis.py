@@ -1,4 +1,5 @@
-"""Reports and pandas analysis of a tiny real run (6 critics, 2 rounds, one crashing client)."""
+"""Reports and pandas analysis of a tiny real run (6 critics, 2 rounds, one crashing client, and
+faults injected by the clients: raises, NaN weights, a tensor of another shape)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from analysis.load import (fairness, load_run, participation, per_client, personalization_gain,
                            robustness_tradeoff, round_summary)
 from analysis.report import write_report
 
 pytestmark = pytest.mark.slow
+# seed 0 draws, for the 6 critics over 2 rounds, every kind below at least once on a client that
+# does not crash anyway (the test checks it), and leaves some clients training in every round
+FAULTS = "fault-rates=nan=0.25,shape=0.25,raise=0.1"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +30,8 @@ def reported_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     settings = load_settings(None, ["dataset=rt_critics", "min-samples=350", "num-rounds=2", "fraction-train=1.0",
                                     "local-max-steps=8", "attack-examples=5", "fidelity-examples=5", "ig-steps=4", "evaluate-every=1",
-                                    "client-attacks=char,synonym", "crash-clients=1", "run-id=tiny", f"runs-dir={runs}"])
+                                    "client-attacks=char,synonym", "crash-clients=1", FAULTS, "run-id=tiny",
+                                    f"runs-dir={runs}"])
     run_dir = simulate(settings)
     write_report(run_dir)
     return run_dir
@@ -136,19 +142,39 @@ def test_html_is_one_file_with_its_images_inside(reported_run):
                                       "participation"}
 
 
-def test_crashed_client_is_recorded_named_and_nothing_is_lost(reported_run):
+def test_crashed_and_faulty_clients_are_recorded_named_and_nothing_is_lost(reported_run):
+    """Every client that crashed, raised or replied with a NaN or a misshapen tensor has a failed
+    row in exactly its rounds and an event saying why; the others trained and were aggregated, the
+    weights stay finite, and every client is still evaluated."""
+    from client.faults import drawn_fault
+    from models.artifact import load_weights
+    from models.run_settings import RunSettings
+
     df = load_run(reported_run)
+    settings = RunSettings.from_flower(json.loads((reported_run / "run.json").read_text())["settings"])
+    pid_of = df.drop_duplicates("client_id").set_index("client_id")["partition_id"].astype(int)
+    crashed = pid_of.index[pid_of == 1][0]
+    faults = {(r, int(p)): drawn_fault(settings, r, int(p)) for r in (1, 2) for p in pid_of}
+    assert {f for (r, p), f in faults.items() if p != 1} >= {"nan", "shape", "raise"}
     failed = df[df["metric"] == "failed"]
-    assert sorted(failed["round"].unique()) == [1, 2] and failed["client_id"].nunique() == 1
-    crashed = str(failed["client_id"].iloc[0])
-    assert participation(df)[crashed] == 0
-    assert (participation(df).drop(crashed) == 2).all()  # everyone else trained both rounds
+    for rnd in (1, 2):
+        expected = {c for c, p in pid_of.items() if p == 1 or faults[(rnd, int(p))]}
+        got = set(failed[(failed["round"] == rnd) & (failed["model"] == "train")]["client_id"].astype(str))
+        assert got == expected and len(expected) < len(pid_of), rnd
     events = [json.loads(line) for line in (reported_run / "events.jsonl").read_text().splitlines()]
-    assert any("injected crash" in e.get("error", "") for e in events)
+    errors = " ".join(e.get("error", "") for e in events)
+    for why in ("injected crash", "injected fault", "NaN or infinite", "another shape or dtype"):
+        assert why in errors, why
+    raised = {(r, p) for (r, p), f in faults.items() if f == "raise" or p == 1}
+    trained = {c: 2 - sum((r, int(p)) in raised for r in (1, 2)) for c, p in pid_of.items()}
+    assert participation(df).to_dict() == trained  # NaN/shape replies trained, then were refused
+    assert participation(df)[crashed] == 0
+    for tensor in load_weights(reported_run / "checkpoints" / "round-0002.safetensors").values():
+        assert torch.isfinite(tensor.float()).all()
     text = (reported_run / "report.md").read_text()
     assert "Failed clients" in text and crashed in text
     evaluated = df[(df["metric"] == "acc") & (df["round"] == 2)]["client_id"].nunique()
-    assert evaluated == df["client_id"].nunique()  # the crashing client still evaluates
+    assert evaluated == df["client_id"].nunique()  # failing in training does not stop evaluation
 
 
 def test_a_run_with_missing_rounds_still_reports_and_names_them(reported_run, tmp_path):

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import _reply
+from client.faults import corrupted
 from client.local import personal_model, train_round
 from client.state import ClientState
 from client.torch_client import received_model
@@ -233,6 +234,8 @@ def test_fedper_heads_never_leave_the_device(tmp_path, critics):
     (lambda sent: {**sent, "head.bias": sent["head.bias"].double()}, "another shape or dtype"),
     (lambda sent: {**sent, "head.bias": sent["head.bias"] * float("nan")}, "NaN or infinite"),
     (lambda sent: {**sent, "conv1.weight": sent["conv1.weight"] + float("inf")}, "NaN or infinite"),
+    (lambda sent: corrupted("nan", sent), "NaN or infinite"),  # what fault-rates' faults reply
+    (lambda sent: corrupted("shape", sent), "another shape or dtype"),
 ])
 def test_a_reply_with_other_tensors_is_dropped_and_recorded(tmp_path, critics, tamper, reason):
     start, after, store = federated_round(tmp_path, critics, "student", tamper=tamper, strategy="fedavg", lr=0.0)

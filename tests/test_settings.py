@@ -61,3 +61,26 @@ def test_metric_keys_round_trip_through_the_protocol():
     key = metric_key("global", attack_metric("adv_acc", "char-beam"))
     assert key == "global.adv_acc.char-beam" and split_metric_key(key) == ("global", "adv_acc.char-beam")
     assert split_metric_key("n_train") == ("", "n_train")
+
+
+def test_fault_rates_are_drawn_reproducibly_at_their_rates_and_bad_values_get_one_error():
+    import time
+
+    from client.faults import before_training, drawn_fault
+
+    settings = RunSettings(fault_rates="raise=0.1,hang=0.1,nan=0.2,shape=0.1")
+    settings.validate()
+    draws = [drawn_fault(settings, r, p) for r in range(1, 21) for p in range(200)]
+    assert draws == [drawn_fault(settings, r, p) for r in range(1, 21) for p in range(200)]
+    for kind, rate in {**settings.faults(), None: 0.5}.items():
+        assert abs(draws.count(kind) / len(draws) - rate) < 0.02, kind
+    assert drawn_fault(RunSettings(), 1, 0) is None
+    with pytest.raises(RuntimeError, match="injected fault"):
+        before_training("raise", settings, 3)
+    started = time.time()
+    before_training("hang", settings.replace(round_timeout=0.1), 3)  # sleeps past the round timeout
+    assert time.time() - started >= 1.1
+    for bad, message in [("nan=2", "must be in"), ("boom=0.1", "unknown fault 'boom'"), ("nan=0.6,shape=0.6", "sum"),
+                         ("nan", "not kind=rate"), (",", "names no fault")]:
+        with pytest.raises(FedrexError, match=message):
+            RunSettings(fault_rates=bad).validate()
