@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from client.data import data_profile, load_local_data, round_seed
 from client.device import profile_for
 from client.faults import before_training, corrupted, drawn_fault
+from client.poisoned import poison_of, poisoned_local, poisoned_reply
 from models.errors import FedrexError
 from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, EVALUATE_USERS, METRICS, NORMALIZER, NUM_EXAMPLES
 from models.run_settings import RunSettings
@@ -136,6 +137,8 @@ def train(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"injected crash of partition {local.partition_id} (crash-clients)")
     fault = drawn_fault(settings, round_number, local.partition_id)
     before_training(fault, settings, local.partition_id)
+    poison = poison_of(settings, simulated_node(context.node_config), local.partition_id)
+    local = poisoned_local(poison, settings, local, round_seed(settings, round_number, local.partition_id, salt=9))
     if profile.runtime == "onnx":
         from client import onnx_client
 
@@ -144,6 +147,8 @@ def train(msg: Message, context: Context) -> Message:
         from client import torch_client
 
         sent, metrics = torch_client.train(msg, context, settings, config, network, round_number, run_dir, local)
+        received = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+        sent = poisoned_reply(poison, settings, received, sent)
     metrics.update(partition_id=local.partition_id, n_train=len(local.train))
     return _reply(msg, metrics, len(local.train), ArrayRecord(corrupted(fault, sent)))
 
@@ -180,4 +185,7 @@ def _evaluate_user(msg: Message, context: Context) -> tuple[dict, int]:
         from client import torch_client
 
         metrics = torch_client.evaluate(msg, context, settings, network, round_number, run_dir, local)
+    if settings.malicious_fraction > 0:  # the user's role, so analyses can keep to the benign users
+        metrics["malicious"] = float(poison_of(settings, simulated_node(context.node_config), local.partition_id)
+                                     is not None)
     return {"partition_id": local.partition_id, **metrics}, len(local.test)

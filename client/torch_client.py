@@ -95,6 +95,11 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
                      if global_attr is not None else None)
         personal = personal_model(build, global_state, state, settings, local.train, seed)
         personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, rows_seed, reference, start_attr)
+        if settings.poison_kind == "backdoor":  # with no malicious user: how often the trigger flips alone
+            from client.poisoned import backdoor_success
+
+            global_metrics["backdoor_success"] = backdoor_success(global_model, local, settings)
+            personal_metrics["backdoor_success"] = backdoor_success(personal, local, settings)
         if hasattr(personal, "chosen_alpha"):  # modes mix/select: the weight the user's rows chose
             personal_metrics["mix_alpha"] = personal.chosen_alpha
         metrics.update({metric_key("global", k): v for k, v in global_metrics.items()})

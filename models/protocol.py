@@ -44,6 +44,9 @@ ACC_ATTACKED_ROWS = "acc_attacked_rows"
 # training, hang past the round timeout, reply with a NaN in its weights, or with a tensor of
 # another shape (the server must reject the last two before aggregating: server/strategy.py)
 FAULTS = ("raise", "hang", "nan", "shape")
+# what a malicious client does (poison-kind; models/poisoning.py): train on flipped labels, reply its
+# update negated or scaled up (boosted by poison-boost), or train a trigger word into the target label
+POISONINGS = ("label-flip", "sign-flip", "scale", "backdoor")
 # the edits perturbed-text hardening draws from (perturb-kinds; models/augment.py's transformations)
 PERTURBATIONS = ("char", "synonym")
 # what travels in a round's config beside the network: the start artifact's word normaliser (its

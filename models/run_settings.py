@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.personalization import MODES
-from models.protocol import EXPL_ANCHORS, FAULTS, PERTURBATIONS, check_attacks
+from models.protocol import EXPL_ANCHORS, FAULTS, PERTURBATIONS, POISONINGS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
@@ -129,6 +129,15 @@ class RunSettings:
     min_report_share: float = 0.8  # fewer ok reports than this share of the goal: the round is abandoned
     # failure drills: comma-separated partition ids whose device raises in train (client/device.py)
     crash_clients: str = ""
+    # poisoned clients (simulation): this share of all users, drawn from the seed, are malicious and
+    # do poison-kind (models.protocol.POISONINGS) in every round they train; poison-boost scales a
+    # sign-flip's or scale's update; backdoor: the trigger word, prefixed to half of the client's
+    # rows, teaches backdoor-target (benign users' rows measure its success)
+    malicious_fraction: float = 0.0
+    poison_kind: str = "label-flip"
+    poison_boost: float = 10.0
+    backdoor_trigger: str = "cf"
+    backdoor_target: int = 1
     # fault injection: "kind=rate,..." (kinds: models.protocol.FAULTS); each training client draws at
     # most one fault per round from (seed, round, partition), so a run's faults are reproducible
     fault_rates: str = ""
@@ -235,6 +244,13 @@ class RunSettings:
             (self.perturb_share == 0 or (self.perturbations() and set(self.perturbations()) <= set(PERTURBATIONS)),
              f"perturb-kinds must name some of {', '.join(PERTURBATIONS)}, got {self.perturb_kinds!r}"),
             (bool(self.faults()) or not self.fault_rates.strip(), "fault-rates names no fault"),
+            (0 <= self.malicious_fraction < 1, f"malicious-fraction must be in [0, 1), got {self.malicious_fraction}"),
+            (self.poison_kind in POISONINGS,
+             f"poison-kind must be one of {', '.join(POISONINGS)}, got {self.poison_kind!r}"),
+            (self.poison_boost > 0 and self.backdoor_trigger.strip() != "" and self.backdoor_target >= 0,
+             "poison-boost must be > 0, backdoor-trigger a word and backdoor-target a label"),
+            (not (self.malicious_fraction > 0 and self.onnx_clients),
+             "malicious-fraction with onnx-clients is not supported (poisoning runs on the torch path)"),
             (not (self.device_mix and self.device_trace), "give device-mix or device-trace, not both"),
             (self.device_assign in DEVICE_ASSIGNMENTS,
              f"device-assign must be one of {', '.join(DEVICE_ASSIGNMENTS)}, got {self.device_assign!r}"),

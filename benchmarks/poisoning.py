@@ -1,0 +1,130 @@
+"""Poisoned clients on rt_critics: what each poisoning does to the benign users, under FedAvg and
+Flower's robust aggregators (issue #17).
+
+    python benchmarks/poisoning.py [--fractions 0,0.2] [--strategies fedavg,fedmedian,fedtrimmedavg,krum]
+                                   [--kinds label-flip,sign-flip,scale,backdoor] [--rounds 10]
+
+One `fedrex simulate` per cell: the defaults (10 rounds, 20% of the 118 critics per round), no
+text attacks, with ``malicious-fraction`` of the critics malicious (an exact seeded draw: 24 of 118
+at 0.2) doing ``poison-kind`` every round they train (sign-flip and scale boosted x10). Krum is told
+to expect as many Byzantine replies per round as the malicious share of a round's 23 replies (5 at
+0.2, the same in its clean cell). Every cell measures the benign users only, on their held-out rows:
+the global and personal model's per-user mean accuracy and, for the backdoor, the share of their
+negative rows that the trigger word turns positive (the clean cells measure the trigger alone, with
+no malicious user). Results: results/poisoning.json (after each cell; a rerun skips cells already
+there) and results/poisoning.md, with the drop against each strategy's clean cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+
+from analysis.load import ci95, load_run  # noqa: E402
+from analysis.report import markdown_table  # noqa: E402
+from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+
+CLIENTS_PER_ROUND = 23  # 20% of the 118 critics
+
+
+def cell_pairs(strategy: str, fraction: float, kind: str, rounds: int) -> list[str]:
+    pairs = ["dataset=rt_critics", f"num-rounds={rounds}", f"evaluate-every={rounds}", "attack-examples=0",
+             "fidelity-examples=0", f"strategy={strategy}", f"malicious-fraction={fraction}", f"poison-kind={kind}"]
+    if strategy == "krum":
+        pairs.append(f"krum-byzantine={max(1, round(0.2 * CLIENTS_PER_ROUND))}")
+    return pairs
+
+
+def run_cell(name: str, pairs: list[str], runs: Path) -> dict:
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(runs)]
+    for pair in [*pairs, f"run-id={name}"]:
+        command += ["--run-config", pair]
+    if (runs / name).exists():
+        shutil.rmtree(runs / name)
+    started = time.time()
+    subprocess.run(command, cwd=ROOT, check=True)
+    return {**summarize(runs / name), "seconds": time.time() - started}
+
+
+def summarize(run_dir: Path) -> dict:
+    """Benign users' per-user means at the last round (every user when nobody is malicious)."""
+    df = load_run(run_dir)
+    last = int(df["round"].max())
+    wide = df[df["round"] == last].pivot_table(index="client_id", columns=["model", "metric"], values="value",
+                                               observed=True)
+    benign = wide[wide[("client", "malicious")] == 0] if ("client", "malicious") in wide else wide
+    out = {"benign_users": int(len(benign)), "users": int(len(wide))}
+    for model in ("global", "personal"):
+        acc = benign[(model, "acc")].dropna().to_numpy()
+        out[f"{model}_acc"], out[f"{model}_ci95"] = float(acc.mean()), ci95(acc)
+        if (model, "backdoor_success") in benign:
+            out[f"{model}_backdoor"] = float(benign[(model, "backdoor_success")].dropna().mean())
+    failed = df[df["metric"] == "failed"]
+    out["failed_client_rounds"] = int(len(failed))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    clean = {(r["strategy"]): r for r in rows if r["fraction"] == 0}
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["kind"] if r["fraction"] else "", r["strategy"], r["fraction"])):
+        base = clean.get(r["strategy"])
+        drop = f"{100 * (r['global_acc'] - base['global_acc']):+.1f}" if base and r["fraction"] else ""
+        lines.append({
+            "poisoning": "none (clean)" if r["fraction"] == 0 else r["kind"],
+            "malicious": f"{r['fraction']:.0%}", "aggregator": r["strategy"],
+            "benign users": r["benign_users"],
+            "benign global acc ± 95% CI": f"{r['global_acc']:.3f} ± {r['global_ci95']:.3f}",
+            "vs clean (points)": drop,
+            "benign personal acc": f"{r['personal_acc']:.3f}",
+            "trigger success (global / personal)": (f"{r['global_backdoor']:.3f} / {r['personal_backdoor']:.3f}"
+                                                    if "global_backdoor" in r else ""),
+            "seconds": f"{r['seconds']:.0f}"})
+    return markdown_table(pd.DataFrame(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fractions", default="0,0.2")
+    parser.add_argument("--strategies", default="fedavg,fedmedian,fedtrimmedavg,krum")
+    parser.add_argument("--kinds", default="backdoor,scale,sign-flip,label-flip")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--runs-dir", default="/tmp/fedrex-poisoning")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    path = Path(args.out) / "poisoning.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    cells = []
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        for strategy in args.strategies.split(","):
+            # a clean cell runs once, as a backdoor run with nobody malicious (it measures the trigger alone)
+            for kind in (["backdoor"] if fraction == 0 else args.kinds.split(",")):
+                cells.append((strategy, fraction, kind))
+    started = time.time()
+    for strategy, fraction, kind in cells:
+        name = f"{strategy}-{kind}-{int(100 * fraction)}"
+        if any(r["name"] == name for r in rows):
+            continue
+        print(f"[poisoning] {name} ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
+        row = {"name": name, "strategy": strategy, "fraction": fraction, "kind": kind,
+               "config": cell_pairs(strategy, fraction, kind, args.rounds),
+               **run_cell(name, cell_pairs(strategy, fraction, kind, args.rounds), Path(args.runs_dir))}
+        rows.append(row)
+        atomic_write_json(path, {"rows": rows})
+        atomic_write_bytes(path.with_suffix(".md"), (table(rows) + "\n").encode())
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
