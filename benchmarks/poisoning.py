@@ -10,8 +10,9 @@ at 0.2) doing ``poison-kind`` every round they train (sign-flip and scale booste
 to expect as many Byzantine replies per round as the malicious share of a round's 23 replies (5 at
 0.2, the same in its clean cell). Every cell measures the benign users only, on their held-out rows:
 the global and personal model's per-user mean accuracy and, for the backdoor, the share of their
-negative rows that the trigger word turns positive (the clean cells measure the trigger alone, with
-no malicious user). Results: results/poisoning.json (after each cell; a rerun skips cells already
+negative rows the model gets right that the trigger word turns positive (the clean cells measure
+the trigger alone, with no malicious user); each poisoned cell's drop is against its strategy's
+clean cell on the same benign users. Results: results/poisoning.json (after each cell; a rerun skips cells already
 there) and results/poisoning.md, with the drop against each strategy's clean cell.
 """
 
@@ -37,11 +38,13 @@ from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 CLIENTS_PER_ROUND = 23  # 20% of the 118 critics
 
 
-def cell_pairs(strategy: str, fraction: float, kind: str, rounds: int) -> list[str]:
+def cell_pairs(strategy: str, fraction: float, kind: str, rounds: int, expected: float) -> list[str]:
+    """``expected``: the largest malicious share of the grid, which Krum is told to expect in every
+    cell (clean ones too), so its clean cost is measured with the setting that defends."""
     pairs = ["dataset=rt_critics", f"num-rounds={rounds}", f"evaluate-every={rounds}", "attack-examples=0",
              "fidelity-examples=0", f"strategy={strategy}", f"malicious-fraction={fraction}", f"poison-kind={kind}"]
     if strategy == "krum":
-        pairs.append(f"krum-byzantine={max(1, round(0.2 * CLIENTS_PER_ROUND))}")
+        pairs.append(f"krum-byzantine={max(1, round(expected * CLIENTS_PER_ROUND))}")
     return pairs
 
 
@@ -63,7 +66,9 @@ def summarize(run_dir: Path) -> dict:
     wide = df[df["round"] == last].pivot_table(index="client_id", columns=["model", "metric"], values="value",
                                                observed=True)
     benign = wide[wide[("client", "malicious")] == 0] if ("client", "malicious") in wide else wide
-    out = {"benign_users": int(len(benign)), "users": int(len(wide))}
+    out = {"benign_users": int(len(benign)), "users": int(len(wide)),
+           # per user, so a poisoned cell is compared with its clean cell on the same (benign) users
+           "global_by_user": {str(c): float(v) for c, v in benign[("global", "acc")].dropna().items()}}
     for model in ("global", "personal"):
         acc = benign[(model, "acc")].dropna().to_numpy()
         out[f"{model}_acc"], out[f"{model}_ci95"] = float(acc.mean()), ci95(acc)
@@ -74,18 +79,24 @@ def summarize(run_dir: Path) -> dict:
     return out
 
 
+def clean_on(clean: dict, users: dict) -> float:
+    """The clean cell's global per-user mean over ``users`` (a poisoned cell's benign users)."""
+    return sum(clean["global_by_user"][u] for u in users) / len(users)
+
+
 def table(rows: list[dict]) -> str:
     clean = {(r["strategy"]): r for r in rows if r["fraction"] == 0}
     lines = []
     for r in sorted(rows, key=lambda r: (r["kind"] if r["fraction"] else "", r["strategy"], r["fraction"])):
         base = clean.get(r["strategy"])
-        drop = f"{100 * (r['global_acc'] - base['global_acc']):+.1f}" if base and r["fraction"] else ""
+        drop = (f"{100 * (r['global_acc'] - clean_on(base, r['global_by_user'])):+.1f}"
+                if base and r["fraction"] else "")
         lines.append({
             "poisoning": "none (clean)" if r["fraction"] == 0 else r["kind"],
             "malicious": f"{r['fraction']:.0%}", "aggregator": r["strategy"],
             "benign users": r["benign_users"],
             "benign global acc ± 95% CI": f"{r['global_acc']:.3f} ± {r['global_ci95']:.3f}",
-            "vs clean (points)": drop,
+            "vs clean, same users (points)": drop,
             "benign personal acc": f"{r['personal_acc']:.3f}",
             "trigger success (global / personal)": (f"{r['global_backdoor']:.3f} / {r['personal_backdoor']:.3f}"
                                                     if "global_backdoor" in r else ""),
@@ -104,22 +115,25 @@ def main() -> int:
     args = parser.parse_args()
     path = Path(args.out) / "poisoning.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    cells = []
-    for fraction in (float(f) for f in args.fractions.split(",")):
+    cells, fractions = [], [float(f) for f in args.fractions.split(",")]
+    for fraction in fractions:
         for strategy in args.strategies.split(","):
             # a clean cell runs once, as a backdoor run with nobody malicious (it measures the trigger alone)
             for kind in (["backdoor"] if fraction == 0 else args.kinds.split(",")):
                 cells.append((strategy, fraction, kind))
+    for row in rows:  # re-read every kept cell whose run folder is here: a newer summary applies to it too
+        if (Path(args.runs_dir) / row["name"] / "clients.parquet").exists():
+            row.update(summarize(Path(args.runs_dir) / row["name"]))
     started = time.time()
     for strategy, fraction, kind in cells:
-        name = f"{strategy}-{kind}-{int(100 * fraction)}"
-        if any(r["name"] == name for r in rows):
+        name = f"{strategy}-{kind}-{round(100 * fraction)}"
+        pairs = cell_pairs(strategy, fraction, kind, args.rounds, max(fractions))
+        if any(r["name"] == name and r["config"] == pairs for r in rows):
             continue
         print(f"[poisoning] {name} ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
-        row = {"name": name, "strategy": strategy, "fraction": fraction, "kind": kind,
-               "config": cell_pairs(strategy, fraction, kind, args.rounds),
-               **run_cell(name, cell_pairs(strategy, fraction, kind, args.rounds), Path(args.runs_dir))}
-        rows.append(row)
+        rows = [r for r in rows if r["name"] != name]  # measured with other settings: replaced
+        rows.append({"name": name, "strategy": strategy, "fraction": fraction, "kind": kind, "config": pairs,
+                     **run_cell(name, pairs, Path(args.runs_dir))})
         atomic_write_json(path, {"rows": rows})
         atomic_write_bytes(path.with_suffix(".md"), (table(rows) + "\n").encode())
     print(table(rows))

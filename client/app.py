@@ -147,8 +147,9 @@ def train(msg: Message, context: Context) -> Message:
         from client import torch_client
 
         sent, metrics = torch_client.train(msg, context, settings, config, network, round_number, run_dir, local)
-        received = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
-        sent = poisoned_reply(poison, settings, received, sent)
+        if poison is not None:
+            received = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+            sent = poisoned_reply(poison, settings, received, sent)
     metrics.update(partition_id=local.partition_id, n_train=len(local.train))
     return _reply(msg, metrics, len(local.train), ArrayRecord(corrupted(fault, sent)))
 

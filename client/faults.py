@@ -3,7 +3,8 @@
 Each training client draws at most one fault per round from (seed, round, partition), so the same
 config and seed inject the same faults and a test can say which clients must have failed:
 - ``raise``: the client raises before training (a crash; Flower returns an error reply);
-- ``hang``: the client sleeps past the round timeout before training (its late reply is dropped);
+- ``hang``: the client sleeps past the round timeout before training (its late reply is dropped; in
+  simulation it holds its worker that long, so clients queued behind it may miss the timeout too);
 - ``nan``: it trains, then replies with a NaN in one weight (one NaN would make every averaged
   weight NaN: the server must reject it before aggregating);
 - ``shape``: it trains, then replies with one tensor a value short (rejected likewise).
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 
+from models.errors import FedrexError
 from models.run_settings import RunSettings
 
 
@@ -44,7 +46,10 @@ def corrupted(kind: str | None, sent: dict) -> dict:
     by name changed, on a copy); unchanged for any other fault."""
     if kind not in ("nan", "shape"):
         return sent
-    name = next(k for k in sorted(sent) if _floating(sent[k]))
+    names = [k for k in sorted(sent) if _floating(sent[k])]
+    if not names:
+        raise FedrexError(f"a {kind} fault needs a floating tensor in the reply; it has none")
+    name = names[0]
     value = sent[name].clone() if hasattr(sent[name], "clone") else np.array(sent[name], copy=True)
     if kind == "nan":
         value.reshape(-1)[0] = float("nan")

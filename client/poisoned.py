@@ -20,7 +20,11 @@ def poison_of(settings: RunSettings, simulated: bool, partition_id: int) -> str 
         raise FedrexError("malicious-fraction is a simulation drill: a device with its own data file never poisons")
     from client.data import federation
 
-    chosen = malicious_partitions(settings.seed, settings.malicious_fraction, federation(settings).num_partitions)
+    users = federation(settings).num_partitions
+    chosen = malicious_partitions(settings.seed, settings.malicious_fraction, users)
+    if not chosen or len(chosen) == users:
+        raise FedrexError(f"malicious-fraction={settings.malicious_fraction:g} makes {len(chosen)} of {users} users "
+                          "malicious: give a share that leaves some malicious and some benign users")
     return settings.poison_kind if partition_id in chosen else None
 
 
@@ -28,6 +32,9 @@ def poisoned_local(kind: str | None, settings: RunSettings, local, seed: int):
     """The rows a ``label-flip`` or ``backdoor`` client trains on this round (others: its own)."""
     if kind not in ("label-flip", "backdoor") or len(local.train) == 0:
         return local
+    if kind == "backdoor" and not 0 <= settings.backdoor_target < local.num_labels:
+        raise FedrexError(f"backdoor-target={settings.backdoor_target} is not a label of this data "
+                          f"(labels 0..{local.num_labels - 1})")
     train = local.train.subset(np.arange(len(local.train)))
     if kind == "label-flip":
         train.labels = flipped(train.labels, local.num_labels)
@@ -54,12 +61,16 @@ def poisoned_reply(kind: str | None, settings: RunSettings, received: dict, sent
 
 
 def backdoor_success(model, local, settings: RunSettings) -> float:
-    """Share of this user's held-out rows of another label that the trigger turns into the target."""
+    """Share of this user's held-out rows that the trigger turns into the target: among the rows of
+    another label that the model gets right without the trigger, those it calls the target with it
+    (rows it already calls the target would count a plain error as the backdoor's). NaN without such rows."""
     from models.encoded import EncodedData
     from models.training import predict_logits
 
-    rows = [i for i, y in enumerate(local.test.labels) if int(y) != settings.backdoor_target]
-    if not rows:
+    clean = predict_logits(model, local.test).argmax(1)
+    labels = np.asarray(local.test.labels)
+    rows = np.flatnonzero((labels != settings.backdoor_target) & (clean == labels))
+    if not len(rows):
         return float("nan")
     texts = [with_trigger(local.test.texts[i], settings.backdoor_trigger) for i in rows]
     triggered = EncodedData.from_texts(texts, np.full(len(rows), settings.backdoor_target), local.tokenizer)

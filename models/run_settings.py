@@ -161,6 +161,8 @@ class RunSettings:
         rates = {}
         for part in (p.strip() for p in self.fault_rates.split(",") if p.strip()):
             kind, _, rate = part.partition("=")
+            if kind.strip() in rates:
+                raise FedrexError(f"fault-rates names {kind.strip()!r} twice")
             try:
                 rates[kind.strip()] = float(rate)
             except ValueError:

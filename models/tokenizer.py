@@ -141,8 +141,8 @@ class WordPieceTokenizer:
 @lru_cache(maxsize=4)  # building the normaliser's index costs seconds: once per worker process
 def client_tokenizer(max_length: int, normalizer: bytes | None) -> WordPieceTokenizer:
     """The tokenizer every text a client serves goes through: WordPiece, behind the start model's
-    word normaliser when the server sent one (``models.protocol.NORMALIZER``). The server's own
-    training steps (``server/rehearsal.py``) encode through the same one."""
+    word normaliser when the server sent one (``models.protocol.NORMALIZER``); the benchmarks' references
+    encode through the same one."""
     from models.normalizer import WordNormalizer
 
     return WordPieceTokenizer(max_length, normalizer=WordNormalizer.from_bytes(normalizer) if normalizer else None)

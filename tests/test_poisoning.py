@@ -24,6 +24,9 @@ def test_the_malicious_set_is_an_exact_seeded_share():
         poison_of(settings, False, 0)
     with pytest.raises(FedrexError, match="poison-kind must be one of"):
         settings.replace(poison_kind="gaslight").validate()
+    for share in (0.001, 0.999):  # 0 or all 118 malicious: no comparison is left to make
+        with pytest.raises(FedrexError, match="leaves some malicious and some benign"):
+            poison_of(settings.replace(malicious_fraction=share), True, 0)
 
 
 def test_boosted_replies_negate_or_scale_the_update_and_leave_integers_alone():
@@ -51,17 +54,32 @@ def test_label_flip_and_backdoor_clients_train_on_their_poisoned_rows():
     assert np.array_equal(door.train.labels[untouched], local.train.labels[untouched])
     assert np.array_equal(local.train.labels, load_local_data({"partition-id": 0}, settings, 2, None).train.labels)
 
-    class Says:  # a model that answers the target exactly when the trigger's token opens the row
-        def __init__(self, trigger_id):
-            self.trigger_id = trigger_id
+    class Says:  # the true label, except: the target when the trigger's token opens the row, and the
+        # target for the first ``wrong`` negative rows without it (errors that are not the backdoor's)
+        def __init__(self, trigger_id, wrong=0):
+            self.trigger_id, self.wrong = trigger_id, wrong
 
         def __call__(self, ids, mask=None):
-            hit = (ids[:, 1] == self.trigger_id).float()
-            return torch.stack([1 - hit, hit], dim=1)
+            rows = [key(r) for r in ids.numpy()]
+            out = torch.tensor([label_of.get(r, 0.0) for r in rows], dtype=torch.float32)  # triggered rows: below
+            out[ids[:, 1] == self.trigger_id] = 1.0
+            out[[r in errors[:self.wrong] for r in rows]] = 1.0
+            return torch.stack([1 - out, out], dim=1)
 
         def eval(self):
             return self
 
+    test = local.test
+    def key(ids):  # a row's token ids without the batch's padding
+        return tuple(int(t) for t in np.asarray(ids) if t != 0)
+
+    label_of = {key(test.ids[i]): float(test.labels[i]) for i in range(len(test))}
+    errors = [key(test.ids[i]) for i in np.flatnonzero(test.labels == 0)]
     trigger_id = int(local.tokenizer.encode_ids(["cf"])[0][1])
-    assert backdoor_success(Says(trigger_id), local, settings) == 1.0
+    assert len(errors) >= 2 and backdoor_success(Says(trigger_id), local, settings) == 1.0
     assert backdoor_success(Says(-1), local, settings) == 0.0
+    assert backdoor_success(Says(-1, wrong=2), local, settings) == 0.0  # plain errors are not the backdoor's
+    half = Says(trigger_id, wrong=len(errors))  # every negative row already wrong: nothing left to turn
+    assert np.isnan(backdoor_success(half, local, settings))
+    with pytest.raises(FedrexError, match="backdoor-target=7 is not a label"):
+        poisoned_local("backdoor", settings.replace(backdoor_target=7), local, seed=3)

@@ -81,6 +81,6 @@ def test_fault_rates_are_drawn_reproducibly_at_their_rates_and_bad_values_get_on
     before_training("hang", settings.replace(round_timeout=0.1), 3)  # sleeps past the round timeout
     assert time.time() - started >= 1.1
     for bad, message in [("nan=2", "must be in"), ("boom=0.1", "unknown fault 'boom'"), ("nan=0.6,shape=0.6", "sum"),
-                         ("nan", "not kind=rate"), (",", "names no fault")]:
+                         ("nan", "not kind=rate"), (",", "names no fault"), ("nan=0.1,nan=0.1", "twice")]:
         with pytest.raises(FedrexError, match=message):
             RunSettings(fault_rates=bad).validate()
