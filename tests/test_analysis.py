@@ -1,5 +1,6 @@
 """Reports and pandas analysis of a tiny real run (6 critics, 2 rounds, one crashing client, and
-faults injected by the clients: raises, NaN weights, a tensor of another shape)."""
+faults injected by the clients: raises, NaN weights, a tensor of another shape; two of them
+malicious, training a backdoor)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slow
 # seed 0 draws, for the 6 critics over 2 rounds, every kind below at least once on a client that
 # does not crash anyway (the test checks it), and leaves some clients training in every round
 FAULTS = "fault-rates=nan=0.25,shape=0.25,raise=0.1"
+POISONED = ["malicious-fraction=0.34", "poison-kind=backdoor"]  # 2 of the 6 critics train a trigger in
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def reported_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     settings = load_settings(None, ["dataset=rt_critics", "min-samples=350", "num-rounds=2", "fraction-train=1.0",
                                     "local-max-steps=8", "attack-examples=5", "fidelity-examples=5", "ig-steps=4", "evaluate-every=1",
-                                    "client-attacks=char,synonym", "crash-clients=1", FAULTS, "run-id=tiny",
+                                    "client-attacks=char,synonym", "crash-clients=1", FAULTS, *POISONED, "run-id=tiny",
                                     f"runs-dir={runs}"])
     run_dir = simulate(settings)
     write_report(run_dir)
@@ -175,6 +177,23 @@ def test_crashed_and_faulty_clients_are_recorded_named_and_nothing_is_lost(repor
     assert "Failed clients" in text and crashed in text
     evaluated = df[(df["metric"] == "acc") & (df["round"] == 2)]["client_id"].nunique()
     assert evaluated == df["client_id"].nunique()  # failing in training does not stop evaluation
+
+
+def test_the_malicious_users_are_the_seeded_ones_and_every_user_reports_the_triggers_success(reported_run):
+    """Through the real ClientApp: the users that say they are malicious are exactly the seeded
+    draw, and every evaluated user reports the trigger's success for both models, in [0, 1]."""
+    from models.poisoning import malicious_partitions
+    from models.run_settings import RunSettings
+
+    df = load_run(reported_run)
+    settings = RunSettings.from_flower(json.loads((reported_run / "run.json").read_text())["settings"])
+    last = df[df["round"] == 2]
+    roles = last[(last["model"] == "client") & (last["metric"] == "malicious")].set_index("partition_id")["value"]
+    said = {int(p) for p, v in roles.items() if v == 1}
+    assert len(roles) == 6 and said == malicious_partitions(settings.seed, settings.malicious_fraction, 6)
+    assert 0 < len(said) < 6
+    success = last[last["metric"] == "backdoor_success"].dropna(subset=["value"])
+    assert set(success["model"]) == {"global", "personal"} and success["value"].between(0, 1).all()
 
 
 def test_a_run_with_missing_rounds_still_reports_and_names_them(reported_run, tmp_path):
