@@ -91,12 +91,16 @@ def table(rows: list[dict]) -> str:
         base = clean.get(r["strategy"])
         drop = (f"{100 * (r['global_acc'] - clean_on(base, r['global_by_user'])):+.1f}"
                 if base and r["fraction"] else "")
+        plain = clean.get("fedavg")  # the bar: the clean run, plain FedAvg
+        below_plain = (f"{100 * (r['global_acc'] - clean_on(plain, r['global_by_user'])):+.1f}"
+                       if plain and r["strategy"] != "fedavg" or (plain and r["fraction"]) else "")
         lines.append({
             "poisoning": "none (clean)" if r["fraction"] == 0 else r["kind"],
             "malicious": f"{r['fraction']:.0%}", "aggregator": r["strategy"],
             "benign users": r["benign_users"],
             "benign global acc ± 95% CI": f"{r['global_acc']:.3f} ± {r['global_ci95']:.3f}",
-            "vs clean, same users (points)": drop,
+            "vs its clean cell, same users (points)": drop,
+            "vs clean FedAvg, same users (points)": below_plain,
             "benign personal acc": f"{r['personal_acc']:.3f}",
             "trigger success (global / personal)": (f"{r['global_backdoor']:.3f} / {r['personal_backdoor']:.3f}"
                                                     if "global_backdoor" in r else ""),
