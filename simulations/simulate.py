@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from models.datasets import DATA_DIR_ENV
+from models.artifact import atomic_write_bytes
 from models.errors import FedrexError
 from models.run_settings import RunSettings, split_pairs
 from simulations.localhost import free_ports, port_open, stop_groups
@@ -125,8 +126,8 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
         # cluster of machines lives on whichever machine trained them: one message per user there
         settings = settings.replace(evaluate_batch=1)
     config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {**settings.to_flower(), **control}.items()))
+    atomic_write_bytes(config_file, "".join(f"{k} = {toml_value(v)}\n"
+                                            for k, v in {**settings.to_flower(), **control}.items()).encode())
     # Flower's own default is 2 CPUs per simulated client (one actor on a 2-core machine).
     federation = {"num-supernodes": num_clients, "client-resources-num-cpus": settings.client_cpus,
                   "client-resources-num-gpus": 0.0, "init-args-log-to-driver": verbose}

@@ -242,3 +242,43 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
         assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("fedrex: error:")
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_clear_error_and_a_full_disk_leaves_the_old_file(tmp_path,
+                                                                                                  monkeypatch):
+    import errno
+    import os
+
+    from models.artifact import atomic_write_bytes
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("simulate", "--runs-dir", str(blocker / "runs"), "--run-config", "num-rounds=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]  # beside the progress lines
+    assert len(errors) == 1 and errors[0].startswith("fedrex: error: cannot write")
+
+    target = tmp_path / "run.json"
+    atomic_write_bytes(target, b"round 3")
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # a file whose every write fails as a full disk's does
+        def __init__(self, fd, mode):
+            self.handle = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("models.artifact.os.fdopen", FullDisk)
+    with pytest.raises(FedrexError, match="cannot write .*run.json: No space left on device"):
+        atomic_write_bytes(target, b"round 4")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"round 3"  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run.json"]  # no partial temporary file
