@@ -119,8 +119,7 @@ def save_artifact(folder: Path, model: torch.nn.Module, config: dict) -> dict:
     digests = {FLOAT_FILE: save_weights(folder / FLOAT_FILE, state),
                INT8_FILE: save_weights(folder / INT8_FILE, quantize_state(state))}
     atomic_write_json(folder / "config.json", {"format": FORMAT, **config, "sha256": digests})
-    return {"float_bytes": (folder / "model.safetensors").stat().st_size,
-            "int8_bytes": (folder / "model.int8.safetensors").stat().st_size}
+    return {"float_bytes": (folder / FLOAT_FILE).stat().st_size, "int8_bytes": (folder / INT8_FILE).stat().st_size}
 
 
 def device_package(folder: Path) -> dict:
