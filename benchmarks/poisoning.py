@@ -84,23 +84,25 @@ def clean_on(clean: dict, users: dict) -> float:
     return sum(clean["global_by_user"][u] for u in users) / len(users)
 
 
+def gap(row: dict, clean: dict | None) -> str:
+    """Points between ``row`` and a clean cell on ``row``'s benign users ("" for the cell itself)."""
+    if clean is None or clean is row:
+        return ""
+    return f"{100 * (row['global_acc'] - clean_on(clean, row['global_by_user'])):+.1f}"
+
+
 def table(rows: list[dict]) -> str:
     clean = {(r["strategy"]): r for r in rows if r["fraction"] == 0}
     lines = []
     for r in sorted(rows, key=lambda r: (r["kind"] if r["fraction"] else "", r["strategy"], r["fraction"])):
-        base = clean.get(r["strategy"])
-        drop = (f"{100 * (r['global_acc'] - clean_on(base, r['global_by_user'])):+.1f}"
-                if base and r["fraction"] else "")
-        plain = clean.get("fedavg")  # the issue's bar: the clean run, plain FedAvg
-        below_plain = (f"{100 * (r['global_acc'] - clean_on(plain, r['global_by_user'])):+.1f}"
-                       if plain and r["strategy"] != "fedavg" or (plain and r["fraction"]) else "")
         lines.append({
             "poisoning": "none (clean)" if r["fraction"] == 0 else r["kind"],
             "malicious": f"{r['fraction']:.0%}", "aggregator": r["strategy"],
             "benign users": r["benign_users"],
             "benign global acc ± 95% CI": f"{r['global_acc']:.3f} ± {r['global_ci95']:.3f}",
-            "vs its clean cell, same users (points)": drop,
-            "vs clean FedAvg, same users (points)": below_plain,
+            "vs its clean cell, same users (points)": gap(r, clean.get(r["strategy"])),
+            # the issue's bar: the clean run, plain FedAvg
+            "vs clean FedAvg, same users (points)": gap(r, clean.get("fedavg")),
             "benign personal acc": f"{r['personal_acc']:.3f}",
             "trigger success (global / personal)": (f"{r['global_backdoor']:.3f} / {r['personal_backdoor']:.3f}"
                                                     if "global_backdoor" in r else ""),
@@ -138,10 +140,15 @@ def main() -> int:
         rows = [r for r in rows if r["name"] != name]  # measured with other settings: replaced
         rows.append({"name": name, "strategy": strategy, "fraction": fraction, "kind": kind, "config": pairs,
                      **run_cell(name, pairs, Path(args.runs_dir))})
-        atomic_write_json(path, {"rows": rows})
-        atomic_write_bytes(path.with_suffix(".md"), (table(rows) + "\n").encode())
+        save(path, rows)
+    save(path, rows)  # also when no cell ran: the re-read summaries and the table's columns are current
     print(table(rows))
     return 0
+
+
+def save(path: Path, rows: list[dict]) -> None:
+    atomic_write_json(path, {"rows": rows})
+    atomic_write_bytes(path.with_suffix(".md"), (table(rows) + "\n").encode())
 
 
 if __name__ == "__main__":
