@@ -46,7 +46,26 @@ def load_run(run_dir) -> pd.DataFrame:
     frame["round"] = frame["round"].astype("int64")
     frame["partition_id"] = frame["partition_id"].astype("int64")
     frame["value"] = frame["value"].astype("float64")
-    return frame
+    return _committed(run_dir, frame)
+
+
+def load_rounds(run_dir) -> pd.DataFrame:
+    """The per-round summaries (rounds.parquet): run_id, round, model, metric, stat, value."""
+    path = Path(run_dir) / "rounds.parquet"
+    frame = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["run_id", "round", "model", "metric",
+                                                                              "stat", "value"])
+    return _committed(run_dir, frame)
+
+
+def _committed(run_dir, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without rows of a round run.json does not count as committed: a run killed in the
+    middle of a commit may have rewritten clients.parquet and rounds.parquet, but not yet run.json,
+    the commit point (server/store.py), and a resume runs that round again."""
+    try:
+        completed = int(json.loads((Path(run_dir) / "run.json").read_text())["completed_rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return frame  # no readable run.json: the table as it is (run_info says what is wrong)
+    return frame[frame["round"] <= completed].reset_index(drop=True)
 
 
 def run_info(run_dir) -> dict:
@@ -300,8 +319,7 @@ def fairness_by_tier(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame
 def time_to_accuracy(run_dir, df: pd.DataFrame) -> pd.DataFrame:
     """Per evaluated round: the virtual clock when it ended (rounds.parquet) and the global and
     personal pooled accuracy: accuracy against device time rather than rounds."""
-    path = Path(run_dir) / "rounds.parquet"
-    rounds = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["model", "metric", "round", "value"])
+    rounds = load_rounds(run_dir)
     clock = rounds[(rounds["model"] == "round") & (rounds["metric"] == "virtual_clock_s")].set_index("round")["value"]
     if not len(clock):
         return pd.DataFrame()

@@ -6,9 +6,11 @@ Flower's robust aggregators (issue #17).
 
 One `fedrex simulate` per cell: the defaults (10 rounds, 20% of the 118 critics per round), no
 text attacks, with ``malicious-fraction`` of the critics malicious (an exact seeded draw: 24 of 118
-at 0.2) doing ``poison-kind`` every round they train (sign-flip and scale boosted x10). Krum is told
-to expect as many Byzantine replies per round as the malicious share of a round's 23 replies (5 at
-0.2, the same in its clean cell). Every cell measures the benign users only, on their held-out rows:
+at 0.2) doing ``poison-kind`` every round they train (sign-flip and scale boosted x10). An
+aggregator is a strategy by name, or ``fedavg-clip`` (FedAvg with every update clipped to the
+round's median update norm: ``update-clip=1.0``). The Krum family is told to expect as many
+Byzantine replies per round as the malicious share of a round's 23 replies (5 at 0.2, the same in
+its clean cell; Bulyan at most 5, the most its 4f + 3 <= 23 allows). Every cell measures the benign users only, on their held-out rows:
 the global and personal model's per-user mean accuracy and, for the backdoor, the share of their
 negative rows the model gets right that the trigger word turns positive (the clean cells measure
 the trigger alone, with no malicious user); each poisoned cell's drop is against its strategy's
@@ -34,17 +36,26 @@ import pandas as pd  # noqa: E402
 from analysis.load import ci95, load_run  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.run_settings import KRUM_FAMILY, STRATEGIES  # noqa: E402
 
 CLIENTS_PER_ROUND = 23  # 20% of the 118 critics
 
 
-def cell_pairs(strategy: str, fraction: float, kind: str, rounds: int, expected: float) -> list[str]:
-    """``expected``: the largest malicious share of the grid, which Krum is told to expect in every
-    cell (clean ones too), so its clean cost is measured with the setting that defends."""
+def cell_pairs(aggregator: str, fraction: float, kind: str, rounds: int, expected: float) -> list[str]:
+    """``expected``: the largest malicious share of the grid, which the Krum family is told to
+    expect in every cell (clean ones too), so its clean cost is measured with the setting that defends."""
+    strategy, clip = (aggregator[: -len("-clip")], True) if aggregator.endswith("-clip") else (aggregator, False)
+    if strategy not in STRATEGIES:
+        raise SystemExit(f"unknown aggregator {aggregator!r}: a strategy ({', '.join(STRATEGIES)}) or one + '-clip'")
     pairs = ["dataset=rt_critics", f"num-rounds={rounds}", f"evaluate-every={rounds}", "attack-examples=0",
              "fidelity-examples=0", f"strategy={strategy}", f"malicious-fraction={fraction}", f"poison-kind={kind}"]
-    if strategy == "krum":
-        pairs.append(f"krum-byzantine={max(1, round(expected * CLIENTS_PER_ROUND))}")
+    if strategy in KRUM_FAMILY:
+        byzantine = max(1, round(expected * CLIENTS_PER_ROUND))
+        if strategy == "bulyan":
+            byzantine = min(byzantine, (CLIENTS_PER_ROUND - 3) // 4)
+        pairs.append(f"krum-byzantine={byzantine}")
+    if clip:
+        pairs.append("update-clip=1.0")
     return pairs
 
 
@@ -113,7 +124,7 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fractions", default="0,0.2")
-    parser.add_argument("--strategies", default="fedavg,fedmedian,fedtrimmedavg,krum")
+    parser.add_argument("--strategies", default="fedavg,fedmedian,fedtrimmedavg,krum,multikrum,bulyan,fedavg-clip")
     parser.add_argument("--kinds", default="backdoor,scale,sign-flip,label-flip")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--runs-dir", default="/tmp/fedrex-poisoning")
@@ -123,22 +134,22 @@ def main() -> int:
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     cells, fractions = [], [float(f) for f in args.fractions.split(",")]
     for fraction in fractions:
-        for strategy in args.strategies.split(","):
+        for aggregator in args.strategies.split(","):
             # a clean cell runs once, as a backdoor run with nobody malicious (it measures the trigger alone)
             for kind in (["backdoor"] if fraction == 0 else args.kinds.split(",")):
-                cells.append((strategy, fraction, kind))
+                cells.append((aggregator, fraction, kind))
     for row in rows:  # re-read every kept cell whose run folder is here: a newer summary applies to it too
         if (Path(args.runs_dir) / row["name"] / "clients.parquet").exists():
             row.update(summarize(Path(args.runs_dir) / row["name"]))
     started = time.time()
-    for strategy, fraction, kind in cells:
-        name = f"{strategy}-{kind}-{round(100 * fraction)}"
-        pairs = cell_pairs(strategy, fraction, kind, args.rounds, max(fractions))
+    for aggregator, fraction, kind in cells:
+        name = f"{aggregator}-{kind}-{round(100 * fraction)}"
+        pairs = cell_pairs(aggregator, fraction, kind, args.rounds, max(fractions))
         if any(r["name"] == name and r["config"] == pairs for r in rows):
             continue
         print(f"[poisoning] {name} ({time.time() - started:.0f}s so far)", file=sys.stderr, flush=True)
         rows = [r for r in rows if r["name"] != name]  # measured with other settings: replaced
-        rows.append({"name": name, "strategy": strategy, "fraction": fraction, "kind": kind, "config": pairs,
+        rows.append({"name": name, "strategy": aggregator, "fraction": fraction, "kind": kind, "config": pairs,
                      **run_cell(name, pairs, Path(args.runs_dir))})
         save(path, rows)
     save(path, rows)  # also when no cell ran: the re-read summaries and the table's columns are current

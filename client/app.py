@@ -21,12 +21,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import data_profile, load_local_data, round_seed
+from client.data import data_profile, federation, load_local_data, round_seed
 from client.device import profile_for
 from client.faults import before_training, corrupted, drawn_fault
 from client.poisoned import poison_of, poisoned_local, poisoned_reply
 from models.errors import FedrexError
-from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, EVALUATE_USERS, METRICS, NORMALIZER, NUM_EXAMPLES
+from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, USERS, METRICS, NORMALIZER, NUM_EXAMPLES
 from models.run_settings import RunSettings
 
 
@@ -86,7 +86,7 @@ def state_folder(node_config, config) -> Path | None:
 def _reply(msg: Message, details: dict | list[dict], num_examples: int, arrays: ArrayRecord | None = None) -> Message:
     """Flower's strategies need one MetricRecord with the same keys from every client, so it holds
     only the weighting count; the per-client details (which vary: DP, tiny clients) travel as JSON
-    (a list of them when the message carried several users: ``EVALUATE_USERS``)."""
+    (a list of them when the message carried several users: ``USERS``)."""
     def clean(values: dict) -> dict:
         return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
 
@@ -103,7 +103,7 @@ def _reply(msg: Message, details: dict | list[dict], num_examples: int, arrays: 
 
 def simulated_node(node_config) -> bool:
     """A node of a simulation: it reads any partition (neither a device's own data file nor its
-    own state folder), so it can evaluate other users too (``EVALUATE_USERS``)."""
+    own state folder), so it can evaluate other users too (``USERS``)."""
     return not {"data-file", "state-dir"} & set(node_config)
 
 
@@ -119,19 +119,43 @@ def worker_node() -> str:
 app = ClientApp()
 
 
+def named_users(msg: Message, context: Context) -> list[int] | None:
+    """The users a message names (``USERS``), or None: it is for the node's own user."""
+    users = msg.content.config_records.get(USERS)
+    if users is None:
+        return None
+    if not simulated_node(context.node_config):
+        raise FedrexError("the server asked a device to work for other users: only simulated nodes can")
+    return [int(pid) for pid in json.loads(str(users["partitions"]))]
+
+
+def _who(msg: Message, context: Context) -> dict:
+    settings, _, _, _, _, local, profile = _setup(msg, context)
+    positive = float((local.train.labels == 1).mean()) if len(local.train) else 0.0
+    info = {"client-id": local.client_id, "partition-id": local.partition_id, "n-train": len(local.train),
+            "n-test": len(local.test), "train-positive": positive, "simulated": int(simulated_node(context.node_config)),
+            DEVICE: profile.as_record()}
+    if info["simulated"]:  # how many users the run's dataset holds: what a pool of nodes serves
+        info["num-users"] = federation(settings).num_partitions
+    return info
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    _, _, _, _, _, local, profile = _setup(msg, context)
-    positive = float((local.train.labels == 1).mean()) if len(local.train) else 0.0
-    info = ConfigRecord({"client-id": local.client_id, "partition-id": local.partition_id,
-                         "n-train": len(local.train), "n-test": len(local.test), "train-positive": positive,
-                         "simulated": int(simulated_node(context.node_config)),
-                         DEVICE: profile.as_record()})
-    return Message(RecordDict({"info": info}), reply_to=msg)
+    users = named_users(msg, context)
+    if users is None:
+        return Message(RecordDict({"info": ConfigRecord(_who(msg, context))}), reply_to=msg)
+    infos = [_who(msg, _user_context(context, pid)) for pid in users]
+    return Message(RecordDict({"info": ConfigRecord({"users": json.dumps(infos)})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    users = named_users(msg, context)
+    if users is not None:
+        if len(users) != 1:
+            raise FedrexError(f"a train message is for one user; this one names {len(users)}")
+        context = _user_context(context, users[0])
     settings, config, network, round_number, run_dir, local, profile = _setup(msg, context)
     if profile.crashes:
         raise RuntimeError(f"injected crash of partition {local.partition_id} (crash-clients)")
@@ -156,12 +180,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    users = msg.content.config_records.get(EVALUATE_USERS)
+    users = named_users(msg, context)
     if users is None:
         return _reply(msg, *_evaluate_user(msg, context))
-    if not simulated_node(context.node_config):
-        raise FedrexError("the server asked a device to evaluate other users: only simulated nodes can")
-    measured = [_evaluate_user(msg, _user_context(context, int(pid))) for pid in json.loads(str(users["partitions"]))]
+    measured = [_evaluate_user(msg, _user_context(context, pid)) for pid in users]
     return _reply(msg, [details for details, _ in measured], sum(count for _, count in measured))
 
 

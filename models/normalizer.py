@@ -48,6 +48,9 @@ class WordNormalizer:
             raise FedrexError("the word normaliser needs a non-empty word list")
         self.counts = dict(counts)
         self.min_length = min_length  # shorter unknown words are too ambiguous to correct
+        # one edit changes a length by at most one: a longer word has no correction, and looking
+        # for one would cost its length squared (a 100,000-letter "word" took 2 s)
+        self.longest = max(len(word) for word in self.counts)
         self._index: dict[str, list[str]] = {}
         for word in self.counts:
             for key in {word} | _deletes(word):
@@ -61,7 +64,8 @@ class WordNormalizer:
 
     def correct(self, word: str) -> str:
         """The vocabulary word a (lowercase) word was most likely meant to be."""
-        if word in self.counts or len(word) < self.min_length or not any(c.isalpha() for c in word):
+        if (word in self.counts or not self.min_length <= len(word) <= self.longest + 1
+                or not any(c.isalpha() for c in word)):
             return word
         for query in dict.fromkeys([word.translate(LEET), word]):
             if not query.isalpha():  # "don't", "2nd", numbers: not misspellings of corpus words

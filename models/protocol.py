@@ -71,11 +71,12 @@ DEVICE_METRICS = ("status", "download_s", "compute_s", "upload_s", "round_s", "f
 # a message to a device that walked away from its last training round carries this ConfigRecord
 # ({"dropped-round": r}): the device never finished round r, so it keeps its personal state from before
 FLEET = "fleet"
-# Simulation only: an evaluate message may carry several users (key "partitions", a JSON list of
-# partition ids), which the node evaluates one after another, each with its own rows and saved
-# state, and answers in one reply whose DETAILS json is a list (one dict per user, each naming
-# its partition_id). A device with its own data file always gets one message of its own.
-EVALUATE_USERS = "evaluate-users"
+# Simulation only: a message may name the users it is for (key "partitions", a JSON list of
+# partition ids): a query or an evaluate message several, a train message one. The node works for
+# each in turn, with that user's rows and saved state, and answers in one reply (a query's info and
+# an evaluation's DETAILS json are then lists, one dict per user, each naming its partition id).
+# Without it a message is for the node's own user. A device with its own data file is never sent one.
+USERS = "users"
 
 
 def check_attacks(names) -> tuple[str, ...]:

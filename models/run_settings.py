@@ -18,7 +18,11 @@ from models.personalization import MODES
 from models.protocol import EXPL_ANCHORS, FAULTS, PERTURBATIONS, POISONINGS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
 
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+KRUM_FAMILY = ("krum", "multikrum", "bulyan")  # strategies told how many Byzantine replies to expect
+# how a strategy that averages weighs each reply (aggregate-weights): by its training rows (Flower's
+# default) or each user the same, so a user with many rows cannot outweigh the others
+AGGREGATE_WEIGHTS = ("examples", "uniform")
 PROXIMAL_STRATEGIES = ("fedprox",)  # strategies whose clients add the proximal term
 # run controls: in the run config (pyproject lists them, so `flwr run` accepts them) but not
 # settings and not part of a run's identity; the ServerApp reads them
@@ -56,17 +60,27 @@ class RunSettings:
     server_lr: float = 0.01  # fedadam's eta
     server_momentum: float = 0.9  # fedavgm's momentum (server learning rate 1)
     trimmed_beta: float = 0.2
-    krum_byzantine: int = 1
+    krum_byzantine: int = 1  # Byzantine replies per round the Krum family (KRUM_FAMILY) expects
+    multikrum_select: int = 0  # replies multikrum averages; 0: the round's replies minus krum-byzantine
+    # bound each user's influence before aggregation: every training reply's update (reply - sent,
+    # L2 norm over the shared tensors) is scaled down to at most update-clip x the median norm of
+    # the round's aggregated replies (0: off); a boosted or scaled update then counts as a typical one
+    update_clip: float = 0.0
+    aggregate_weights: str = "examples"  # AGGREGATE_WEIGHTS
     round_timeout: float = 600.0
     # simulation engine: CPU cores Ray reserves per client actor (actors = cores / client-cpus)
     # and torch threads each client uses
     client_cpus: int = 1  # whole cores: the supported simulation path (flwr run) reserves integers
     client_threads: int = 1
-    # users one evaluation message carries in simulation (models.protocol.EVALUATE_USERS): each
+    # users one evaluation message carries in simulation (models.protocol.USERS): each
     # message costs the engine far more than a user's forward passes, so 0 (auto) spreads the
     # evaluated users over 4 messages per concurrent client worker; 1: a message per user, as a
     # fleet of devices gets (and does always: device files, device simulation, ONNX devices)
     evaluate_batch: int = 0
+    # simulated SuperNodes: 0, one per user (every user a node, as in a fleet of devices); N > 0, a
+    # pool of N nodes serving every user, each message naming the user it is for (models.protocol.
+    # USERS), so registering, discovering and polling cost what N nodes cost, not what every user does
+    simulation_nodes: int = 0
     # local training
     local_epochs: float = 1.0
     local_max_steps: int = 30
@@ -208,6 +222,10 @@ class RunSettings:
     def validate(self) -> None:
         checks = [
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (self.aggregate_weights in AGGREGATE_WEIGHTS,
+             f"aggregate-weights must be one of {', '.join(AGGREGATE_WEIGHTS)}, got {self.aggregate_weights!r}"),
+            (self.update_clip >= 0 and self.krum_byzantine >= 0 and self.multikrum_select >= 0,
+             "update-clip, krum-byzantine and multikrum-select must be >= 0"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}"),
             (self.client_optimizer in OPTIMIZERS,
              f"client-optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.client_optimizer!r}"),
@@ -218,6 +236,8 @@ class RunSettings:
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
             (self.client_cpus >= 1 and self.client_threads >= 1, "client-cpus and client-threads must be >= 1"),
             (self.evaluate_batch >= 0, f"evaluate-batch must be >= 0 (0: auto), got {self.evaluate_batch}"),
+            (self.simulation_nodes >= 0,
+             f"simulation-nodes must be >= 0 (0: a node per user), got {self.simulation_nodes}"),
             (self.local_epochs > 0 and self.local_max_steps >= 1, "local-epochs must be > 0 and local-max-steps >= 1"),
             # lr = 0 is allowed: a round that cannot learn must return the model bit for bit (a drill)
             (self.batch_size >= 1 and self.lr >= 0 and self.personal_lr >= 0,

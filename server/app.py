@@ -18,6 +18,8 @@ from models.personalization import get_mode
 from models.protocol import CONFIG, DEVICE, DEVICE_STATUSES, NORMALIZER, split_state
 from models.run_settings import CONTROL_KEYS, RunSettings
 from server.fleet import Fleet, assign_by_label, measure_ms_per_sample, parse_profile, profile_rows
+from server.identity import Claim, settle_claims
+from server.pool import UserGrid, query_messages, virtual_node
 from server.recorder import Recorder
 from server.store import RunStore
 from server.strategy import ProgressGrid, make_strategy
@@ -58,27 +60,44 @@ def start_config(settings: RunSettings, network: dict) -> dict:
     return config
 
 
-def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tuple[dict, dict, dict, set]:
+def discover_clients(grid: Grid, settings: RunSettings, base_config: dict,
+                     store: RunStore) -> tuple[dict, dict, dict, set, Grid]:
     """Ask every connected node who it is: node id -> partition id, partition id -> client id,
-    partition id -> device profile (a dict; ``client/device.py``), and the partition ids of
-    simulated nodes (they read any partition: an evaluate message may carry several users)."""
+    partition id -> device profile (a dict; ``client/device.py``), the partition ids of
+    simulated nodes (they read any partition: an evaluate message may carry several users), and
+    the grid the strategy is to use (with ``simulation-nodes``, ``server.pool.UserGrid``: every
+    user a virtual node). A node that cannot answer (its data file is malformed, say) takes no
+    part, and the run's events.jsonl says why; the rest go on."""
     config = ConfigRecord(dict(base_config))
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
-    replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    infos = _answers(grid.send_and_receive(messages, timeout=settings.round_timeout), store)
+    if settings.simulation_nodes:
+        pool = sorted(infos)
+        if not pool or not all(int(info.get("simulated", 0)) for info in infos.values()):
+            raise FedrexError("simulation-nodes is for simulations, and a node with its own data file answered: "
+                              "run it with simulation-nodes=0")
+        num_users = int(infos[pool[0]]["num-users"])
+        replies = grid.send_and_receive(query_messages(pool, num_users, config, MessageType.QUERY),
+                                        timeout=settings.round_timeout)
+        infos = {virtual_node(info["partition-id"]): info for info in _answers(replies, store, batched=True)}
+        grid = UserGrid(grid, pool, [int(info["partition-id"]) for info in infos.values()])
+        log(f"{len(infos)} users served by a pool of {len(pool)} simulated nodes")
+        store.note(pool_nodes=len(pool))  # run.json says how the users were served
     partition_of, client_of, profiles, positive, simulated = {}, {}, {}, {}, set()
-    for msg in replies:
-        if msg.has_error():
-            log(f"node {msg.metadata.src_node_id} did not answer the query: {msg.error.reason}")
-            continue
-        info = msg.content.config_records["info"]
-        pid, client_id = int(info["partition-id"]), str(info["client-id"])
-        if pid in client_of:  # two devices with the same name, or one partition served twice
-            raise FedrexError(f"nodes {client_of[pid]!r} and {client_id!r} both claim partition id {pid}: "
-                              "give each device its own client-id (or partition-id) in its node config")
-        partition_of[msg.metadata.src_node_id] = pid
-        client_of[pid] = client_id
-        if int(info.get("simulated", 0)):
+    claims = [Claim(node, int(info["partition-id"]), str(info["client-id"]), bool(int(info.get("simulated", 0))))
+              for node, info in infos.items()]
+    accepted, notes, binding = settle_claims(claims, {k: int(v) for k, v in store.meta.get("device_nodes", {}).items()})
+    for claim, note in notes:  # a second claimant of a user, or a user's device under a new node id
+        log(f"node {claim.node}: {note}")
+        store.event(phase="query", node_id=claim.node, client_id=claim.client_id, error=note)
+    if binding:
+        store.note(device_nodes=binding)
+    for claim in accepted:
+        info, pid = infos[claim.node], claim.partition_id
+        partition_of[claim.node] = pid
+        client_of[pid] = claim.client_id
+        if claim.simulated:
             simulated.add(pid)
         if DEVICE in info:
             profiles[pid] = parse_profile(str(info[DEVICE]))
@@ -87,7 +106,23 @@ def discover_clients(grid: Grid, settings: RunSettings, base_config: dict) -> tu
         raise FedrexError(f"only {len(partition_of)} clients answered; min-train-clients is {settings.min_train_clients}")
     if settings.device_assign == "label":
         profiles = assign_by_label(profiles, positive)
-    return partition_of, client_of, profiles, simulated
+    return partition_of, client_of, profiles, simulated, grid
+
+
+def _answers(replies, store: RunStore, batched: bool = False):
+    """The query replies' infos: node -> info, or (``batched``: replies naming their users) a list
+    of infos; a node that failed is recorded and left out."""
+    out = [] if batched else {}
+    for msg in replies:
+        if msg.has_error():
+            log(f"node {msg.metadata.src_node_id} did not answer the query: {msg.error.reason}")
+            store.event(phase="query", node_id=msg.metadata.src_node_id,
+                        error=f"takes no part in this run: {msg.error.reason}")
+        elif batched:
+            out.extend(json.loads(str(msg.content.config_records["info"]["users"])))
+        else:
+            out[msg.metadata.src_node_id] = dict(msg.content.config_records["info"])
+    return out
 
 
 def onnx_devices(settings: RunSettings, model, profiles: dict, client_of: dict) -> tuple[set, bytes]:
@@ -193,7 +228,7 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
         log(f"every client puts the start model's word normaliser in front of it ({len(base_config[NORMALIZER]) / 1024:.0f} KB)")
     elif settings.normalizer:
         log("the start artifact ships no word normaliser: every client serves the bare model")
-    partition_of, client_of, profiles, simulated = discover_clients(grid, settings, base_config)
+    partition_of, client_of, profiles, simulated, grid = discover_clients(grid, settings, base_config, store)
     recorder = Recorder(store, settings, offset, partition_of, client_of, frozen)
     fleet = start_fleet(settings, store, model, profiles)
     if fleet.enabled and offset == 0:

@@ -82,6 +82,11 @@ class Recorder:
             self._row(partition_id, DEVICE, metric,
                       DEVICE_STATUSES.index(value) if metric == "status" else value)
 
+    def train_rows(self, partition_id: int, values: dict) -> None:
+        """What the server measured of one client's training reply this round (server/strategy.py)."""
+        for metric, value in values.items():
+            self._row(partition_id, "train", metric, value)
+
     def profile_rows(self, rows_by_pid: dict[int, dict]) -> None:
         """Each client's device profile (server.fleet.profile_rows), written with the run's first round."""
         for pid, values in rows_by_pid.items():
@@ -109,7 +114,7 @@ class Recorder:
             if worker:
                 workers[worker] = workers.get(worker, 0) + len(carried)
             details = reply_details(msg)
-            # several users (EVALUATE_USERS): each names its partition, one of those the message carried
+            # several users (USERS): each names its partition, one of those the message carried
             per_user = ([(int(d.get("partition_id", -1)), d) for d in details] if isinstance(details, list)
                         else [(self.partition_of.get(node, -1), details)])
             answered_for = set()

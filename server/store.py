@@ -14,7 +14,10 @@
 A round is committed in this order: checkpoint, its clients part, the rebuilt clients.parquet and
 rounds.parquet, then run.json's ``completed_rounds``. Every file is written to a temporary name and
 renamed, so a crash leaves either the old or the new file, and ``completed_rounds`` never points at
-a round whose outputs are incomplete; parts from a round after it are ignored and rewritten.
+a round whose outputs are incomplete; parts from a round after it are ignored and rewritten, and
+readers (``analysis.load``, the resume) keep only rows up to ``completed_rounds``: a kill between
+the rewritten clients.parquet and run.json leaves that round's rows there until the resume
+rewrites them (tests/test_data.py kills a commit at each rename).
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
 from models.errors import FedrexError
-from models.protocol import ARRAYS, DETAILS, EVALUATE_USERS, FLEET, FROZEN, NORMALIZER, ONNX_BODY, START
-from models.run_settings import RunSettings
+from models.protocol import (ARRAYS, DETAILS, USERS, FLEET, FROZEN, METRICS, NORMALIZER, NUM_EXAMPLES,
+                             ONNX_BODY, START)
+from models.run_settings import KRUM_FAMILY, RunSettings
 from server.fleet import Fleet
 
 MOMENTUM = "momentum_vector"  # FedAvgM's server momentum (Flower's attribute name)
@@ -44,6 +45,8 @@ FLOWER_STRATEGIES = {
     "fedmedian": flwr_strategy.FedMedian,
     "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
     "krum": flwr_strategy.Krum,
+    "multikrum": flwr_strategy.MultiKrum,
+    "bulyan": flwr_strategy.Bulyan,
 }
 
 
@@ -108,6 +111,12 @@ def reply_details(msg) -> dict:
     return json.loads(str(msg.content.config_records[DETAILS]["json"]))
 
 
+def update_norm(update: dict[str, np.ndarray]) -> float:
+    """L2 norm of one client's update over its floating-point tensors (in float64)."""
+    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()
+                         if np.issubdtype(v.dtype, np.floating)))
+
+
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
@@ -145,7 +154,7 @@ class RecordingMixin:
         """Every message gets the frozen tensors (and the start model where ``_sends_start``); one
         to a device without torch gets the run's body as ONNX instead (``onnx_body``), in a
         RecordDict of its own; one to a device that walked away is told so (``FLEET``), and an
-        evaluate message carrying several users names them (``EVALUATE_USERS``)."""
+        evaluate message carrying several users names them (``USERS``)."""
         messages = list(messages)
         for msg in messages:  # Flower's strategies share one RecordDict between messages
             msg.content[FROZEN] = self.frozen
@@ -160,7 +169,7 @@ class RecordingMixin:
                 _add_own_record(msg, FLEET, ConfigRecord({"dropped-round": self.fleet.dropped_in[pid]}))
             users = self.recorder.users_of.get(msg.metadata.dst_node_id, [])  # note_sampled: this round's
             if len(users) > 1:
-                _add_own_record(msg, EVALUATE_USERS, ConfigRecord({"partitions": json.dumps(users)}))
+                _add_own_record(msg, USERS, ConfigRecord({"partitions": json.dumps(users)}))
         return messages
 
     def _download_bytes(self, node: int) -> int:
@@ -272,6 +281,10 @@ class RecordingMixin:
                 usable.append(msg)
         if self.fleet.enabled:  # a device that never replied failed too: it gets its status row
             usable = self._apply_round_rules(server_round, usable, failed + self.recorder.timed_out.get("train", []))
+        self._bound_influence(usable)
+        if self.settings.strategy == "multikrum":
+            self.num_nodes_to_select = (self.settings.multikrum_select
+                                        or max(1, len(usable) - self.settings.krum_byzantine))
         current = getattr(self, "current_arrays", None)
         if current is not None:  # server optimizers (FedAdam, FedAvgM) step from 0 in update space
             zeros = {k: np.zeros_like(v) for k, v in self._sent.items()}
@@ -280,9 +293,33 @@ class RecordingMixin:
         # run's own round, so FedAdam's bias correction continues rather than restarting
         update, metrics = super().aggregate_train(self.recorder.global_round(server_round), usable)
         if update is None:
+            if usable:  # Bulyan wants at least 4 x krum-byzantine + 3 replies: the round changes nothing
+                self.recorder.counts["aggregation_skipped"] = 1.0
+                self.recorder.store.event(round=self.recorder.global_round(server_round), phase="train",
+                                          error=f"{self.settings.strategy} aggregated none of {len(usable)} "
+                                                "usable replies: the global model stays as it was")
             return None, metrics
         step = _numpy(update)
         return _record({k: (v + step[k]).astype(v.dtype) for k, v in self._sent.items()}), metrics
+
+    def _bound_influence(self, usable: list) -> None:
+        """Each aggregated reply's update norm (a ``train`` row ``update_norm``: what tells a
+        scaled or boosted update apart), then what bounds one user's influence, in place:
+        ``update-clip`` scales an update down to at most that multiple of the round's median norm
+        (``update_scale`` row: 1 when untouched); ``aggregate-weights=uniform`` weighs every
+        reply the same instead of by its rows."""
+        norms = [update_norm(_numpy(m.content.array_records[ARRAYS])) for m in usable]
+        bound = self.settings.update_clip * float(np.median(norms)) if usable and self.settings.update_clip else math.inf
+        for msg, norm in zip(usable, norms):
+            scale = 1.0 if norm <= bound else bound / norm
+            if scale < 1.0:
+                update = _numpy(msg.content.array_records[ARRAYS])
+                msg.content[ARRAYS] = _record({k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating)
+                                               else v for k, v in update.items()})
+            if self.settings.aggregate_weights == "uniform":
+                msg.content[METRICS] = MetricRecord({NUM_EXAMPLES: 1})
+            pid = self.recorder.partition_of.get(msg.metadata.src_node_id, -1)
+            self.recorder.train_rows(pid, {"update_norm": norm, "update_scale": scale})
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The server optimizer's state after the last aggregation (FedAvgM's momentum, FedAdam's
@@ -381,7 +418,7 @@ def make_strategy(settings: RunSettings, recorder, frozen: dict, fleet=None, onn
         kwargs.update(eta=settings.server_lr, eta_l=settings.lr)
     elif settings.strategy == "fedtrimmedavg":
         kwargs["beta"] = settings.trimmed_beta
-    elif settings.strategy == "krum":
+    elif settings.strategy in KRUM_FAMILY:
         kwargs["num_malicious_nodes"] = settings.krum_byzantine
     cls = type(f"Recording{base.__name__}", (RecordingMixin, base), {})
     strategy = cls(**kwargs)

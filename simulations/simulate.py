@@ -121,15 +121,17 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     # Ray: the cluster RAY_ADDRESS names (its nodes say what they have), else a new local one of this
     # machine's cores; never a cluster someone else left running here, which Ray would join unasked
     ray_address = os.environ.get("RAY_ADDRESS") or "local"
-    if ray_address != "local" and settings.evaluate_batch == 0:
-        # a message carrying several users reads their saved state from the run folder, which on a
-        # cluster of machines lives on whichever machine trained them: one message per user there
-        settings = settings.replace(evaluate_batch=1)
+    if ray_address != "local":
+        # a message carrying several users, or one a pool node serves, reads the user's saved state
+        # from the run folder, which on a cluster of machines lives on whichever machine trained
+        # them: a node per user there, and one message per user
+        settings = settings.replace(evaluate_batch=settings.evaluate_batch or 1, simulation_nodes=0)
     config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
     atomic_write_bytes(config_file, "".join(f"{k} = {toml_value(v)}\n"
                                             for k, v in {**settings.to_flower(), **control}.items()).encode())
     # Flower's own default is 2 CPUs per simulated client (one actor on a 2-core machine).
-    federation = {"num-supernodes": num_clients, "client-resources-num-cpus": settings.client_cpus,
+    nodes = min(settings.simulation_nodes, num_clients) if settings.simulation_nodes else num_clients
+    federation = {"num-supernodes": nodes, "client-resources-num-cpus": settings.client_cpus,
                   "client-resources-num-gpus": 0.0, "init-args-log-to-driver": verbose}
     if ray_address == "local":
         federation["init-args-num-cpus"] = os.cpu_count() or 1

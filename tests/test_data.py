@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,8 @@ from models.datasets import ColumnOverrides, cached_text_dataset, load_text_data
 from models.errors import FedrexError
 from models.partitioning import FederatedData, PartitionConfig, split_indices
 from models.tokenizer import WordPieceTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def federated(name, **config):
@@ -282,3 +285,58 @@ def test_a_run_folder_that_cannot_be_written_is_one_clear_error_and_a_full_disk_
     monkeypatch.undo()
     assert target.read_bytes() == b"round 3"  # the old file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run.json"]  # no partial temporary file
+
+
+# A child that commits round 1 of a run, then round 2, and SIGKILLs itself just before the
+# ``kill_at``-th file rename of round 2's commit (checkpoint, clients part, clients.parquet,
+# rounds.parquet, run.json: 5 renames; 6 = after run.json, before old checkpoints are pruned).
+_COMMIT_THEN_DIE = r"""
+import os, signal, sys
+import pandas as pd, torch
+from server.store import RunStore
+
+folder, kill_at = sys.argv[1], int(sys.argv[2])
+def rows(r):
+    return pd.DataFrame({"client_id": ["a", "b"], "partition_id": [0, 1], "model": ["global"] * 2,
+                         "metric": ["acc"] * 2, "value": [0.5 + r / 10, 0.25 + r / 10]})
+store = RunStore.create(folder, {"num-rounds": 3}, "run")
+store.commit_round(1, {"w": torch.ones(3)}, rows(1))
+renames, real = [0], os.replace
+def dying_replace(src, dst):
+    renames[0] += 1
+    if renames[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = dying_replace
+store.commit_round(2, {"w": torch.full((3,), 2.0)}, rows(2))
+os.kill(os.getpid(), signal.SIGKILL)  # kill_at = 6: after the commit point, before anything else
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4, 5, 6])
+def test_a_kill_mid_commit_leaves_the_last_committed_round_and_a_resume_writes_the_same_files(tmp_path, kill_at):
+    """kill -9 at every rename of a round's commit: the run reads as the last committed round (a
+    reader never sees rows of a round run.json does not count), its checkpoint loads and verifies,
+    and committing the round again (what a resume does) gives the uninterrupted run's files."""
+    from analysis.load import load_rounds, load_run
+    from server.store import RunStore
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    child = subprocess.run([sys.executable, "-c", _COMMIT_THEN_DIE, str(killed), str(kill_at)], cwd=ROOT)
+    assert child.returncode == -9
+    subprocess.run([sys.executable, "-c", _COMMIT_THEN_DIE, str(whole), "0"], cwd=ROOT)  # 0: never killed mid-commit
+    store = RunStore.open(killed / "run")
+    committed = 2 if kill_at == 6 else 1
+    assert store.completed_rounds == committed
+    assert store.load_checkpoint(committed)["w"][0].item() == committed
+    assert load_run(killed / "run")["round"].max() == committed
+    assert load_rounds(killed / "run")["round"].max() == committed
+    if committed == 1:  # the resume commits round 2 again, as the recorder would
+        import torch
+
+        rows = pd.read_parquet(whole / "run" / "clients" / "round-0002.parquet")
+        store.commit_round(2, {"w": torch.full((3,), 2.0)}, rows[["client_id", "partition_id", "model", "metric",
+                                                                    "value"]])
+    for name in ("clients.parquet", "rounds.parquet", "checkpoints/round-0002.safetensors"):
+        assert (killed / "run" / name).read_bytes() == (whole / "run" / name).read_bytes(), name
+    assert load_run(killed / "run").equals(load_run(whole / "run"))

@@ -4,6 +4,7 @@ submitting the FedREX app to them. Nothing here goes through the simulation engi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,14 +72,24 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
             node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{tmp_path / f"state{i}"}"'
             cluster.start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{cluster.port}",
                           "--port", str(free_port()), "--node-config", node_config)
-        wait_for(link_log, "activate-node", 60)
-        time.sleep(2)  # both nodes: the second registers right after the first
+        # a third device whose data file is malformed (no label column): it fails alone, and says why
+        broken = tmp_path / "broken.csv"
+        reviews.head(5)[["text"]].assign(stars=3).to_csv(broken, index=False)
+        cluster.start("supernode-broken", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{cluster.port}",
+                      "--port", str(free_port()), "--node-config",
+                      f'data-file="{broken}" client-id="broken" state-dir="{tmp_path / "state-broken"}"')
+        deadline = time.time() + 60
+        while link_log.read_text().count("activate-node") < 3 and time.time() < deadline:
+            time.sleep(0.5)
+        assert link_log.read_text().count("activate-node") >= 3, link_log.read_text()[-2000:]
         overrides = (f'num-rounds=2 evaluate-every=1 fraction-train=1.0 mode="fedper" attack-examples=3 '
                      f'fidelity-examples=3 '
                      f'local-max-steps=5 run-id="deployed" runs-dir="{tmp_path / "runs"}"')
         result = cluster.flwr("run", ".", "deploy", "--run-config", overrides, "--stream")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(tmp_path / "runs" / "deployed" / "clients.parquet")
+    events = (tmp_path / "runs" / "deployed" / "events.jsonl").read_text()
+    assert "takes no part in this run" in events and "label" in events, events[-2000:]
     accuracy = frame[frame["metric"] == "acc"]
     # Every device reported, under the name its own node config gave it, at the start (round 0) and
     # after both rounds, for both models.
@@ -98,25 +109,29 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
 def test_tls_and_supernode_auth_admit_registered_devices_and_refuse_the_rest(tmp_path):
     """A SuperLink over TLS with SuperNode authentication; three SuperNodes whose public keys were
     registered (`flwr supernode register`) run two rounds; a fourth with an unregistered key is
-    refused and never becomes a client; every admitted device writes its per-client rows."""
+    refused and never becomes a client; every admitted device writes its per-client rows. A fifth,
+    registered, claims the first critic's user with rows of its own: neither claimant takes part
+    (nothing tells the server which is genuine), both are recorded, and the other two users are
+    bound to their nodes in run.json."""
     from simulations.certs import make_certificates
 
     reviews = pd.read_parquet(data_dir() / "rt_critics" / "reviews.parquet")
     critics = list(reviews["user_id"].value_counts().index[:3])
-    certs = make_certificates(tmp_path / "certs", supernodes=4)
+    certs = make_certificates(tmp_path / "certs", supernodes=5)
     with Cluster(tmp_path, "secure", f'root-certificates = "{certs["ca"]}"') as cluster:
         link_log = cluster.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs["ca"]),
                                  "--ssl-certfile", str(certs["server_cert"]), "--ssl-keyfile", str(certs["server_key"]),
                                  "--enable-supernode-auth", "--disable-runtime-dependency-installation",
                                  "--port", str(cluster.port))
         wait_for(link_log, "Uvicorn running")
-        for key in certs["supernode_keys"][:3]:
+        for key in [*certs["supernode_keys"][:3], certs["supernode_keys"][4]]:
             registered = cluster.flwr("supernode", "register", f"{key}.pub", "secure", timeout=120)
             assert registered.returncode == 0, registered.stdout[-2000:] + registered.stderr[-2000:]
         node_logs = []
-        for i, critic in enumerate([*critics, "intruder"]):
+        impostor_rows = reviews[reviews["user_id"] == critics[1]].tail(40)
+        for i, critic in enumerate([*critics, "intruder", critics[0]]):
             data_file = tmp_path / f"device{i}.csv"
-            rows = reviews[reviews["user_id"] == (critic if i < 3 else critics[0])].head(40)
+            rows = reviews[reviews["user_id"] == (critic if i < 3 else critics[0])].head(40) if i < 4 else impostor_rows
             rows[["text", "label"]].to_csv(data_file, index=False)
             node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{tmp_path / f"state{i}"}"'
             node_logs.append(cluster.start(f"supernode{i}", "flower-supernode", "--root-certificates", str(certs["ca"]),
@@ -124,19 +139,24 @@ def test_tls_and_supernode_auth_admit_registered_devices_and_refuse_the_rest(tmp
                                            "--superlink", f"127.0.0.1:{cluster.port}", "--port", str(free_port()),
                                            "--max-retries", "3", "--node-config", node_config))
         deadline = time.time() + 90
-        while time.time() < deadline and link_log.read_text(errors="replace").count("activate-node") < 3:
+        while time.time() < deadline and link_log.read_text(errors="replace").count("activate-node") < 4:
             time.sleep(0.5)
         time.sleep(2)
         overrides = (f'num-rounds=2 evaluate-every=1 fraction-train=1.0 attack-examples=2 fidelity-examples=0 '
                      f'local-max-steps=3 run-id="secure" runs-dir="{tmp_path / "runs"}"')
         result = cluster.flwr("run", ".", "secure", "--run-config", overrides, "--stream")
-        intruder_exit = cluster.processes[-1].poll()  # still running would mean it was let in
+        intruder_exit = cluster.processes[4].poll()  # still running would mean it was let in
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(tmp_path / "runs" / "secure" / "clients.parquet")
     accuracy = frame[frame["metric"] == "acc"]
-    assert set(accuracy["client_id"]) == set(critics)  # the three registered devices, not the intruder
+    # the two users with one registered device each; not the intruder, not the user claimed twice
+    assert set(accuracy["client_id"]) == set(critics[1:])
     assert accuracy.groupby(["round", "client_id", "model"]).size().to_dict() == {
-        (r, c, m): 1 for r in (0, 1, 2) for c in critics for m in ("global", "personal")}
+        (r, c, m): 1 for r in (0, 1, 2) for c in critics[1:] for m in ("global", "personal")}
+    events = (tmp_path / "runs" / "secure" / "events.jsonl").read_text()
+    assert events.count("none of them takes part") == 2, events[-2000:]
+    bound = json.loads((tmp_path / "runs" / "secure" / "run.json").read_text())["device_nodes"]
+    assert sorted(bound) == sorted(critics[1:])
     # The SuperLink refused the unregistered key (Flower's ApiError 2004) and that SuperNode gave up.
     intruder = node_logs[3].read_text(errors="replace")
     assert "Failed to activate SuperNode" in intruder, intruder[-2000:]

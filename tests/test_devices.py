@@ -461,7 +461,7 @@ def test_a_reply_for_several_users_counts_each_user_once_and_fails_the_ones_it_l
     strategy = make_strategy(settings, recorder, {}, batchable=frozenset(range(8)))
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     sent = strategy.configure_evaluate(1, ArrayRecord({"w": torch.zeros(1)}), ConfigRecord({}), Grid())
-    by_users = {tuple(json.loads(str(m.content.config_records["evaluate-users"]["partitions"]))): m for m in sent}
+    by_users = {tuple(json.loads(str(m.content.config_records["users"]["partitions"]))): m for m in sent}
     assert sorted(by_users) == [(0, 1, 2), (3, 4, 5), (6, 7)]  # in whatever order Flower lists them
     answers = {(0, 1, 2): [0, 1, 2], (3, 4, 5): [3, 4, 4]}  # the second leaves user 5 out, names 4 twice
     replies = []
@@ -578,3 +578,27 @@ def test_a_device_that_never_replies_gets_a_failed_status_row(tmp_path):
     status = {r["partition_id"]: DEVICE_STATUSES[int(r["value"])] for r in recorder.rows
               if r["model"] == "device" and r["metric"] == "status"}
     assert status == {0: "ok", 1: "failed"}
+
+
+def test_a_user_is_bound_to_its_node_and_a_second_claimant_is_refused_or_recorded():
+    from server.identity import Claim, settle_claims
+
+    ann, impostor, bob = Claim(11, 5, "ann", False), Claim(12, 5, "ann", False), Claim(13, 6, "bob", False)
+    # first discovery: two nodes claim ann and neither is bound: nobody can tell, neither takes part
+    accepted, notes, binding = settle_claims([impostor, ann, bob], {})
+    assert accepted == [bob] and binding == {"bob": 13}
+    assert sorted(c.node for c, _ in notes) == [11, 12] and all("none of them takes part" in n for _, n in notes)
+    # ann's device was bound earlier in the run (a resume): it keeps ann, the impostor is refused
+    accepted, notes, binding = settle_claims([impostor, ann, bob], {"ann": 11, "bob": 13})
+    assert accepted == [ann, bob] and binding == {"ann": 11, "bob": 13}
+    assert [c.node for c, _ in notes] == [12] and "refused" in notes[0][1]
+    # alone, but ann's node is connected (under another name): still refused
+    accepted, notes, _ = settle_claims([impostor, Claim(11, 7, "carl", False)], {"ann": 11})
+    assert impostor not in accepted and "refused" in notes[0][1]
+    # ann's node is gone (a device restarted without SuperNode auth gets a new id): rebound, recorded
+    accepted, notes, binding = settle_claims([impostor], {"ann": 11})
+    assert accepted == [impostor] and binding == {"ann": 12} and "rebound" in notes[0][1]
+    # simulated nodes bind nothing; two on one partition are a misconfigured run
+    assert settle_claims([Claim(1, 0, "a", True), Claim(2, 1, "b", True)], {})[2] == {}
+    with pytest.raises(FedrexError, match="partition id 5"):
+        settle_claims([Claim(1, 5, "x", True), Claim(2, 5, "y", True)], {})

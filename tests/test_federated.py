@@ -385,3 +385,13 @@ def test_flwr_run_dot_runs_the_flower_app(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(runs / "via-flwr" / "clients.parquet")
     assert frame[frame["metric"] == "acc"]["client_id"].nunique() == 8
+
+
+def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(baseline, tmp_path):
+    """simulation-nodes=2: two simulated SuperNodes serve every user, each message naming the user
+    it is for (personal state from the run folder, as after a resume): the same rows, to the last
+    digit, as a SuperNode per user, attacks, fidelity and personal models included."""
+    pooled = run(tmp_path, "run-id=pooled", "simulation-nodes=2")
+    pd.testing.assert_frame_equal(tidy(pooled), tidy(baseline))
+    assert json.loads((pooled / "run.json").read_text())["pool_nodes"] == 2
+    assert "pool_nodes" not in json.loads((baseline / "run.json").read_text())

@@ -41,7 +41,7 @@ NETWORKS = {
     "fastgrnn": {"kind": "fastgrnn", "num_labels": 2, "dim": 16, "hidden": 16},
     "prado": {"kind": "prado", "num_labels": 2, "features": 64, "dim": 16, "channels": 16},
 }
-CLIENTS = 5  # Krum needs more than 2f + 2 replies
+CLIENTS = 7  # Krum needs more than 2f + 2 replies, Bulyan at least 4f + 3 (f = krum-byzantine = 1)
 
 
 @pytest.fixture(scope="module")
@@ -244,9 +244,11 @@ def test_a_reply_with_other_tensors_is_dropped_and_recorded(tmp_path, critics, t
     assert "reply not aggregated" in events and reason in events
 
 
-def _scripted_round(strategy, server_round: int, weights: dict, updates: list[dict]) -> dict:
+def _scripted_round(strategy, server_round: int, weights: dict, updates: list[dict],
+                    examples: list[int] | None = None) -> dict:
     """One round of ``strategy`` whose CLIENTS replies are ``weights + updates[i]`` (no training:
-    the server's arithmetic alone), committed through the recorder as a real round is."""
+    the server's arithmetic alone), each weighing ``examples[i]`` (8 by default), committed
+    through the recorder as a real round is."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     messages = strategy.configure_train(server_round, ArrayRecord(weights), ConfigRecord({}),
                                         Grid(strategy.recorder.partition_of))
@@ -256,9 +258,12 @@ def _scripted_round(strategy, server_round: int, weights: dict, updates: list[di
         TaskIdentity.node_id = msg.metadata.dst_node_id
         # a device may list its tensors in another order than the server sent them
         sent = {k: weights[k] + updates[pid][k] for k in reversed(list(weights))}
-        replies.append(_reply(msg, {"partition_id": pid, "samples": 8}, 8, ArrayRecord(sent)))
+        count = examples[pid] if examples else 8
+        replies.append(_reply(msg, {"partition_id": pid, "samples": count}, count, ArrayRecord(sent)))
         TaskIdentity.node_id = 0
     aggregated, _ = strategy.aggregate_train(server_round, replies)
+    if aggregated is None:  # as Flower's Strategy.start: an aggregation that failed keeps the model
+        aggregated = ArrayRecord(weights)
     strategy.recorder.commit(server_round, aggregated)
     return aggregated.to_torch_state_dict()
 
@@ -317,3 +322,77 @@ def test_a_loss_part_is_averaged_over_the_steps_that_computed_it(critics):
     some = fit(model, critics[0], ObjectiveConfig(adv=0.5, adv_ratio=0.5), max_steps=12, batch_size=8, lr=0.0, seed=0)
     assert 0.75 * every["adv"] < some["adv"] < 1.25 * every["adv"]
     assert some["ce"] == pytest.approx(every["ce"], rel=0.25)
+
+
+def _fixed_updates(scale_last: float = 1.0) -> tuple[dict, list[dict]]:
+    """A zero start and CLIENTS seeded updates, the last one multiplied by ``scale_last``."""
+    start = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
+    gen = torch.Generator().manual_seed(1)
+    updates = [{k: torch.randn(v.shape, generator=gen) for k, v in start.items()} for _ in range(CLIENTS)]
+    updates[-1] = {k: v * scale_last for k, v in updates[-1].items()}
+    return start, updates
+
+
+def _one_round(tmp_path, name: str, examples: list[int] | None = None, scale_last: float = 1.0, **settings_kw):
+    settings = RunSettings(min_train_clients=CLIENTS, fraction_train=1.0, fraction_evaluate=0, **settings_kw)
+    settings.validate()
+    nodes, names = {100 + i: i for i in range(CLIENTS)}, {i: f"c{i}" for i in range(CLIENTS)}
+    store = RunStore.create(tmp_path, settings.to_flower(), name)
+    strategy = make_strategy(settings, Recorder(store, settings, 0, nodes, names, {}, show_progress=False), {})
+    start, updates = _fixed_updates(scale_last)
+    after = _scripted_round(strategy, 1, start, updates, examples)
+    return after, updates, pd.read_parquet(store.folder / "clients.parquet")
+
+
+def _norm(update: dict) -> float:
+    return float(np.sqrt(sum(float((v.double() ** 2).sum()) for v in update.values())))
+
+
+def test_update_clip_scales_each_update_to_the_rounds_median_norm(tmp_path):
+    """By hand: every update's norm, the bound (clip x their median), the clipped updates' mean."""
+    after, updates, rows = _one_round(tmp_path, "clip", scale_last=50.0, update_clip=1.0)
+    norms = [_norm(u) for u in updates]
+    bound = float(np.median(norms))
+    scales = [min(1.0, bound / n) for n in norms]
+    expected = {k: sum(s * u[k].double() for s, u in zip(scales, updates)) / CLIENTS for k in after}
+    for key, value in expected.items():
+        assert torch.allclose(after[key].double(), value, atol=1e-6), key
+    train = rows[rows["model"] == "train"].pivot_table(index="partition_id", columns="metric", values="value")
+    assert np.allclose(train["update_norm"].to_numpy(), norms, rtol=1e-6)
+    assert np.allclose(train["update_scale"].to_numpy(), scales, rtol=1e-6)
+    assert train["update_scale"].iloc[-1] < 0.1 and (train["update_scale"] == 1.0).sum() >= CLIENTS // 2
+    unclipped, _, _ = _one_round(tmp_path, "no-clip", scale_last=50.0)  # the test can fail: off, the outlier dominates
+    assert _norm(unclipped) > 3 * _norm(after)
+
+
+def test_uniform_weights_average_the_updates_whatever_each_users_rows(tmp_path):
+    examples = [1, 2, 3, 4, 50, 60, 70]
+    weighted, updates, _ = _one_round(tmp_path, "examples", examples)
+    uniform, _, _ = _one_round(tmp_path, "uniform", examples, aggregate_weights="uniform")
+    for key in uniform:
+        plain = sum(u[key].double() for u in updates) / CLIENTS
+        by_rows = sum(n * u[key].double() for n, u in zip(examples, updates)) / sum(examples)
+        assert torch.allclose(uniform[key].double(), plain, atol=1e-6), key
+        assert torch.allclose(weighted[key].double(), by_rows, atol=1e-6), key
+
+
+def test_multikrum_and_bulyan_leave_a_boosted_update_out(tmp_path):
+    """One reply boosted x100: MultiKrum (all but krum-byzantine replies) averages exactly the other
+    six; Bulyan's result stays, coordinate by coordinate, inside the honest replies' range."""
+    multi, updates, _ = _one_round(tmp_path, "multikrum", scale_last=100.0, strategy="multikrum", krum_byzantine=1)
+    honest = updates[:-1]
+    for key in multi:
+        assert torch.allclose(multi[key].double(), sum(u[key].double() for u in honest) / len(honest), atol=1e-6)
+    bulyan, _, _ = _one_round(tmp_path, "bulyan", scale_last=100.0, strategy="bulyan", krum_byzantine=1)
+    for key in bulyan:
+        stacked = torch.stack([u[key] for u in honest])
+        assert (bulyan[key] >= stacked.min(0).values - 1e-6).all() and (bulyan[key] <= stacked.max(0).values + 1e-6).all()
+    plain, _, _ = _one_round(tmp_path, "fedavg", scale_last=100.0)
+    assert _norm(plain) > 5 * _norm(multi)
+
+
+def test_bulyan_with_too_few_replies_keeps_the_model_and_says_why(tmp_path):
+    after, _, _ = _one_round(tmp_path, "bulyan-few", strategy="bulyan", krum_byzantine=2)  # needs 11 of 7
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in after.values())
+    events = (tmp_path / "bulyan-few" / "events.jsonl").read_text()
+    assert "aggregated none of 7 usable replies" in events

@@ -1,0 +1,133 @@
+"""Hostile input, generated (hypothesis): whatever a user types or a device's file holds, FedREX
+either takes it or refuses it with one FedrexError (the CLI's one `fedrex: error:` line), never
+another exception from deep inside a library. Derandomized, with no example database, so every
+run tries the same inputs (a failure is reproducible, and nothing is written into the repo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from analysis.load import RunFolderError, load_run, run_info
+from models.datasets import read_user_file
+from models.errors import FedrexError
+from models.run_settings import RunSettings, split_pairs
+from models.tokenizer import WordPieceTokenizer, client_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=150)
+KEYS = [f.name.replace("_", "-") for f in dataclasses.fields(RunSettings)]
+# what a TOML file, `--run-config k=v` or Flower can hand over as a value
+VALUES = st.one_of(st.text(max_size=20), st.integers(-10**9, 10**9), st.floats(), st.booleans(),
+                   st.sampled_from(["", "nan", "inf", "-1", "0", "1e400", "true", "none", "char,synonym", "x=1"]))
+
+
+@FUZZ
+@given(st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=12)), VALUES, max_size=5))
+def test_any_run_config_is_settings_or_one_clear_error(config):
+    try:
+        parsed = RunSettings.from_flower(config)
+    except FedrexError as err:
+        assert str(err)
+    else:
+        parsed.validate()  # what was taken is valid, and round-trips
+        assert RunSettings.from_flower(parsed.to_flower()) == parsed
+
+
+@FUZZ
+@given(st.lists(st.text(max_size=25), max_size=5))
+def test_any_override_pairs_parse_or_give_one_clear_error(pairs):
+    try:
+        values = split_pairs(pairs)
+    except FedrexError as err:
+        assert "is not key=value" in str(err)
+    else:
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in values.items())
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    normalizer = (ROOT / "models" / "artifacts" / "sst2-student" / "normalizer.txt.gz").read_bytes()
+    return WordPieceTokenizer(16), client_tokenizer(16, normalizer)  # bare, and behind the word normaliser
+
+
+@FUZZ
+@given(st.lists(st.one_of(st.text(max_size=200), st.text(alphabet=st.characters(max_codepoint=0x1F), max_size=50),
+                          st.just(""), st.just("a" * 100_000)), min_size=1, max_size=4))
+def test_any_text_encodes_to_framed_ids_within_the_vocabulary(tokenizers, texts):
+    """Empty, huge, control characters, any script: [CLS] ... [SEP], at most max-length ids, every
+    id a real token; the normaliser in front changes none of that."""
+    for tokenizer in tokenizers:
+        for ids in tokenizer.encode_ids(texts):
+            assert 2 <= len(ids) <= tokenizer.max_length
+            assert ids[0] == tokenizer.cls_id and ids[-1] == tokenizer.sep_id
+            assert all(0 <= i < tokenizer.vocab_size for i in ids)
+
+
+DEVICE_FILES = st.sampled_from(["user.csv", "user.tsv", "user.json", "user.jsonl", "user.parquet"])
+
+
+@FUZZ
+@given(DEVICE_FILES, st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(str.encode),
+    # almost right: a header, then rows with random cells
+    st.lists(st.tuples(st.text(max_size=15), st.one_of(st.integers(-3, 3), st.floats(), st.text(max_size=3))),
+             max_size=6).map(lambda rows: ("text,label\n" + "".join(f'"{t}",{v}\n' for t, v in rows)).encode())))
+def test_any_device_file_is_rows_or_one_clear_error(name, content):
+    """A device's own data file (read with pyarrow alone): random bytes, random text, a CSV with
+    random cells, under every suffix."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(content)
+        try:
+            texts, labels, num_labels = read_user_file(path)
+        except FedrexError as err:
+            assert str(path) in str(err)
+        else:
+            assert len(texts) == len(labels) > 0 and all(isinstance(t, str) for t in texts)
+            assert labels.dtype.kind == "i" and 0 <= labels.min() and labels.max() < num_labels
+
+
+@FUZZ
+@given(st.lists(st.fixed_dictionaries({
+    "text": st.one_of(st.none(), st.text(max_size=20), st.integers()),
+    "label": st.one_of(st.none(), st.integers(-2, 5), st.floats(), st.booleans(), st.text(max_size=2))}),
+    min_size=1, max_size=6))
+def test_any_parquet_cells_are_rows_or_one_clear_error(rows):
+    """Typed cells a text file cannot carry: NaN and None labels, floats, booleans, numbers as text."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "user.parquet"
+        try:
+            pd.DataFrame(rows).to_parquet(path)
+        except Exception:  # pyarrow cannot write this mix of types: not an input a device could hold
+            return
+        try:
+            texts, labels, _ = read_user_file(path)
+        except FedrexError as err:
+            assert str(path) in str(err)
+        else:
+            assert all(isinstance(t, str) for t in texts) and np.issubdtype(labels.dtype, np.integer)
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode),
+                                          st.just(json.dumps({"run_id": 1}).encode())))
+def test_any_run_folder_is_read_or_one_clear_error(clients, meta):
+    """What `fedrex report` reads first: a clients.parquet and run.json of random bytes."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "clients.parquet").write_bytes(clients)
+        (Path(folder) / "run.json").write_bytes(meta)
+        for read in (load_run, run_info):
+            try:
+                read(folder)
+            except RunFolderError as err:
+                assert folder in str(err)
