@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
-from simulations.localhost import matching_pids, tree_pss_mb  # noqa: E402
+from simulations.localhost import matching_pids, pss_mb, tree_pids  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate=0", "attack-examples=0",
@@ -56,7 +56,9 @@ def run_sampled(command: list[str], env: dict, marker: str | None = None) -> tup
             # the detached SuperLinks `fedrex simulate` starts through `flwr run` (their FLWR_HOME lies
             # in the run's folder, ``marker``): Ray runs under them, not under the command
             links = matching_pids("flower-superlink", marker) if marker else []
-            peak[0] = max(peak[0], tree_pss_mb(process.pid) + sum(tree_pss_mb(pid) for pid in links))
+            # one set: the SuperLink is also the command's descendant, and summing the two trees
+            # counted it, Ray included, twice (the peaks measured before this fix were about 2x)
+            peak[0] = max(peak[0], pss_mb(tree_pids(process.pid, *links)))
             stop.wait(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -77,10 +77,11 @@ class RunSettings:
     # evaluated users over 4 messages per concurrent client worker; 1: a message per user, as a
     # fleet of devices gets (and does always: device files, device simulation, ONNX devices)
     evaluate_batch: int = 0
-    # simulated SuperNodes: 0, one per user (every user a node, as in a fleet of devices); N > 0, a
-    # pool of N nodes serving every user, each message naming the user it is for (models.protocol.
-    # USERS), so registering, discovering and polling cost what N nodes cost, not what every user does
-    simulation_nodes: int = 0
+    # simulated SuperNodes: N > 0, a pool of N nodes serving every user, each message naming the user
+    # it is for (models.protocol.USERS), so registering, discovering and polling cost what N nodes
+    # cost, not what every user does (benchmarks/simulation.py: 8 keep two client actors busy); 0,
+    # one node per user (every user a node, as in a fleet of devices)
+    simulation_nodes: int = 8
     # local training
     local_epochs: float = 1.0
     local_max_steps: int = 30

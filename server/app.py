@@ -72,11 +72,9 @@ def discover_clients(grid: Grid, settings: RunSettings, base_config: dict,
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     infos = _answers(grid.send_and_receive(messages, timeout=settings.round_timeout), store)
-    if settings.simulation_nodes:
+    # a simulation's nodes serve every user (simulation-nodes); devices, each its own user, never
+    if settings.simulation_nodes and infos and all(int(info.get("simulated", 0)) for info in infos.values()):
         pool = sorted(infos)
-        if not pool or not all(int(info.get("simulated", 0)) for info in infos.values()):
-            raise FedrexError("simulation-nodes is for simulations, and a node with its own data file answered: "
-                              "run it with simulation-nodes=0")
         num_users = int(infos[pool[0]]["num-users"])
         replies = grid.send_and_receive(query_messages(pool, num_users, config, MessageType.QUERY),
                                         timeout=settings.round_timeout)

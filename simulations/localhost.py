@@ -96,8 +96,8 @@ def _alive(group: int) -> bool:
     return False
 
 
-def tree_pss_mb(root_pid: int) -> float:
-    """Sum of PSS over ``root_pid`` and all its descendants (Ray's raylet, GCS and workers too)."""
+def tree_pids(*roots: int) -> set[int]:
+    """``roots`` and all their descendants, each once (Ray's raylet, GCS and workers too)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -106,14 +106,20 @@ def tree_pss_mb(root_pid: int) -> float:
                     parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-    tree, frontier = {root_pid}, [root_pid]
+    tree, frontier = set(roots), list(roots)
     while frontier:
         pid = frontier.pop()
         children = [c for c, p in parents.items() if p == pid and c not in tree]
         tree.update(children)
         frontier.extend(children)
+    return tree
+
+
+def pss_mb(pids) -> float:
+    """Sum of the processes' PSS (shared pages counted once between them): pass a set, so that a
+    process reached twice (a SuperLink that is also the command's descendant) counts once."""
     total_kb = 0
-    for pid in tree:
+    for pid in set(pids):
         try:
             with open(f"/proc/{pid}/smaps_rollup") as handle:
                 for line in handle:
@@ -123,3 +129,8 @@ def tree_pss_mb(root_pid: int) -> float:
         except OSError:
             continue
     return total_kb / 1024
+
+
+def tree_pss_mb(root_pid: int) -> float:
+    """PSS of ``root_pid`` and all its descendants."""
+    return pss_mb(tree_pids(root_pid))

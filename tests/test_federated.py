@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 # 8 critics with >= 300 reviews; tiny per-client evaluation to keep each round to seconds.
 SMALL = ["dataset=rt_critics", "min-samples=300", "num-rounds=3", "evaluate-every=1", "fraction-train=0.5",
-         "local-max-steps=10", "attack-examples=5", "fidelity-examples=5", "ig-steps=4", "seed=3"]
+         "local-max-steps=10", "attack-examples=5", "fidelity-examples=5", "ig-steps=4", "seed=3",
+         "simulation-nodes=3"]  # fewer nodes than its 8 users: a pool serves them
 
 
 def run(tmp: Path, *pairs, control=None) -> Path:
@@ -388,10 +389,12 @@ def test_flwr_run_dot_runs_the_flower_app(tmp_path):
 
 
 def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(baseline, tmp_path):
-    """simulation-nodes=2: two simulated SuperNodes serve every user, each message naming the user
-    it is for (personal state from the run folder, as after a resume): the same rows, to the last
-    digit, as a SuperNode per user, attacks, fidelity and personal models included."""
-    pooled = run(tmp_path, "run-id=pooled", "simulation-nodes=2")
-    pd.testing.assert_frame_equal(tidy(pooled), tidy(baseline))
-    assert json.loads((pooled / "run.json").read_text())["pool_nodes"] == 2
-    assert "pool_nodes" not in json.loads((baseline / "run.json").read_text())
+    """The default serves every user from a pool of simulated SuperNodes (3 here), each message naming the
+    user it is for (personal state from the run folder, as after a resume); a SuperNode per user
+    (simulation-nodes=0, as a fleet of devices is) gives the same rows, to the last digit, attacks,
+    fidelity and personal models included."""
+    per_user = run(tmp_path, "run-id=per-user", "simulation-nodes=0")
+    pd.testing.assert_frame_equal(tidy(per_user), tidy(baseline))
+    users = tidy(baseline)["client_id"].nunique()
+    assert json.loads((baseline / "run.json").read_text())["pool_nodes"] == 3 < users
+    assert "pool_nodes" not in json.loads((per_user / "run.json").read_text())
