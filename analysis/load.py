@@ -39,14 +39,17 @@ def load_run(run_dir) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises its own types for truncated or foreign files
         raise RunFolderError(f"{path} is not readable ({type(exc).__name__}: {exc})") from None
-    if frame.empty or set(CLIENT_COLUMNS) - set(frame.columns):
+    if set(CLIENT_COLUMNS) - set(frame.columns):
         raise RunFolderError(f"{path} holds no rows of a FedREX run")
+    frame = _committed(run_dir, frame)
+    if frame.empty:
+        raise RunFolderError(f"{path} holds no rows of a committed round (run.json: completed_rounds)")
     for column in CATEGORICAL:
         frame[column] = frame[column].astype("category")
     frame["round"] = frame["round"].astype("int64")
     frame["partition_id"] = frame["partition_id"].astype("int64")
     frame["value"] = frame["value"].astype("float64")
-    return _committed(run_dir, frame)
+    return frame
 
 
 def load_rounds(run_dir) -> pd.DataFrame:
@@ -65,7 +68,10 @@ def _committed(run_dir, frame: pd.DataFrame) -> pd.DataFrame:
         completed = int(json.loads((Path(run_dir) / "run.json").read_text())["completed_rounds"])
     except (OSError, ValueError, KeyError, TypeError):
         return frame  # no readable run.json: the table as it is (run_info says what is wrong)
-    return frame[frame["round"] <= completed].reset_index(drop=True)
+    try:
+        return frame[frame["round"].astype("int64") <= completed].reset_index(drop=True)
+    except (TypeError, ValueError):  # a round column that is not numbers: left for the caller to refuse
+        return frame
 
 
 def run_info(run_dir) -> dict:

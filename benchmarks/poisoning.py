@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from analysis.load import ci95, load_run  # noqa: E402
+from analysis.load import ci95, load_rounds, load_run  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.run_settings import KRUM_FAMILY, STRATEGIES  # noqa: E402
@@ -87,6 +87,9 @@ def summarize(run_dir: Path) -> dict:
             out[f"{model}_backdoor"] = float(benign[(model, "backdoor_success")].dropna().mean())
     failed = df[df["metric"] == "failed"]
     out["failed_client_rounds"] = int(len(failed))
+    rounds = load_rounds(run_dir)  # rounds a strategy aggregated nothing in (Bulyan short of replies)
+    out["skipped_rounds"] = int(rounds[(rounds["model"] == "round") & (rounds["metric"] == "aggregation_skipped")]
+                                ["value"].sum())
     return out
 
 

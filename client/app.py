@@ -188,11 +188,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _user_context(context: Context, partition_id: int) -> Context:
-    """The node's context for its own user; for another user (simulation: an evaluate message
-    carrying several) a context naming that user's partition, with no state in memory, so the
-    user's personal state comes from its saved copy in the run dir (``client.state.restore``)."""
-    if int(context.node_config.get("partition-id", -1)) == partition_id:
-        return context
+    """A context for a user a message names (``USERS``): that user's partition, and no state in
+    memory, so the user's personal state and privacy ledger come from their saved copy in the run
+    folder (``client.state.restore``), which every simulated round writes. Never the node's own
+    context, even for the node's own partition: in a pool, another node may have served the user
+    since, and the state this node's context holds would be stale (a shorter DP ledger)."""
     return Context(run_id=context.run_id, node_id=context.node_id,
                    node_config={**context.node_config, "partition-id": partition_id}, state=RecordDict(),
                    run_config=context.run_config)

@@ -229,7 +229,9 @@ def read_user_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, int]
         if fmt == "csv":
             _check_utf8(path)
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
+            # texts are strings even when every one of them looks like a number ("10", "1/2")
+            table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+                                    convert_options=pa_csv.ConvertOptions(column_types={TEXT: pa.string()}))
         elif fmt == "json":
             text = path.read_text(encoding="utf-8").strip()
             rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()

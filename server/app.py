@@ -4,6 +4,7 @@ and persists every client's metrics each round (resumable)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -72,8 +73,11 @@ def discover_clients(grid: Grid, settings: RunSettings, base_config: dict,
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in sorted(grid.get_node_ids())]
     infos = _answers(grid.send_and_receive(messages, timeout=settings.round_timeout), store)
-    # a simulation's nodes serve every user (simulation-nodes); devices, each its own user, never
-    if settings.simulation_nodes and infos and all(int(info.get("simulated", 0)) for info in infos.values()):
+    # a simulation's nodes serve every user (simulation-nodes); devices, each its own user, never; nor
+    # on a Ray cluster, where a user's saved state lies on the machine that served it last
+    on_cluster = os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+    if (settings.simulation_nodes and not on_cluster and infos
+            and all(int(info.get("simulated", 0)) for info in infos.values())):
         pool = sorted(infos)
         num_users = int(infos[pool[0]]["num-users"])
         replies = grid.send_and_receive(query_messages(pool, num_users, config, MessageType.QUERY),

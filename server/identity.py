@@ -6,11 +6,14 @@ therefore binds each user to the node that answered for it (with SuperNode authe
 node id belongs to one registered public key, ``flwr supernode register``), keeps the binding in
 run.json for the whole run, resumes included, and settles every discovery's claims by it:
 
+- claims conflict when they name the same user or the same partition (a device may set its own
+  partition-id);
 - one claimant, unbound or bound to it: it takes part (and is bound);
-- one claimant, bound to another node that is not connected now: it takes part and is bound
-  instead, recorded (a device restarted without authentication gets a new node id);
-- several claimants: the node the user is bound to keeps it; if none is, nobody can tell which
-  is genuine, and none of them takes part. Every claimant turned away is recorded, with why.
+- one claimant of a user bound to another node, which is not connected now or names another
+  user now: it takes part and is bound instead, recorded (a device restarted without
+  authentication gets a new node id; a node speaks for one user);
+- several claimants: the one bound to its user keeps it; if none is, nobody can tell which is
+  genuine, and none of them takes part. Every claimant turned away is recorded, with why.
 
 Simulated nodes read partitions of one dataset, so two of them on one partition are a
 misconfiguration of the run, not an attack: that stays an error.
@@ -33,39 +36,54 @@ class Claim:
 
 def settle_claims(claims: list[Claim], bound: dict[str, int]) -> tuple[list[Claim], list[tuple[Claim, str]], dict[str, int]]:
     """(the claims that take part, what to record about the others and the rebound ones, the
-    binding to keep); ``bound``: user (client id) -> node id, as run.json kept it."""
-    by_partition: dict[int, list[Claim]] = {}
-    for claim in sorted(claims, key=lambda c: c.node):
-        by_partition.setdefault(claim.partition_id, []).append(claim)
-    connected = {c.node for c in claims}
-    accepted, notes, binding = [], [], dict(bound)
-    for pid, group in sorted(by_partition.items()):
+    binding to keep); ``bound``: user (client id) -> node id, as run.json kept it.
+
+    Claims conflict when they name the same user or the same partition (a device may set its own
+    partition-id), so they are settled in groups linked by either. A node speaks for one user: a
+    bound node that now names another user releases the first, which another node may then take."""
+    claims = sorted(claims, key=lambda c: c.node)
+    groups: list[list[Claim]] = []
+    for claim in claims:  # link by user or partition, merging groups a claim joins
+        joined = [g for g in groups if any(c.client_id == claim.client_id or c.partition_id == claim.partition_id
+                                           for c in g)]
+        merged = [c for g in joined for c in g] + [claim]
+        groups = [g for g in groups if g not in joined] + [merged]
+    claimed_by = {c.node: c.client_id for c in claims}
+    accepted, notes, binding = [], [], {}
+    for group in sorted(groups, key=lambda g: min(c.partition_id for c in g)):
         if len(group) > 1 and all(c.simulated for c in group):
             names = ", ".join(repr(c.client_id) for c in group)
-            raise FedrexError(f"nodes {names} all serve partition id {pid}: give each simulated node its own partition-id")
-        owner = [c for c in group if bound.get(c.client_id) == c.node]
-        if len(group) == 1 and not owner:
+            pids = sorted({c.partition_id for c in group})
+            raise FedrexError(f"nodes {names} all serve partition id {pids[0]}: give each simulated node its own "
+                              "partition-id")
+        owners = [c for c in group if bound.get(c.client_id) == c.node]
+        if len(group) == 1:
             claim = group[0]
             previous = bound.get(claim.client_id)
-            if previous is not None and previous in connected:
-                notes.append((claim, f"claims user {claim.client_id!r}, which this run bound to node {previous}: refused"))
-                continue
+            if previous is not None and previous != claim.node:
+                # the bound node is gone, or now speaks for another user: it released this one
+                where = "is not connected" if previous not in claimed_by else f"now names {claimed_by[previous]!r}"
+                notes.append((claim, f"now speaks for user {claim.client_id!r} (bound to node {previous}, which "
+                                     f"{where}): rebound to this node"))
             accepted.append(claim)
-            if previous is not None:
-                notes.append((claim, f"now speaks for user {claim.client_id!r} (bound to node {previous}, which is "
-                                       "not connected): rebound to this node"))
-        elif owner:
-            accepted.append(owner[0])
+        elif len(owners) == 1:
+            accepted.append(owners[0])
             for claim in group:
-                if claim is not owner[0]:
-                    notes.append((claim, f"claims user {claim.client_id!r} (partition {pid}), which this run bound "
-                                           f"to node {owner[0].node}: refused"))
+                if claim is not owners[0]:
+                    notes.append((claim, f"claims user {claim.client_id!r} (partition {claim.partition_id}), which "
+                                         f"conflicts with node {owners[0].node}, bound to user "
+                                         f"{owners[0].client_id!r}: refused"))
         else:
-            names = ", ".join(f"{c.client_id!r} on node {c.node}" for c in group)
+            names = ", ".join(f"{c.client_id!r} (partition {c.partition_id}) on node {c.node}" for c in group)
             for claim in group:
-                notes.append((claim, f"several nodes claim partition {pid} ({names}) and none is bound to it: none of "
-                                       "them takes part; give each device its own client-id"))
+                notes.append((claim, f"several nodes claim one user or partition ({names}) and "
+                                     f"{'more than one' if owners else 'none'} is bound to it: none of them takes "
+                                     "part; give each device its own client-id"))
+    for user, node in bound.items():  # kept for users whose node is away; released by a node that renamed itself
+        if node not in claimed_by or claimed_by[node] == user:
+            binding[user] = node
     for claim in accepted:
         if not claim.simulated:
+            binding = {u: n for u, n in binding.items() if n != claim.node and u != claim.client_id}
             binding[claim.client_id] = claim.node
     return accepted, notes, binding

@@ -56,6 +56,9 @@ class UserGrid:
         return list(self._users)
 
     def push_messages(self, messages):
+        # a new batch: replies to an earlier one that timed out are no longer awaited (Flower's
+        # pull returns only the ids asked for), so their mapping goes
+        self._sent_to.clear()
         pushed, virtual = [], []
         for msg in messages:
             user = msg.metadata.dst_node_id

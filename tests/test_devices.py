@@ -592,12 +592,20 @@ def test_a_user_is_bound_to_its_node_and_a_second_claimant_is_refused_or_recorde
     accepted, notes, binding = settle_claims([impostor, ann, bob], {"ann": 11, "bob": 13})
     assert accepted == [ann, bob] and binding == {"ann": 11, "bob": 13}
     assert [c.node for c, _ in notes] == [12] and "refused" in notes[0][1]
-    # alone, but ann's node is connected (under another name): still refused
-    accepted, notes, _ = settle_claims([impostor, Claim(11, 7, "carl", False)], {"ann": 11})
-    assert impostor not in accepted and "refused" in notes[0][1]
     # ann's node is gone (a device restarted without SuperNode auth gets a new id): rebound, recorded
     accepted, notes, binding = settle_claims([impostor], {"ann": 11})
     assert accepted == [impostor] and binding == {"ann": 12} and "rebound" in notes[0][1]
+    # a node speaks for one user: ann's node renamed itself carl, which releases ann (recorded)
+    carl = Claim(11, 7, "carl", False)
+    accepted, notes, binding = settle_claims([impostor, carl], {"ann": 11})
+    assert accepted == [impostor, carl] and binding == {"ann": 12, "carl": 11} and "now names 'carl'" in notes[0][1]
+    # one user under two partitions (a device may set its own partition-id) is still one user claimed twice
+    accepted, notes, _ = settle_claims([ann, Claim(12, 9, "ann", False)], {})
+    assert accepted == [] and len(notes) == 2
+    accepted, notes, _ = settle_claims([ann, Claim(12, 9, "ann", False)], {"ann": 11})
+    assert accepted == [ann] and "refused" in notes[0][1]
+    # a bound user whose node is away keeps its binding
+    assert settle_claims([bob], {"ann": 11, "bob": 13})[2] == {"ann": 11, "bob": 13}
     # simulated nodes bind nothing; two on one partition are a misconfigured run
     assert settle_claims([Claim(1, 0, "a", True), Claim(2, 1, "b", True)], {})[2] == {}
     with pytest.raises(FedrexError, match="partition id 5"):

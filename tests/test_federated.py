@@ -398,3 +398,9 @@ def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(ba
     users = tidy(baseline)["client_id"].nunique()
     assert json.loads((baseline / "run.json").read_text())["pool_nodes"] == 3 < users
     assert "pool_nodes" not in json.loads((per_user / "run.json").read_text())
+    # a mode that keeps personal weights on the device, under DP (a ledger per user): in a pool another
+    # node may serve the user next round, so state comes from the run folder, never a node's memory
+    stateful = ("mode=ditto", "dp=true", "dp-reproducible-noise=true", "attack-examples=0", "fidelity-examples=0")
+    pooled = tidy(run(tmp_path, "run-id=ditto-pooled", *stateful))
+    pd.testing.assert_frame_equal(pooled, tidy(run(tmp_path, "run-id=ditto-per-user", "simulation-nodes=0", *stateful)))
+    assert (pooled["metric"] == "epsilon").any() and (pooled["metric"] == "has_personal").any()

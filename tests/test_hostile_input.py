@@ -97,6 +97,31 @@ def test_any_device_file_is_rows_or_one_clear_error(name, content):
             assert labels.dtype.kind == "i" and 0 <= labels.min() and labels.max() < num_labels
 
 
+WORDS = st.text(alphabet=st.characters(categories=("L", "N", "Zs", "P"), exclude_characters='"\\'), min_size=1,
+                max_size=40).filter(lambda t: t.strip() == t and t)
+
+
+@FUZZ
+@given(DEVICE_FILES, st.lists(st.tuples(WORDS, st.sampled_from([0, 1])), min_size=2, max_size=8)
+       .filter(lambda rows: {label for _, label in rows} == {0, 1}))
+def test_a_well_formed_device_file_reads_back_its_rows(name, rows):
+    """The other side of the fuzz above: any well-formed file, in every format, gives back exactly
+    its texts and labels (so the refusals above are of bad files, not of files in general)."""
+    frame = pd.DataFrame(rows, columns=["text", "label"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        if name.endswith(".parquet"):
+            frame.to_parquet(path)
+        elif name.endswith(".jsonl"):
+            frame.to_json(path, orient="records", lines=True, force_ascii=False)
+        elif name.endswith(".json"):
+            frame.to_json(path, orient="records", force_ascii=False)
+        else:
+            frame.to_csv(path, index=False, sep="\t" if name.endswith(".tsv") else ",")
+        texts, labels, num_labels = read_user_file(path)
+    assert texts == frame["text"].tolist() and labels.tolist() == frame["label"].tolist() and num_labels == 2
+
+
 @FUZZ
 @given(st.lists(st.fixed_dictionaries({
     "text": st.one_of(st.none(), st.text(max_size=20), st.integers()),
@@ -118,16 +143,41 @@ def test_any_parquet_cells_are_rows_or_one_clear_error(rows):
             assert all(isinstance(t, str) for t in texts) and np.issubdtype(labels.dtype, np.integer)
 
 
+def _clients_parquet() -> bytes:
+    """A real clients.parquet of rounds 0-3."""
+    import io
+
+    frame = pd.DataFrame({"run_id": "r", "round": [0, 1, 2, 3], "client_id": "a", "partition_id": 0,
+                          "model": "global", "metric": "acc", "value": [0.5, 0.6, 0.7, 0.8]})
+    sink = io.BytesIO()
+    frame.to_parquet(sink)
+    return sink.getvalue()
+
+
+RUN_JSON = st.one_of(
+    st.binary(max_size=200), st.text(max_size=100).map(str.encode),
+    st.fixed_dictionaries({"run_id": st.text(max_size=5), "settings": st.dictionaries(st.text(max_size=5), VALUES, max_size=3),
+                           "completed_rounds": st.one_of(st.integers(-2, 6), st.text(max_size=3), st.none(), st.floats())})
+    .map(lambda meta: json.dumps(meta).encode()))
+
+
 @FUZZ
-@given(st.binary(max_size=200), st.one_of(st.binary(max_size=200), st.text(max_size=100).map(str.encode),
-                                          st.just(json.dumps({"run_id": 1}).encode())))
+@given(st.one_of(st.binary(max_size=200), st.just(_clients_parquet())), RUN_JSON)
 def test_any_run_folder_is_read_or_one_clear_error(clients, meta):
-    """What `fedrex report` reads first: a clients.parquet and run.json of random bytes."""
+    """What `fedrex report` reads first: a clients.parquet of random bytes or a real one, beside a
+    run.json of random bytes or of random fields. A table read holds only committed rounds."""
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "clients.parquet").write_bytes(clients)
         (Path(folder) / "run.json").write_bytes(meta)
-        for read in (load_run, run_info):
-            try:
-                read(folder)
-            except RunFolderError as err:
-                assert folder in str(err)
+        try:
+            frame = load_run(folder)
+        except RunFolderError as err:
+            assert folder in str(err)
+        else:
+            completed = json.loads(meta).get("completed_rounds") if meta.startswith(b"{") else None
+            if isinstance(completed, int):
+                assert frame["round"].max() <= completed
+        try:
+            run_info(folder)
+        except RunFolderError as err:
+            assert folder in str(err)

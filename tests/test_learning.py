@@ -393,6 +393,9 @@ def test_multikrum_and_bulyan_leave_a_boosted_update_out(tmp_path):
 
 def test_bulyan_with_too_few_replies_keeps_the_model_and_says_why(tmp_path):
     after, _, _ = _one_round(tmp_path, "bulyan-few", strategy="bulyan", krum_byzantine=2)  # needs 11 of 7
-    assert all(torch.equal(v, torch.zeros_like(v)) for v in after.values())
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in after.values())  # the model Flower keeps
+    rounds = pd.read_parquet(tmp_path / "bulyan-few" / "rounds.parquet")
+    skipped = rounds[(rounds["model"] == "round") & (rounds["metric"] == "aggregation_skipped")]["value"]
+    assert skipped.tolist() == [1.0]  # the strategy aggregated nothing (its None), and the round says so
     events = (tmp_path / "bulyan-few" / "events.jsonl").read_text()
     assert "aggregated none of 7 usable replies" in events
