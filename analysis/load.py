@@ -15,6 +15,7 @@ from models.protocol import (ACC_ATTACKED_ROWS, DEVICE, DEVICE_STATUSES, DEVICE_
 
 CATEGORICAL = ["run_id", "client_id", "model", "metric"]
 CLIENT_COLUMNS = ["run_id", "round", "client_id", "partition_id", "model", "metric", "value"]
+ROUND_COLUMNS = ["run_id", "round", "model", "metric", "stat", "value"]
 
 
 class RunFolderError(ValueError):
@@ -55,8 +56,7 @@ def load_run(run_dir) -> pd.DataFrame:
 def load_rounds(run_dir) -> pd.DataFrame:
     """The per-round summaries (rounds.parquet): run_id, round, model, metric, stat, value."""
     path = Path(run_dir) / "rounds.parquet"
-    frame = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["run_id", "round", "model", "metric",
-                                                                              "stat", "value"])
+    frame = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=ROUND_COLUMNS)
     return _committed(run_dir, frame)
 
 

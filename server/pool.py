@@ -11,11 +11,10 @@ state lives in the run folder (``client/state.py``), so any pool node can serve 
 
 from __future__ import annotations
 
-import json
-
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from models.protocol import USERS
+from models.protocol import CONFIG, USERS
+from server.strategy import ProgressGrid, users_record
 
 VIRTUAL_BASE = 1 << 62  # far from Flower's node ids (random, below 2**63): no clash to expect, one checked
 
@@ -24,16 +23,12 @@ def virtual_node(partition_id: int) -> int:
     return VIRTUAL_BASE + int(partition_id)
 
 
-def users_record(partitions: list[int]) -> ConfigRecord:
-    return ConfigRecord({"partitions": json.dumps([int(p) for p in partitions])})
-
-
 def query_messages(pool: list[int], num_users: int, config: ConfigRecord, query_type: str) -> list[Message]:
     """The discovery of every user through the pool: 4 messages per pool node, each naming a
     contiguous share of the users."""
     chunks = max(1, min(num_users, 4 * len(pool)))
     bounds = [round(i * num_users / chunks) for i in range(chunks + 1)]
-    return [Message(RecordDict({"config": config, USERS: users_record(list(range(bounds[i], bounds[i + 1])))}),
+    return [Message(RecordDict({CONFIG: config, USERS: users_record(list(range(bounds[i], bounds[i + 1])))}),
                     dst_node_id=pool[i % len(pool)], message_type=query_type)
             for i in range(chunks)]
 
@@ -76,8 +71,6 @@ class UserGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         """Through this grid's push and pull (the wrapped grid's own would skip the mapping)."""
-        from server.strategy import ProgressGrid
-
         return ProgressGrid(self, show=False).send_and_receive(messages, timeout=timeout)
 
     def pull_messages(self, message_ids):

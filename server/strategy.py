@@ -111,6 +111,11 @@ def reply_details(msg) -> dict:
     return json.loads(str(msg.content.config_records[DETAILS]["json"]))
 
 
+def users_record(partitions: list[int]) -> ConfigRecord:
+    """The ``USERS`` record naming the users a message is for."""
+    return ConfigRecord({"partitions": json.dumps([int(p) for p in partitions])})
+
+
 def update_norm(update: dict[str, np.ndarray]) -> float:
     """L2 norm of one client's update over its floating-point tensors (in float64)."""
     return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()
@@ -169,7 +174,7 @@ class RecordingMixin:
                 _add_own_record(msg, FLEET, ConfigRecord({"dropped-round": self.fleet.dropped_in[pid]}))
             users = self.recorder.users_of.get(msg.metadata.dst_node_id, [])  # note_sampled: this round's
             if len(users) > 1:
-                _add_own_record(msg, USERS, ConfigRecord({"partitions": json.dumps(users)}))
+                _add_own_record(msg, USERS, users_record(users))
         return messages
 
     def _download_bytes(self, node: int) -> int:
@@ -308,12 +313,12 @@ class RecordingMixin:
         ``update-clip`` scales an update down to at most that multiple of the round's median norm
         (``update_scale`` row: 1 when untouched); ``aggregate-weights=uniform`` weighs every
         reply the same instead of by its rows."""
-        norms = [update_norm(_numpy(m.content.array_records[ARRAYS])) for m in usable]
+        updates = [_numpy(m.content.array_records[ARRAYS]) for m in usable]
+        norms = [update_norm(update) for update in updates]
         bound = self.settings.update_clip * float(np.median(norms)) if usable and self.settings.update_clip else math.inf
-        for msg, norm in zip(usable, norms):
+        for msg, update, norm in zip(usable, updates, norms):
             scale = 1.0 if norm <= bound else bound / norm
             if scale < 1.0:
-                update = _numpy(msg.content.array_records[ARRAYS])
                 msg.content[ARRAYS] = _record({k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating)
                                                else v for k, v in update.items()})
             if self.settings.aggregate_weights == "uniform":
