@@ -72,6 +72,8 @@ class Recorder:
         self.counts[f"{phase}_sampled"] = sum(len(self._users(node)) for node in nodes)
         self.counts[f"{phase}_messages"] = len(nodes)
         self.expected[phase] = set(nodes)
+        self.store.progress(self.global_round(server_round), phase, users=int(self.counts[f"{phase}_sampled"]),
+                            messages=len(nodes))
 
     def _users(self, node: int) -> list[int]:
         return self.users_of.get(node) or [self.partition_of.get(node, -1)]
@@ -173,6 +175,7 @@ class Recorder:
         extra = [{"model": "round", "metric": k, "stat": "value", "value": float(v)} for k, v in self.counts.items()]
         self.store.commit_round(number, {**self.frozen, **arrays.to_torch_state_dict()}, rows, weights, extra,
                                 server_state=self.server_state())
+        self.store.progress(number, "committed")
         if self.show_progress:
             print(self.progress_line(number, rows), file=sys.stderr, flush=True)
         self._reset()

@@ -10,6 +10,9 @@
                             optimizer's state (tensors named ``server-optimizer/...``)
       client_state/...      each client's personal state, versioned by round (client/state.py)
       events.jsonl          failures and notes, one JSON object per line
+      progress.json         where the run is now: the round and phase under way (train, evaluate) or
+                            the round last committed; advisory, for people and tests watching a
+                            run (nothing reads it back: run.json's ``completed_rounds`` decides)
 
 A round is committed in this order: checkpoint, its clients part, the rebuilt clients.parquet and
 rounds.parquet, then run.json's ``completed_rounds``. Every file is written to a temporary name and
@@ -154,6 +157,13 @@ class RunStore:
     def read_rounds(self) -> pd.DataFrame:
         path = self.folder / "rounds.parquet"
         return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=ROUND_COLUMNS)
+
+    def progress(self, round_number: int, phase: str, **details) -> None:
+        """Say where the run is (progress.json, atomically): ``phase`` of ``round_number`` started,
+        or ``committed``."""
+        atomic_write_json(self.folder / "progress.json", {
+            "round": int(round_number), "phase": phase, **details,
+            "since": dt.datetime.now(dt.timezone.utc).isoformat()})
 
     def note(self, **values) -> None:
         """Facts of the run that must survive a resume (run.json, atomically)."""

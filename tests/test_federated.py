@@ -195,39 +195,86 @@ def test_a_server_that_dies_mid_run_fails_loudly_and_writes_no_report(tmp_path, 
     assert meta["status"] == "completed" and meta["completed_rounds"] == 3 and "failure" not in meta
 
 
-def test_a_killed_simulation_leaves_nothing_running_and_resumes_to_the_uninterrupted_rows(baseline, tmp_path):
-    """kill -9 of `fedrex simulate`'s process group after round 1: its watchdog stops the managed
-    SuperLink, the simulation processes and Ray (they live in sessions of their own), so nothing
-    FedREX started is left, the ports are free, and --resume gives the uninterrupted run's rows."""
+# a mode that keeps personal weights on the device, under DP (a ledger per user): what a resume must restore
+STATEFUL = ("mode=ditto", "dp=true", "dp-reproducible-noise=true", "attack-examples=0", "fidelity-examples=0")
+
+
+@pytest.fixture(scope="module")
+def stateful(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("stateful"), "run-id=stateful", *STATEFUL)
+
+
+def _simulate_in_background(*args):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args],
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_during(process, folder: Path, round_number: int, phase: str) -> None:
+    """kill -9 of the simulation's process group while ``phase`` of ``round_number`` is under way
+    (progress.json), then check that it was: the round is not committed and the phase never ended."""
     import os
     import signal
-    import subprocess
     import time
 
     from simulations.localhost import matching_pids
 
-    command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
-    for pair in [*SMALL, "run-id=killed"]:
-        command += ["--run-config", pair]
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta, deadline = tmp_path / "killed" / "run.json", time.time() + 300
-    while time.time() < deadline and not (meta.exists() and json.loads(meta.read_text())["completed_rounds"] >= 1):
-        time.sleep(0.5)
+    progress, deadline, seen = folder / "progress.json", time.time() + 300, None
+    while time.time() < deadline and process.poll() is None:
+        seen = json.loads(progress.read_text()) if progress.exists() else None
+        if seen and (seen["round"], seen["phase"]) == (round_number, phase):
+            break
+        time.sleep(0.02)
+    assert seen and (seen["round"], seen["phase"]) == (round_number, phase), f"never saw {phase} of round {round_number}: {seen}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    after = json.loads(progress.read_text())
+    assert (after["round"], after["phase"]) == (round_number, phase), f"the kill landed after {phase}: {after}"
+    meta = json.loads((folder / "run.json").read_text())
+    assert meta["completed_rounds"] == round_number - 1 and meta["status"] == "running"  # the resume decides
 
     def leftovers():
-        return (matching_pids("flower-superlink", str(tmp_path)) | matching_pids("flwr-simulation")
+        return (matching_pids("flower-superlink", str(folder.parent)) | matching_pids("flwr-simulation")
                 | matching_pids("flwr-serverapp") | matching_pids("raylet"))
 
     deadline = time.time() + 60
     while leftovers() and time.time() < deadline:
         time.sleep(0.5)
-    assert not leftovers()
-    assert json.loads(meta.read_text())["status"] == "running"  # nobody said otherwise: the resume decides
-    simulate(load_settings(None, []), {"resume": str(tmp_path / "killed")})
-    pd.testing.assert_frame_equal(tidy(tmp_path / "killed"), tidy(baseline))
+    assert not leftovers()  # the watchdog stopped the SuperLink, the simulation and Ray (own sessions)
+
+
+def test_kills_mid_train_and_mid_evaluate_of_a_resume_resume_to_the_uninterrupted_run(stateful, tmp_path):
+    """kill -9 of `fedrex simulate`'s process group in round 2's training, then of the resumed run in
+    round 2's evaluation: nothing FedREX started is left either time, and a second resume gives the
+    uninterrupted run's final weights bit for bit and its rows (personal ditto models included),
+    although clients had written round-2 state before each kill. The one difference is the privacy
+    ledger, by design: a user who trained in a lost round counts its budget as spent (its noisy
+    update had left), so its epsilon is above the uninterrupted run's from round 2 on, and only its."""
+    import numpy as np
+
+    command = ["--runs-dir", str(tmp_path)]
+    for pair in [*SMALL, *STATEFUL, "run-id=killed"]:
+        command += ["--run-config", pair]
+    folder = tmp_path / "killed"
+    _kill_during(_simulate_in_background(*command), folder, 2, "train")
+    _kill_during(_simulate_in_background("--resume", str(folder)), folder, 2, "evaluate")
+    lost = {int(p.parent.name[1:]) for p in (folder / "client_state").glob("p*/round-0002.json")}
+    simulate(load_settings(None, []), {"resume": str(folder)})
+    assert json.loads((folder / "progress.json").read_text())["phase"] == "committed"
+    final = load_weights(folder / "checkpoints" / "round-0003.safetensors")
+    for key, tensor in load_weights(stateful / "checkpoints" / "round-0003.safetensors").items():
+        assert torch.equal(final[key], tensor), key
+    resumed, whole = tidy(folder), tidy(stateful)
+    is_eps = resumed["metric"] == "epsilon"
+    pd.testing.assert_frame_equal(resumed[~is_eps].reset_index(drop=True), whole[~is_eps].reset_index(drop=True))
+    round_2_trainers = set(whole[(whole["round"] == 2) & (whole["model"] == "train")]["partition_id"])
+    assert lost == round_2_trainers and lost  # every user the resume retrained had state of the lost round
+    charged = (resumed["round"] >= 2) & resumed["partition_id"].isin(lost)
+    eps_resumed, eps_whole = resumed["value"][is_eps].to_numpy(), whole["value"][is_eps].to_numpy()
+    assert (eps_resumed[charged[is_eps].to_numpy()] > eps_whole[charged[is_eps].to_numpy()]).all()
+    np.testing.assert_array_equal(eps_resumed[~charged[is_eps].to_numpy()], eps_whole[~charged[is_eps].to_numpy()])
 
 
 def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baseline, tmp_path):
@@ -388,7 +435,7 @@ def test_flwr_run_dot_runs_the_flower_app(tmp_path):
     assert frame[frame["metric"] == "acc"]["client_id"].nunique() == 8
 
 
-def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(baseline, tmp_path):
+def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(baseline, stateful, tmp_path):
     """The default serves every user from a pool of simulated SuperNodes (3 here), each message naming the
     user it is for (personal state from the run folder, as after a resume); a SuperNode per user
     (simulation-nodes=0, as a fleet of devices is) gives the same rows, to the last digit, attacks,
@@ -400,7 +447,6 @@ def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(ba
     assert "pool_nodes" not in json.loads((per_user / "run.json").read_text())
     # a mode that keeps personal weights on the device, under DP (a ledger per user): in a pool another
     # node may serve the user next round, so state comes from the run folder, never a node's memory
-    stateful = ("mode=ditto", "dp=true", "dp-reproducible-noise=true", "attack-examples=0", "fidelity-examples=0")
-    pooled = tidy(run(tmp_path, "run-id=ditto-pooled", *stateful))
-    pd.testing.assert_frame_equal(pooled, tidy(run(tmp_path, "run-id=ditto-per-user", "simulation-nodes=0", *stateful)))
+    pooled = tidy(stateful)
+    pd.testing.assert_frame_equal(pooled, tidy(run(tmp_path, "run-id=ditto-per-user", "simulation-nodes=0", *STATEFUL)))
     assert (pooled["metric"] == "epsilon").any() and (pooled["metric"] == "has_personal").any()
