@@ -43,23 +43,27 @@ WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate
 
 
 # ----------------------------------------------------------------------------- memory sampling
-def run_sampled(command: list[str], env: dict, marker: str | None = None) -> tuple[int, float, float, str]:
+def run_sampled(command: list[str], env: dict, marker: str | None = None,
+                progress: Path | None = None) -> tuple[int, float, float, str, float]:
     """Run ``command``; return (exit code, wall seconds, peak PSS of its process tree in MB, with
-    the trees of the SuperLinks it started when ``marker`` names them, stderr tail)."""
+    the trees of the SuperLinks it started when ``marker`` names them, stderr tail, seconds until
+    the run's ``progress`` file (progress.json) first appeared: its first round began; NaN if never)."""
     start = time.time()
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
+    peak, first_round = [0.0], [float("nan")]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
+            if progress is not None and first_round[0] != first_round[0] and progress.exists():
+                first_round[0] = time.time() - start
             # the detached SuperLinks `fedrex simulate` starts through `flwr run` (their FLWR_HOME lies
             # in the run's folder, ``marker``): Ray runs under them, not under the command
             links = matching_pids("flower-superlink", marker) if marker else []
             # one set: the SuperLink is also the command's descendant, and summing the two trees
             # counted it, Ray included, twice (the peaks measured before this fix were about 2x)
             peak[0] = max(peak[0], pss_mb(tree_pids(process.pid, *links)))
-            stop.wait(0.5)
+            stop.wait(0.25)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -71,7 +75,7 @@ def run_sampled(command: list[str], env: dict, marker: str | None = None) -> tup
     process.wait()
     stop.set()
     sampler.join()
-    return process.returncode, time.time() - start, peak[0], "".join(stderr_lines[-30:])
+    return process.returncode, time.time() - start, peak[0], "".join(stderr_lines[-30:]), first_round[0]
 
 
 # ----------------------------------------------------------------------------- the plain loop
@@ -126,14 +130,15 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
     command = [sys.executable, "-m", "simulations.cli", "simulate"]
     for pair in pairs:
         command += ["--run-config", pair]
-    code, sim_wall, sim_pss, tail = run_sampled(command, env, marker=str(workdir))
+    code, sim_wall, sim_pss, tail, first_round = run_sampled(command, env, marker=str(workdir),
+                                                             progress=workdir / run_id / "progress.json")
     if code != 0:
         raise SystemExit(f"simulation {run_id} failed:\n{tail}")
     run_dir = workdir / run_id
     rounds_frame = pd.read_parquet(run_dir / "rounds.parquet")
     sim_rounds = rounds_frame[(rounds_frame["model"] == "round") & (rounds_frame["metric"] == "seconds")]["value"]
     out_json = workdir / f"{run_id}-plain.json"
-    code, plain_wall, plain_pss, tail = run_sampled(
+    code, plain_wall, plain_pss, tail, _ = run_sampled(
         [sys.executable, __file__, "--plain", str(run_dir), "--plain-out", str(out_json)], env)
     if code != 0:
         raise SystemExit(f"plain replay of {run_id} failed:\n{tail}")
@@ -141,6 +146,7 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
     sim_round_s, plain_round_s = float(sim_rounds.sum()), float(sum(plain["round_seconds"]))
     return {"registered": registered, "per_round": per_round, "rounds": rounds, "extra": extra,
             "sim_wall_s": sim_wall, "sim_rounds_s": sim_round_s, "sim_peak_pss_mb": sim_pss,
+            "sim_first_round_s": first_round,
             "plain_wall_s": plain_wall, "plain_rounds_s": plain_round_s, "plain_peak_pss_mb": plain_pss,
             "overhead_rounds": sim_round_s / plain_round_s, "overhead_wall": sim_wall / plain_wall,
             "plain_torch_threads": plain["torch_threads"]}
@@ -148,12 +154,59 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
 
 def table(rows: list[dict]) -> str:
     head = ["registered", "per round", "variant", "sim rounds s", "plain rounds s", "overhead (rounds)",
-            "sim wall s", "plain wall s", "overhead (wall)", "sim peak PSS MB", "plain peak PSS MB"]
-    body = [[str(r["registered"]), str(r["per_round"]), " ".join(r["extra"]) or "default",
-             f"{r['sim_rounds_s']:.1f}", f"{r['plain_rounds_s']:.1f}", f"{r['overhead_rounds']:.2f}x",
-             f"{r['sim_wall_s']:.1f}", f"{r['plain_wall_s']:.1f}", f"{r['overhead_wall']:.2f}x",
-             f"{r['sim_peak_pss_mb']:.0f}", f"{r['plain_peak_pss_mb']:.0f}"] for r in rows]
+            "sim wall s", "plain wall s", "overhead (wall)", "command to first round s", "sim peak PSS MB",
+            "plain peak PSS MB"]
+    def first(row: dict) -> str:  # measured since the column was added; "–" before
+        seconds = row.get("sim_first_round_s", float("nan"))
+        return "–" if seconds != seconds else f"{seconds:.1f}"
+
+    body = [[str(r["registered"]), str(r["per_round"]), variant(r), f"{r['sim_rounds_s']:.1f}", f"{r['plain_rounds_s']:.1f}",
+             f"{r['overhead_rounds']:.2f}x", f"{r['sim_wall_s']:.1f}", f"{r['plain_wall_s']:.1f}",
+             f"{r['overhead_wall']:.2f}x", first(r), f"{r['sim_peak_pss_mb']:.0f}", f"{r['plain_peak_pss_mb']:.0f}"]
+            for r in rows]
     return markdown_table(pd.DataFrame(body, columns=head))
+
+
+def variant(row: dict) -> str:
+    """A row's settings beyond WORK; synthetic users are named as such (a load test)."""
+    text = " ".join(row["extra"]) or "default"
+    return text + (" (SYNTHETIC users: a load test)" if "partitioner=bootstrap" in row["extra"] else "")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time and memory against registered users, one line per variant measured at several sizes
+    (the plain loop's beside the simulation's): the README's scale figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[dict]] = {}
+    for row in rows:
+        lines.setdefault(" ".join(row["extra"]) or "default", []).append(row)
+    lines = {k: sorted(v, key=lambda r: r["registered"]) for k, v in lines.items() if len(v) > 1}
+    if not lines:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, series in lines.items():
+        users = [r["registered"] for r in series]
+        axes[0].plot(users, [r["sim_wall_s"] for r in series], "o-", label=f"simulation wall ({name})")
+        axes[0].plot(users, [r["sim_rounds_s"] for r in series], "s--", label=f"simulation rounds ({name})")
+        axes[0].plot(users, [r["plain_wall_s"] for r in series], "o:", label=f"plain loop wall ({name})")
+        axes[0].plot(users, [r.get("sim_first_round_s", float("nan")) for r in series], "^-", label=f"command to first round ({name})")
+        axes[1].plot(users, [r["sim_peak_pss_mb"] / 1024 for r in series], "o-", label=f"simulation ({name})")
+        axes[1].plot(users, [r["plain_peak_pss_mb"] / 1024 for r in series], "o:", label=f"plain loop ({name})")
+    for ax, title, unit in ((axes[0], "time", "seconds"), (axes[1], "peak PSS of the process tree", "GB")):
+        ax.set_xscale("log")
+        ax.set_xlabel("registered users (100 train per round)")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -192,6 +245,7 @@ def main() -> int:
             atomic_write_json(json_path, {"machine": {"cpus": os.cpu_count()}, "rows": rows})
     md = table(rows)
     atomic_write_bytes(json_path.with_suffix(".md"), (md + "\n").encode())
+    plot(rows, json_path.with_suffix(".png"))
     print(md)
     return 0
 

@@ -38,7 +38,7 @@ class LocalData:
 
 def partition_config(settings: RunSettings) -> PartitionConfig:
     return PartitionConfig(settings.partitioner, settings.num_partitions, settings.alpha, settings.min_samples,
-                           settings.test_fraction, settings.seed)
+                           settings.test_fraction, settings.seed, settings.bootstrap_rows)
 
 
 @lru_cache(maxsize=2)

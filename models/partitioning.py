@@ -19,7 +19,8 @@ import numpy as np
 from models.datasets import LABEL, TIME, USER
 from models.errors import FedrexError
 
-PARTITIONERS = ("natural", "dirichlet", "iid")
+PARTITIONERS = ("natural", "dirichlet", "iid", "bootstrap")
+SYNTHETIC = ("bootstrap",)  # partitioners whose clients are not real users: load tests, said so on start
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class PartitionConfig:
     min_samples: int = 0  # natural: drop users with fewer rows; dirichlet: minimum partition size
     test_fraction: float = 0.2
     seed: int = 0
+    bootstrap_rows: int = 10  # bootstrap: rows each synthetic user draws
 
     def validate(self) -> None:
         if self.kind not in PARTITIONERS:
@@ -42,6 +44,8 @@ class PartitionConfig:
             raise FedrexError(f"the {self.kind} partitioner needs num-partitions >= 1, got {self.num_partitions}")
         if not 0 <= self.test_fraction < 1:
             raise FedrexError(f"test-fraction must be in [0, 1), got {self.test_fraction}")
+        if self.kind == "bootstrap" and self.bootstrap_rows < 1:
+            raise FedrexError(f"bootstrap-rows must be >= 1, got {self.bootstrap_rows}")
         if self.min_samples < 0:
             raise FedrexError(f"min-samples must be >= 0, got {self.min_samples}")
 
@@ -79,6 +83,9 @@ class FederatedData:
                 if keep.size == 0:
                     raise FedrexError(f"no user has >= {cfg.min_samples} samples (largest has {counts.max()})")
                 dataset = dataset.select(keep)
+        elif cfg.kind == "bootstrap":
+            if cfg.bootstrap_rows > len(dataset):
+                raise FedrexError(f"bootstrap-rows {cfg.bootstrap_rows} > the dataset's {len(dataset)} rows")
         else:
             minimum = max(cfg.min_samples, 1)
             if cfg.num_partitions * minimum > len(dataset):
@@ -102,6 +109,8 @@ class FederatedData:
                 min_partition_size=max(cfg.min_samples, 2 if len(self.dataset) >= 2 * cfg.num_partitions else 1),
                 self_balancing=False, shuffle=True, seed=cfg.seed,
             )
+        elif cfg.kind == "bootstrap":
+            partitioner = BootstrapPartitioner(cfg.num_partitions, cfg.bootstrap_rows, cfg.seed)
         else:
             partitioner = IidPartitioner(num_partitions=cfg.num_partitions)
         partitioner.dataset = self.dataset
@@ -142,6 +151,21 @@ class FederatedData:
         part = self.partition(partition_id)
         train_idx, test_idx = split_indices(part, self.config, partition_id)
         return ClientData(partition_id, self.client_id(partition_id), part.select(train_idx), part.select(test_idx))
+
+
+class BootstrapPartitioner:
+    """Synthetic users for load tests: user ``pid`` holds ``rows`` distinct rows of the whole
+    dataset drawn from (seed, pid), so users overlap, any number of them can exist, and nothing is
+    precomputed: memory and start-up stay flat in the number of users. It offers what FederatedData
+    uses of a flwr-datasets partitioner (``dataset``, ``num_partitions``, ``load_partition``)."""
+
+    def __init__(self, num_partitions: int, rows: int, seed: int):
+        self.num_partitions, self.rows, self.seed = num_partitions, rows, seed
+        self.dataset = None
+
+    def load_partition(self, partition_id: int):
+        rng = np.random.default_rng([self.seed, 0xB007, partition_id])
+        return self.dataset.select(np.sort(rng.choice(len(self.dataset), self.rows, replace=False)))
 
 
 def test_size(n: int, fraction: float) -> int:

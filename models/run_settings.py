@@ -39,6 +39,7 @@ class RunSettings:
     num_partitions: int = 0
     alpha: float = 0.5
     min_samples: int = 0
+    bootstrap_rows: int = 10  # partitioner bootstrap (synthetic users, a load test): rows each user draws
     test_fraction: float = 0.2
     seed: int = 0
     max_length: int = 64

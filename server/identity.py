@@ -42,12 +42,7 @@ def settle_claims(claims: list[Claim], bound: dict[str, int]) -> tuple[list[Clai
     partition-id), so they are settled in groups linked by either. A node speaks for one user: a
     bound node that now names another user releases the first, which another node may then take."""
     claims = sorted(claims, key=lambda c: c.node)
-    groups: list[list[Claim]] = []
-    for claim in claims:  # link by user or partition, merging groups a claim joins
-        joined = [g for g in groups if any(c.client_id == claim.client_id or c.partition_id == claim.partition_id
-                                           for c in g)]
-        merged = [c for g in joined for c in g] + [claim]
-        groups = [g for g in groups if g not in joined] + [merged]
+    groups = _linked(claims)
     claimed_by = {c.node: c.client_id for c in claims}
     accepted, notes, binding = [], [], {}
     for group in sorted(groups, key=lambda g: min(c.partition_id for c in g)):
@@ -87,3 +82,23 @@ def settle_claims(claims: list[Claim], bound: dict[str, int]) -> tuple[list[Clai
             binding = {u: n for u, n in binding.items() if n != claim.node and u != claim.client_id}
             binding[claim.client_id] = claim.node
     return accepted, notes, binding
+
+
+def _linked(claims: list[Claim]) -> list[list[Claim]]:
+    """The claims in groups linked by a shared user or partition (union-find: linear in the claims,
+    which a pool's discovery makes 100,000), each group in the claims' order."""
+    parent: dict[tuple, tuple] = {}
+
+    def root(key: tuple) -> tuple:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for claim in claims:
+        parent[root(("user", claim.client_id))] = root(("partition", claim.partition_id))
+    groups: dict[tuple, list[Claim]] = {}
+    for claim in claims:
+        groups.setdefault(root(("user", claim.client_id)), []).append(claim)
+    return list(groups.values())

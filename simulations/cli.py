@@ -7,6 +7,7 @@ import os
 import sys
 
 from models.errors import FedrexError
+from models.partitioning import PARTITIONERS
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +23,11 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_partition_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--partitioner", default="natural", choices=["natural", "dirichlet", "iid"])
+    parser.add_argument("--partitioner", default="natural", choices=PARTITIONERS)
     parser.add_argument("--num-partitions", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--min-samples", type=int, default=0)
+    parser.add_argument("--bootstrap-rows", type=int, default=10, help="bootstrap: rows each synthetic user draws")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
 

@@ -66,7 +66,7 @@ def describe(args) -> int:
         ColumnOverrides(args.text_column, args.label_column, args.user_column, args.time_column, args.num_labels),
     )
     config = PartitionConfig(args.partitioner, args.num_partitions, args.alpha, args.min_samples,
-                             args.test_fraction, args.seed)
+                             args.test_fraction, args.seed, args.bootstrap_rows)
     fed = FederatedData(dataset, num_labels, config)
     stats = partition_stats(fed)
     if args.format == "json":

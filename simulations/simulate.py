@@ -20,6 +20,7 @@ from pathlib import Path
 from models.datasets import DATA_DIR_ENV
 from models.artifact import atomic_write_bytes
 from models.errors import FedrexError
+from models.partitioning import SYNTHETIC
 from models.run_settings import RunSettings, split_pairs
 from simulations.localhost import free_ports, port_open, stop_groups
 from simulations.watchdog import simulation_groups
@@ -116,8 +117,9 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     if not control.get("resume") and (run_dir / "run.json").exists():
         raise FedrexError(f"{run_dir} already holds a run; use --resume {run_dir} or another run id")
     num_clients = check_before_start(settings)
-    print(f"[fedrex] {num_clients} clients ({settings.dataset}, {settings.partitioner}), run dir {run_dir}",
-          file=sys.stderr, flush=True)
+    who = (f"{settings.partitioner}: SYNTHETIC users of {settings.bootstrap_rows} rows drawn from {settings.dataset}, "
+           "a load test" if settings.partitioner in SYNTHETIC else f"{settings.dataset}, {settings.partitioner}")
+    print(f"[fedrex] {num_clients} clients ({who}), run dir {run_dir}", file=sys.stderr, flush=True)
     # Ray: the cluster RAY_ADDRESS names (its nodes say what they have), else a new local one of this
     # machine's cores; never a cluster someone else left running here, which Ray would join unasked
     ray_address = os.environ.get("RAY_ADDRESS") or "local"

@@ -93,7 +93,7 @@ def test_dirichlet_with_small_alpha_skews_labels_more_than_iid():
 
 
 @pytest.mark.parametrize("config", [dict(kind="natural"), dict(kind="dirichlet", num_partitions=30, alpha=1.0),
-                                    dict(kind="iid", num_partitions=30)])
+                                    dict(kind="iid", num_partitions=30), dict(kind="bootstrap", num_partitions=30)])
 def test_client_splits_are_disjoint_and_cover_the_partition(config):
     name = "rt_critics" if config["kind"] == "natural" else "sst2"
     fed = federated(name, test_fraction=0.25, **config)
@@ -122,6 +122,25 @@ def test_iid_split_depends_on_seed():
     c = federated("sst2", kind="iid", num_partitions=5, seed=1).client(0)
     assert a.test["text"] == b.test["text"]
     assert a.test["text"] != c.test["text"]
+
+
+def test_bootstrap_users_are_drawn_per_seed_and_user_any_number_of_them_at_once():
+    """Synthetic users for load tests: 10 distinct rows each, the same for the same (seed, user)
+    in any process, other users and seeds other rows, and a million of them cost nothing to set up
+    (nothing is precomputed: a user's rows are drawn when it is asked for)."""
+    import time
+
+    start = time.time()
+    fed = federated("sst2", kind="bootstrap", num_partitions=1_000_000, bootstrap_rows=10, seed=0)
+    assert fed.num_partitions == 1_000_000 and time.time() - start < 5
+    texts = lambda f, pid: list(f.partition(pid)["text"])  # noqa: E731
+    last = texts(fed, 999_999)
+    assert len(set(last)) == 10
+    again = federated("sst2", kind="bootstrap", num_partitions=1_000_000, seed=0)
+    assert texts(again, 999_999) == last and texts(again, 3) != last
+    assert texts(federated("sst2", kind="bootstrap", num_partitions=1_000_000, seed=1), 999_999) != last
+    with pytest.raises(FedrexError, match="bootstrap-rows 900 > the dataset's 872 rows"):
+        federated("sst2", kind="bootstrap", num_partitions=3, bootstrap_rows=900)
 
 
 def test_tiny_clients_keep_a_test_row_and_a_train_row():
@@ -200,6 +219,7 @@ def test_nan_labels_in_parquet_are_rejected(tmp_path):
         (dict(kind="nope"), "unknown partitioner"),
         (dict(kind="iid", num_partitions=0), "num-partitions >= 1"),
         (dict(kind="natural"), "needs a user column"),
+        (dict(kind="bootstrap", num_partitions=5, bootstrap_rows=0), "bootstrap-rows must be >= 1"),
     ],
 )
 def test_bad_partition_configs_give_clear_errors(config, message):

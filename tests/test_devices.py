@@ -610,3 +610,40 @@ def test_a_user_is_bound_to_its_node_and_a_second_claimant_is_refused_or_recorde
     assert settle_claims([Claim(1, 0, "a", True), Claim(2, 1, "b", True)], {})[2] == {}
     with pytest.raises(FedrexError, match="partition id 5"):
         settle_claims([Claim(1, 5, "x", True), Claim(2, 5, "y", True)], {})
+    # a chain of claims linked user to partition to user is one group, however it was met
+    chain = [Claim(21, 1, "u", False), Claim(22, 2, "v", False), Claim(23, 2, "u", False)]
+    assert settle_claims(chain, {})[0] == [] and len(settle_claims(chain, {})[1]) == 3
+
+
+def test_the_claims_of_a_100000_user_pool_settle_in_linear_time():
+    """A pool's discovery brings a claim per user: settling them must not compare every pair (it
+    did, and 100,000 users never reached round 1)."""
+    import time
+
+    from server.identity import Claim, settle_claims
+
+    claims = [Claim((1 << 62) + pid, pid, f"client-{pid:05d}", True) for pid in range(100_000)]
+    start = time.time()
+    accepted, notes, binding = settle_claims(claims, {})
+    assert len(accepted) == 100_000 and not notes and binding == {}
+    assert time.time() - start < 10  # pairwise: hours
+
+
+def test_a_pool_node_names_its_users_without_reading_their_rows_unless_devices_go_by_label():
+    """Discovery through a pool (client.app._pool_user): the user's id and device from the dataset's
+    partitioner and the seed; its label share only when the server deals devices by label, equal
+    to what the user's own loaded rows say."""
+    from client.app import _pool_user
+    from client.data import load_local_data
+    from client.device import profile_for
+    from models.protocol import DEVICE
+
+    settings = RunSettings(dataset="rt_critics", device_mix="flagship=0.5,rpi4=0.5", device_assign="label")
+    local = load_local_data({"partition-id": 7}, settings, 2, None)
+    info = _pool_user(settings, 7, {})
+    assert info["client-id"] == local.client_id and info["partition-id"] == 7
+    assert info["train-positive"] == pytest.approx(float((local.train.labels == 1).mean()))
+    assert info[DEVICE] == profile_for(settings, 7).as_record()
+    assert "train-positive" not in _pool_user(settings.replace(device_assign="random"), 7, {})
+    with pytest.raises(FedrexError, match="partition id 118 out of range"):
+        _pool_user(settings, 118, {})
