@@ -225,3 +225,24 @@ def test_a_client_encodes_and_perturbs_its_rows_through_the_normaliser_it_was_se
     for i in changed:
         assert np.array_equal(perturbed.ids[i], defended.encode_ids([perturbed.texts[i]])[0])
     assert ClientTrainer(settings.replace(perturb_share=0.0), state=None).perturbed_text(seed=0) is None
+
+
+def test_synonym_encoding_puts_a_word_and_its_synonyms_under_one_code_and_passes_unknown_words():
+    """SEM's greedy walk (models.robust.synonym_encoding) on a hand-made synonym graph: the most
+    frequent word of a group is its code, a synonym met later takes the code of the word it was
+    met with, an encoded word keeps its code (groups never merge), and a word outside the table
+    passes through with its punctuation."""
+    from models.robust.synonym_encoding import SynonymEncoding
+
+    graph = {"good": ["well", "full"], "well": ["good", "wellspring"], "full": ["good", "replete"],
+             "bad": ["big", "tough"], "big": ["bad", "large", "full"], "film": ["movie"], "movie": ["film"]}
+    counts = {"good": 50, "bad": 40, "film": 30, "movie": 35, "big": 10, "well": 5, "full": 3}
+    sem = SynonymEncoding.build(counts, lambda w: graph.get(w, []))
+    assert sem.code == {"well": "good", "full": "good", "wellspring": "good", "replete": "good",
+                        "big": "bad", "tough": "bad", "large": "bad", "film": "movie"}
+    assert sem("A good FILM, well made!") == sem("A full movie, good made!") == "A good movie, good made!"
+    assert sem("an unknown xyzzy word") == "an unknown xyzzy word"
+    assert sem.coverage([("good", "well"), ("big", "full"), ("film", "movie")]) == pytest.approx(2 / 3)
+    assert SynonymEncoding.from_bytes(sem.to_bytes()).code == sem.code
+    with pytest.raises(FedrexError, match="not a synonym encoding table"):
+        SynonymEncoding.from_bytes(b"not gzip")

@@ -1,0 +1,1 @@
+"""Defences of the model against perturbed text (what ships in front of it on a device)."""
