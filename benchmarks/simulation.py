@@ -18,6 +18,7 @@ skips what is done) and results/simulation.md.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import resource
@@ -47,7 +48,8 @@ def run_sampled(command: list[str], env: dict, marker: str | None = None,
                 progress: Path | None = None) -> tuple[int, float, float, str, float]:
     """Run ``command``; return (exit code, wall seconds, peak PSS of its process tree in MB, with
     the trees of the SuperLinks it started when ``marker`` names them, stderr tail, seconds until
-    the run's ``progress`` file (progress.json) first appeared: its first round began; NaN if never)."""
+    the run's first round began: the ``since`` of the first phase its ``progress`` file
+    (progress.json) named; NaN if none was seen)."""
     start = time.time()
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, first_round = [0.0], [float("nan")]
@@ -56,7 +58,9 @@ def run_sampled(command: list[str], env: dict, marker: str | None = None,
     def sample() -> None:
         while not stop.is_set():
             if progress is not None and first_round[0] != first_round[0] and progress.exists():
-                first_round[0] = time.time() - start
+                now = json.loads(progress.read_text())
+                if now["phase"] in ("train", "evaluate"):
+                    first_round[0] = dt.datetime.fromisoformat(now["since"]).timestamp() - start
             # the detached SuperLinks `fedrex simulate` starts through `flwr run` (their FLWR_HOME lies
             # in the run's folder, ``marker``): Ray runs under them, not under the command
             links = matching_pids("flower-superlink", marker) if marker else []
@@ -154,8 +158,8 @@ def measure(registered: int, per_round: int, rounds: int, workdir: Path, env: di
 
 def table(rows: list[dict]) -> str:
     head = ["registered", "per round", "variant", "sim rounds s", "plain rounds s", "overhead (rounds)",
-            "sim wall s", "plain wall s", "overhead (wall)", "command to first round s", "sim peak PSS MB",
-            "plain peak PSS MB"]
+            "sim wall s", "plain wall s", "overhead (wall)", "command to first round s", "sim peak PSS MiB",
+            "plain peak PSS MiB"]
     def first(row: dict) -> str:  # measured since the column was added; "–" before
         seconds = row.get("sim_first_round_s", float("nan"))
         return "–" if seconds != seconds else f"{seconds:.1f}"
@@ -183,7 +187,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     lines: dict[str, list[dict]] = {}
     for row in rows:
-        lines.setdefault(" ".join(row["extra"]) or "default", []).append(row)
+        lines.setdefault(f"{' '.join(row['extra']) or 'default'}, {row['per_round']} per round", []).append(row)
     lines = {k: sorted(v, key=lambda r: r["registered"]) for k, v in lines.items() if len(v) > 1}
     if not lines:
         return
@@ -195,10 +199,10 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[0].plot(users, [r["plain_wall_s"] for r in series], "o:", label=f"plain loop wall ({name})")
         axes[0].plot(users, [r.get("sim_first_round_s", float("nan")) for r in series], "^-", label=f"command to first round ({name})")
         axes[1].plot(users, [r["sim_peak_pss_mb"] / 1024 for r in series], "o-", label=f"simulation ({name})")
-        axes[1].plot(users, [r["plain_peak_pss_mb"] / 1024 for r in series], "o:", label=f"plain loop ({name})")
-    for ax, title, unit in ((axes[0], "time", "seconds"), (axes[1], "peak PSS of the process tree", "GB")):
+        axes[1].plot(users, [r["plain_peak_pss_mb"] / 1024 for r in series], "o:", label=f"plain loop ({name})")  # MiB -> GiB
+    for ax, title, unit in ((axes[0], "time", "seconds"), (axes[1], "peak PSS of the process tree", "GiB")):
         ax.set_xscale("log")
-        ax.set_xlabel("registered users (100 train per round)")
+        ax.set_xlabel("registered users")
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.set_ylim(bottom=0)

@@ -212,6 +212,7 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
         log(f"{store.folder} already completed {offset} rounds")
         store.finish()
         return store
+    store.progress(offset, "starting")  # a resumed run's progress.json no longer shows the dead run's phase
     model, config = global_model(settings)
     network = config["network"]
     store.meta["network"] = network

@@ -10,9 +10,10 @@
                             optimizer's state (tensors named ``server-optimizer/...``)
       client_state/...      each client's personal state, versioned by round (client/state.py)
       events.jsonl          failures and notes, one JSON object per line
-      progress.json         where the run is now: the round and phase under way (train, evaluate) or
-                            the round last committed; advisory, for people and tests watching a
-                            run (nothing reads it back: run.json's ``completed_rounds`` decides)
+      progress.json         where the run is now: ``starting`` (after the last committed round), the
+                            round and phase under way (train, evaluate), or the round last
+                            committed; advisory, for people and tests watching a run (nothing
+                            reads it back: run.json's ``completed_rounds`` decides)
 
 A round is committed in this order: checkpoint, its clients part, the rebuilt clients.parquet and
 rounds.parquet, then run.json's ``completed_rounds``. Every file is written to a temporary name and

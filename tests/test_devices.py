@@ -629,7 +629,7 @@ def test_the_claims_of_a_100000_user_pool_settle_in_linear_time():
     assert time.time() - start < 10  # pairwise: hours
 
 
-def test_a_pool_node_names_its_users_without_reading_their_rows_unless_devices_go_by_label():
+def test_a_pool_node_names_its_users_without_reading_their_rows_unless_devices_go_by_label(monkeypatch):
     """Discovery through a pool (client.app._pool_user): the user's id and device from the dataset's
     partitioner and the seed; its label share only when the server deals devices by label, equal
     to what the user's own loaded rows say."""
@@ -644,6 +644,13 @@ def test_a_pool_node_names_its_users_without_reading_their_rows_unless_devices_g
     assert info["client-id"] == local.client_id and info["partition-id"] == 7
     assert info["train-positive"] == pytest.approx(float((local.train.labels == 1).mean()))
     assert info[DEVICE] == profile_for(settings, 7).as_record()
+    from models.partitioning import FederatedData
+
+    def unread(*_):
+        raise AssertionError("a user's rows were read to discover it")
+
+    monkeypatch.setattr(FederatedData, "client", unread)
+    monkeypatch.setattr(FederatedData, "partition", unread)
     assert "train-positive" not in _pool_user(settings.replace(device_assign="random"), 7, {})
     with pytest.raises(FedrexError, match="partition id 118 out of range"):
         _pool_user(settings, 118, {})

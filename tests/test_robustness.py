@@ -244,5 +244,8 @@ def test_synonym_encoding_puts_a_word_and_its_synonyms_under_one_code_and_passes
     assert sem("an unknown xyzzy word") == "an unknown xyzzy word"
     assert sem.coverage([("good", "well"), ("big", "full"), ("film", "movie")]) == pytest.approx(2 / 3)
     assert SynonymEncoding.from_bytes(sem.to_bytes()).code == sem.code
+    # star clusters: only a word that is its own code hands it on (no chains through "big" or "well")
+    star = SynonymEncoding.build(counts, lambda w: graph.get(w, []), star=True)
+    assert star.code == {"well": "good", "full": "good", "big": "bad", "tough": "bad", "film": "movie"}
     with pytest.raises(FedrexError, match="not a synonym encoding table"):
         SynonymEncoding.from_bytes(b"not gzip")
