@@ -123,7 +123,7 @@ def load_text_dataset(
         raw, mapping, label_map = _load_registered(spec, split, local_root)
         num_labels = spec.num_labels
     elif Path(name).suffix.lower() in LOCAL_FORMATS:
-        raw = _load_local_file(Path(name))
+        raw = _load_local_file(Path(name), columns.text or TEXT)
         mapping, label_map, num_labels = _override_mapping(columns, raw.column_names), None, columns.num_labels
     elif "/" in name and not Path(name).exists():
         raw = _load_hub(name, split)
@@ -169,7 +169,7 @@ def _load_registered(spec: DatasetSpec, split: str, local_root: Path | None):
     if local_root is not None and split in spec.local_files and (local_root / spec.local_files[split]).exists():
         mapping = {TEXT: spec.text_column, LABEL: spec.label_column, USER: spec.user_column,
                    TIME: spec.time_column}
-        return _load_local_file(local_root / spec.local_files[split]), mapping, None
+        return _load_local_file(local_root / spec.local_files[split], spec.text_column), mapping, None
     if local_root is not None and split not in spec.local_files:
         have = ", ".join(sorted(spec.local_files))
         raise FedrexError(f"{spec.name} has no {split!r} split in {local_root} (it has: {have})")
@@ -188,7 +188,9 @@ def _load_registered(spec: DatasetSpec, split: str, local_root: Path | None):
     return _load_hub(spec.hub_id, spec.hub_splits[split]), mapping, spec.hub_label_map
 
 
-def _load_local_file(path: Path):
+def _load_local_file(path: Path, text_column: str = TEXT):
+    """A local file through HF datasets; a CSV's ``text_column`` is read as text whatever it looks
+    like (pandas would read a column of "007", "42" as integers and lose the leading zeros)."""
     import datasets
 
     if not path.exists():
@@ -197,10 +199,9 @@ def _load_local_file(path: Path):
     if fmt is None:
         raise FedrexError(f"cannot read {path}: use one of {', '.join(LOCAL_FORMATS)}")
     if fmt == "csv":
-        _check_utf8(path)
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        return datasets.Dataset(_read_csv(path, text_column))
     try:
-        return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parser errors in several types
         cause = exc.__cause__ or exc
         if isinstance(cause, UnicodeDecodeError):
@@ -210,13 +211,28 @@ def _load_local_file(path: Path):
         raise FedrexError(f"cannot read {path}: {type(cause).__name__}: {cause}".splitlines()[0]) from None
 
 
+def _read_csv(path: Path, text_column: str) -> pa.Table:
+    """A .csv/.tsv with pyarrow: ``text_column`` is text even when every cell looks like a number
+    ("007", "1/2"; pandas, under HF datasets' CSV loader, made them integers)."""
+    import pyarrow.csv as pa_csv
+
+    _check_utf8(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
+                               convert_options=pa_csv.ConvertOptions(column_types={text_column: pa.string()}))
+    except pa.ArrowInvalid as err:
+        if "Empty CSV file" in str(err):
+            raise FedrexError(f"{path} is empty: no rows to train or evaluate on") from None
+        raise FedrexError(f"cannot read {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+
+
 def read_user_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, int]:
     """A device user's own file (.csv/.tsv/.json/.jsonl/.parquet with ``text`` and ``label``
     columns) read with pyarrow alone, so a device needs no ``datasets`` library; the same
     validation (and messages) as every other source. Returns (texts, labels, num_labels)."""
     import json
 
-    import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -227,11 +243,7 @@ def read_user_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, int]
         raise FedrexError(f"cannot read {path}: use one of {', '.join(LOCAL_FORMATS)}")
     try:
         if fmt == "csv":
-            _check_utf8(path)
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            # texts are strings even when every one of them looks like a number ("10", "1/2")
-            table = pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
-                                    convert_options=pa_csv.ConvertOptions(column_types={TEXT: pa.string()}))
+            table = _read_csv(path, TEXT)
         elif fmt == "json":
             text = path.read_text(encoding="utf-8").strip()
             rows = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()

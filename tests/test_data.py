@@ -179,6 +179,17 @@ def write_csv(tmp_path, name, content: bytes):
     return str(path)
 
 
+def test_a_local_csv_of_numeric_looking_texts_reads_them_as_text(tmp_path):
+    """pandas would read this text column as integers ("007" -> 7): it stays text, as written."""
+    path = write_csv(tmp_path, "codes.csv", b"text,label\n007,1\n42,0\n3.50,1\n")
+    dataset, _ = load_text_dataset(path)
+    assert dataset["text"] == ["007", "42", "3.50"]
+    renamed = write_csv(tmp_path, "renamed.csv", b"body,label\n007,1\n42,0\n")
+    assert load_text_dataset(renamed, columns=ColumnOverrides(text="body"))[0]["text"] == ["007", "42"]
+    with pytest.raises(FedrexError, match="no column 'text'"):
+        load_text_dataset(renamed)
+
+
 def test_local_csv_with_column_mapping(tmp_path):
     path = write_csv(tmp_path, "mine.csv", b"review,stars,who\nnice film,1,ann\nawful,0,bob\nfine,1,ann\n")
     dataset, k = load_text_dataset(path, columns=ColumnOverrides(text="review", label="stars", user="who"))

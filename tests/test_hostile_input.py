@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from analysis.load import RunFolderError, load_run, run_info
-from models.datasets import read_user_file
+from models.datasets import load_text_dataset, read_user_file
 from models.errors import FedrexError
 from models.run_settings import RunSettings, split_pairs
 from models.tokenizer import WordPieceTokenizer, client_tokenizer
@@ -75,6 +75,17 @@ def test_any_text_encodes_to_framed_ids_within_the_vocabulary(tokenizers, texts)
 DEVICE_FILES = st.sampled_from(["user.csv", "user.tsv", "user.json", "user.jsonl", "user.parquet"])
 
 
+def dataset_file(path: Path) -> tuple[list[str], np.ndarray, int]:
+    """A dataset file as the server and simulations read it (`--dataset FILE`, HF datasets but
+    pyarrow for CSV), in read_user_file's shape."""
+    dataset, num_labels = load_text_dataset(str(path))
+    return list(dataset["text"]), np.asarray(dataset["label"]), num_labels
+
+
+READERS = pytest.mark.parametrize("read", [read_user_file, dataset_file], ids=["device file", "dataset file"])
+
+
+@READERS
 @FUZZ
 @given(DEVICE_FILES, st.one_of(
     st.binary(max_size=300),
@@ -82,14 +93,14 @@ DEVICE_FILES = st.sampled_from(["user.csv", "user.tsv", "user.json", "user.jsonl
     # almost right: a header, then rows with random cells
     st.lists(st.tuples(st.text(max_size=15), st.one_of(st.integers(-3, 3), st.floats(), st.text(max_size=3))),
              max_size=6).map(lambda rows: ("text,label\n" + "".join(f'"{t}",{v}\n' for t, v in rows)).encode())))
-def test_any_device_file_is_rows_or_one_clear_error(name, content):
-    """A device's own data file (read with pyarrow alone): random bytes, random text, a CSV with
-    random cells, under every suffix."""
+def test_any_device_file_is_rows_or_one_clear_error(read, name, content):
+    """A device's own data file (read with pyarrow alone) and a dataset file (read as `--dataset`
+    reads it): random bytes, random text, a CSV with random cells, under every suffix."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / name
         path.write_bytes(content)
         try:
-            texts, labels, num_labels = read_user_file(path)
+            texts, labels, num_labels = read(path)
         except FedrexError as err:
             assert str(path) in str(err)
         else:
@@ -101,12 +112,14 @@ WORDS = st.text(alphabet=st.characters(categories=("L", "N", "Zs", "P"), exclude
                 max_size=40).filter(lambda t: t.strip() == t and t)
 
 
+@READERS
 @FUZZ
 @given(DEVICE_FILES, st.lists(st.tuples(WORDS, st.sampled_from([0, 1])), min_size=2, max_size=8)
        .filter(lambda rows: {label for _, label in rows} == {0, 1}))
-def test_a_well_formed_device_file_reads_back_its_rows(name, rows):
+def test_a_well_formed_device_file_reads_back_its_rows(read, name, rows):
     """The other side of the fuzz above: any well-formed file, in every format, gives back exactly
-    its texts and labels (so the refusals above are of bad files, not of files in general)."""
+    its texts and labels (so the refusals above are of bad files, not of files in general), texts
+    that look like numbers ("42", "007") included."""
     frame = pd.DataFrame(rows, columns=["text", "label"])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / name
@@ -118,7 +131,7 @@ def test_a_well_formed_device_file_reads_back_its_rows(name, rows):
             frame.to_json(path, orient="records", force_ascii=False)
         else:
             frame.to_csv(path, index=False, sep="\t" if name.endswith(".tsv") else ",")
-        texts, labels, num_labels = read_user_file(path)
+        texts, labels, num_labels = read(path)
     assert texts == frame["text"].tolist() and labels.tolist() == frame["label"].tolist() and num_labels == 2
 
 
