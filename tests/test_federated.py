@@ -4,6 +4,7 @@ tweets: learning rounds, per-client rows, personal state across rounds, DP accou
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -204,20 +205,23 @@ def stateful(tmp_path_factory):
     return run(tmp_path_factory.mktemp("stateful"), "run-id=stateful", *STATEFUL)
 
 
-def _simulate_in_background(*args):
+def _simulate_in_background(*args, stderr: bool = False):
     import subprocess
 
     return subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args],
-                            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if stderr else subprocess.DEVNULL)
 
 
-def _kill_during(process, folder: Path, round_number: int, phase: str) -> None:
-    """kill -9 of the simulation's process group while ``phase`` of ``round_number`` is under way
-    (progress.json), then check that it was: the round is not committed and the phase never ended."""
+def _kill_during(process, folder: Path, round_number: int, phase: str, how: int | None = None) -> None:
+    """``how`` (default kill -9; SIGINT: a terminal's Ctrl-C) to the simulation's process group
+    while ``phase`` of ``round_number`` is under way (progress.json), then check that it was: the
+    round is not committed, and nothing FedREX started is left."""
     import os
     import signal
     import time
+
+    how = signal.SIGKILL if how is None else how
 
     from simulations.localhost import matching_pids
 
@@ -228,8 +232,9 @@ def _kill_during(process, folder: Path, round_number: int, phase: str) -> None:
             break
         time.sleep(0.02)
     assert seen and (seen["round"], seen["phase"]) == (round_number, phase), f"never saw {phase} of round {round_number}: {seen}"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    os.killpg(process.pid, how)
+    # kill -9 leaves the cleanup to the watchdog; Ctrl-C is `fedrex simulate`'s own: one line, code 130
+    assert process.wait(timeout=120) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
 
     def leftovers():
         return (matching_pids("flower-superlink", str(folder.parent)) | matching_pids("flwr-simulation")
@@ -238,21 +243,22 @@ def _kill_during(process, folder: Path, round_number: int, phase: str) -> None:
     deadline = time.time() + 60
     while leftovers() and time.time() < deadline:
         time.sleep(0.5)
-    assert not leftovers()  # the watchdog stopped the SuperLink, the simulation and Ray (own sessions)
-    # the ServerApp lived on until the watchdog stopped it: it must not have finished the round
+    assert not leftovers()  # the SuperLink, the simulation and Ray (own sessions) were stopped
+    # the ServerApp lived on until it was stopped: it must not have finished the round
     after = json.loads(progress.read_text())
     assert after["round"] == round_number and after["phase"] != "committed", f"the round went on: {after}"
     meta = json.loads((folder / "run.json").read_text())
-    assert meta["completed_rounds"] == round_number - 1 and meta["status"] == "running"  # the resume decides
+    assert meta["completed_rounds"] == round_number - 1 and meta["status"] != "completed"  # the resume decides
 
 
-def test_kills_mid_train_and_mid_evaluate_of_a_resume_resume_to_the_uninterrupted_run(stateful, tmp_path):
+def test_kill_9_mid_train_and_mid_evaluate_and_ctrl_c_resume_to_the_uninterrupted_run(stateful, tmp_path):
     """kill -9 of `fedrex simulate`'s process group in round 2's training, then of the resumed run in
-    round 2's evaluation: nothing FedREX started is left either time, and a second resume gives the
-    uninterrupted run's final weights bit for bit and its rows (personal ditto models included),
-    although clients had written round-2 state before the second kill. The one difference is the privacy
-    ledger, by design: a user who trained in a lost round counts its budget as spent (its noisy
-    update had left), so its epsilon is above the uninterrupted run's from round 2 on, and only its."""
+    round 2's evaluation, then Ctrl-C of the next resume in round 3's training (one line, exit code
+    130): nothing FedREX started is left any time, and a last resume gives the uninterrupted run's
+    final weights bit for bit and its rows (personal ditto models included), although clients had
+    written state of the lost rounds. The one difference is the privacy ledger, by design: a user
+    who trained in a lost round counts its budget as spent (its noisy update had left), so its
+    epsilon is above the uninterrupted run's from that round on, and only its."""
     import numpy as np
 
     command = ["--runs-dir", str(tmp_path)]
@@ -263,6 +269,10 @@ def test_kills_mid_train_and_mid_evaluate_of_a_resume_resume_to_the_uninterrupte
     _kill_during(_simulate_in_background("--resume", str(folder)), folder, 2, "evaluate")
     lost = {int(p.parent.name[1:]) for p in (folder / "client_state").glob("p*/round-0002.json")}
     assert json.loads((folder / "progress.json").read_text())["phase"] == "evaluate"  # not the resume's start
+    resumed = _simulate_in_background("--resume", str(folder), stderr=True)
+    _kill_during(resumed, folder, 3, "train", how=signal.SIGINT)  # Ctrl-C of the next resume
+    assert "fedrex: interrupted" in resumed.stderr.read()
+    lost_3 = {int(p.parent.name[1:]) for p in (folder / "client_state").glob("p*/round-0003.json")}
     simulate(load_settings(None, []), {"resume": str(folder)})
     assert json.loads((folder / "progress.json").read_text())["phase"] == "committed"
     final = load_weights(folder / "checkpoints" / "round-0003.safetensors")
@@ -275,7 +285,9 @@ def test_kills_mid_train_and_mid_evaluate_of_a_resume_resume_to_the_uninterrupte
     assert lost == round_2_trainers and lost  # every user the resume retrained had state of the lost round
     eps_resumed, eps_whole = resumed[is_eps].reset_index(drop=True), whole[whole["metric"] == "epsilon"].reset_index(drop=True)
     pd.testing.assert_frame_equal(eps_resumed.drop(columns="value"), eps_whole.drop(columns="value"))  # same keys
-    charged = ((eps_resumed["round"] >= 2) & eps_resumed["partition_id"].isin(lost)).to_numpy()
+    # charged: a lost round's trainers, from that round on (round 3's: those done before the Ctrl-C)
+    charged = (((eps_resumed["round"] >= 2) & eps_resumed["partition_id"].isin(lost))
+               | ((eps_resumed["round"] >= 3) & eps_resumed["partition_id"].isin(lost_3))).to_numpy()
     assert charged.any() and (~charged).any()
     assert (eps_resumed["value"].to_numpy()[charged] > eps_whole["value"].to_numpy()[charged]).all()
     np.testing.assert_array_equal(eps_resumed["value"].to_numpy()[~charged], eps_whole["value"].to_numpy()[~charged])
