@@ -123,7 +123,7 @@ def load_text_dataset(
         raw, mapping, label_map = _load_registered(spec, split, local_root)
         num_labels = spec.num_labels
     elif Path(name).suffix.lower() in LOCAL_FORMATS:
-        raw = _load_local_file(Path(name), columns.text or TEXT)
+        raw = _load_local_file(Path(name), (columns.text or TEXT, columns.user or USER))
         mapping, label_map, num_labels = _override_mapping(columns, raw.column_names), None, columns.num_labels
     elif "/" in name and not Path(name).exists():
         raw = _load_hub(name, split)
@@ -169,7 +169,8 @@ def _load_registered(spec: DatasetSpec, split: str, local_root: Path | None):
     if local_root is not None and split in spec.local_files and (local_root / spec.local_files[split]).exists():
         mapping = {TEXT: spec.text_column, LABEL: spec.label_column, USER: spec.user_column,
                    TIME: spec.time_column}
-        return _load_local_file(local_root / spec.local_files[split], spec.text_column), mapping, None
+        return (_load_local_file(local_root / spec.local_files[split], (spec.text_column, spec.user_column or USER)),
+                mapping, None)
     if local_root is not None and split not in spec.local_files:
         have = ", ".join(sorted(spec.local_files))
         raise FedrexError(f"{spec.name} has no {split!r} split in {local_root} (it has: {have})")
@@ -188,9 +189,9 @@ def _load_registered(spec: DatasetSpec, split: str, local_root: Path | None):
     return _load_hub(spec.hub_id, spec.hub_splits[split]), mapping, spec.hub_label_map
 
 
-def _load_local_file(path: Path, text_column: str = TEXT):
-    """A local file through HF datasets; a CSV's ``text_column`` is read as text whatever it looks
-    like (pandas would read a column of "007", "42" as integers and lose the leading zeros)."""
+def _load_local_file(path: Path, string_columns: tuple[str, ...] = (TEXT, USER)):
+    """A local file: a CSV with pyarrow (``_read_csv``: ``string_columns``, the text and the user
+    id, stay text whatever they look like), anything else through HF datasets."""
     import datasets
 
     if not path.exists():
@@ -199,7 +200,7 @@ def _load_local_file(path: Path, text_column: str = TEXT):
     if fmt is None:
         raise FedrexError(f"cannot read {path}: use one of {', '.join(LOCAL_FORMATS)}")
     if fmt == "csv":
-        return datasets.Dataset(_read_csv(path, text_column))
+        return datasets.Dataset(_read_csv(path, *string_columns))
     try:
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parser errors in several types
@@ -211,20 +212,29 @@ def _load_local_file(path: Path, text_column: str = TEXT):
         raise FedrexError(f"cannot read {path}: {type(cause).__name__}: {cause}".splitlines()[0]) from None
 
 
-def _read_csv(path: Path, text_column: str) -> pa.Table:
-    """A .csv/.tsv with pyarrow: ``text_column`` is text even when every cell looks like a number
-    ("007", "1/2"; pandas, under HF datasets' CSV loader, made them integers)."""
+def _read_csv(path: Path, *string_columns: str) -> pa.Table:
+    """A .csv/.tsv with pyarrow. ``string_columns`` (the text, a user id) are text even when every
+    cell looks like a number: pandas, under HF datasets' CSV loader, made "007" the integer 7 and two
+    19-digit user ids one float. An empty cell is missing (a row with no text is refused later, as
+    before), any other cell is what it says ("NA" is a text); quoted cells may hold line breaks."""
     import pyarrow.csv as pa_csv
 
     _check_utf8(path)
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter),
-                               convert_options=pa_csv.ConvertOptions(column_types={text_column: pa.string()}))
+        table = pa_csv.read_csv(
+            path, parse_options=pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in string_columns},
+                                                  null_values=[""], strings_can_be_null=True))
     except pa.ArrowInvalid as err:
         if "Empty CSV file" in str(err):
             raise FedrexError(f"{path} is empty: no rows to train or evaluate on") from None
         raise FedrexError(f"cannot read {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
+    repeated = sorted({c for c in table.column_names if table.column_names.count(c) > 1})
+    if repeated:
+        raise FedrexError(f"{path} names column(s) {', '.join(map(repr, repeated))} more than once: give each "
+                          "column its own name")
+    return table
 
 
 def read_user_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray, int]:
@@ -416,7 +426,7 @@ def cached_text_dataset(
     return datasets.load_from_disk(str(entry / "data")), num_labels
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: CSVs read with pyarrow (texts and user ids as text, empty cells missing)
 
 
 def cache_dir() -> Path:

@@ -154,6 +154,7 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     watchdog = subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(os.getpid()), home, port],
                                 cwd=app_dir(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True) if started_here else None
+    interrupted = False
     try:
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               bufsize=1) as process:
@@ -162,6 +163,9 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
                     if line.strip():
                         sys.stderr.write(line)
                         sys.stderr.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         config_file.unlink(missing_ok=True)
@@ -171,6 +175,12 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
         if started_here:  # the managed SuperLink this call started, and the simulation processes it started
             # in sessions of their own (they name its address); a SuperLink the user started stays
             stop_groups(simulation_groups(home, port))
+        if interrupted and (run_dir / "run.json").exists():  # the ServerApp was stopped before it could say so
+            from server.store import RunStore
+
+            store = RunStore.open(run_dir)
+            store.fail(f"interrupted (Ctrl-C or SIGTERM) after round {store.completed_rounds}; "
+                       f"`fedrex simulate --resume {run_dir}` continues")
     store = check_finished(run_dir, settings, control, process.returncode)
     print(f"[fedrex] {store.completed_rounds}/{settings.num_rounds} rounds in {time.time() - start:.0f}s -> {run_dir}",
           file=sys.stderr)

@@ -37,7 +37,7 @@ def simulation_groups(home: str, port: str) -> set[int]:
 def main(argv: list[str]) -> int:
     parent, home, port = int(argv[0]), argv[1], argv[2]
     while alive(parent):
-        time.sleep(0.5)
+        time.sleep(0.1)
     stop_groups(simulation_groups(home, port))
     return 0
 

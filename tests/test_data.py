@@ -188,6 +188,17 @@ def test_a_local_csv_of_numeric_looking_texts_reads_them_as_text(tmp_path):
     assert load_text_dataset(renamed, columns=ColumnOverrides(text="body"))[0]["text"] == ["007", "42"]
     with pytest.raises(FedrexError, match="no column 'text'"):
         load_text_dataset(renamed)
+    # user ids stay text (two 19-digit ids were one float), quoted texts may hold line breaks, an
+    # empty text is refused as before, a column named twice is one clear error
+    users = write_csv(tmp_path, "users.csv", b'text,label,user_id\n"two\nlines",1,9300000000000000001\n'
+                                             b'"NA",0,9300000000000000002\n')
+    dataset, _ = load_text_dataset(users, columns=ColumnOverrides(user="user_id"))
+    assert dataset["text"] == ["two\nlines", "NA"]
+    assert dataset["user_id"] == ["9300000000000000001", "9300000000000000002"]
+    with pytest.raises(FedrexError, match="1 rows have no text"):
+        load_text_dataset(write_csv(tmp_path, "blank.csv", b"text,label\nfine,1\n,0\n"))
+    with pytest.raises(FedrexError, match="names column.*'' more than once"):
+        load_text_dataset(write_csv(tmp_path, "sheet.csv", b"text,label,,\nfine,1,,\n"))
 
 
 def test_local_csv_with_column_mapping(tmp_path):

@@ -205,18 +205,21 @@ def stateful(tmp_path_factory):
     return run(tmp_path_factory.mktemp("stateful"), "run-id=stateful", *STATEFUL)
 
 
-def _simulate_in_background(*args, stderr: bool = False):
+def _simulate_in_background(*args, stderr: Path | None = None):
+    """`fedrex simulate` in a session of its own (as a terminal runs it), its stderr into a file."""
     import subprocess
 
     return subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", *args],
-                            cwd=Path(__file__).resolve().parents[1], start_new_session=True, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if stderr else subprocess.DEVNULL)
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(stderr, "w") if stderr else subprocess.DEVNULL)
 
 
-def _kill_during(process, folder: Path, round_number: int, phase: str, how: int | None = None) -> None:
+def _kill_during(process, folder: Path, round_number: int, phase: str, how: int | None = None,
+                 ready=lambda: True) -> dict:
     """``how`` (default kill -9; SIGINT: a terminal's Ctrl-C) to the simulation's process group
     while ``phase`` of ``round_number`` is under way (progress.json), then check that it was: the
-    round is not committed, and nothing FedREX started is left."""
+    round is not committed, and nothing FedREX started is left. ``ready``: a further condition to
+    wait for within the phase. Returns run.json as the interruption left it."""
     import os
     import signal
     import time
@@ -228,11 +231,14 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     progress, deadline, seen = folder / "progress.json", time.time() + 300, None
     while time.time() < deadline and process.poll() is None:
         seen = json.loads(progress.read_text()) if progress.exists() else None
-        if seen and (seen["round"], seen["phase"]) == (round_number, phase):
+        if seen and (seen["round"], seen["phase"]) == (round_number, phase) and ready():
             break
         time.sleep(0.02)
     assert seen and (seen["round"], seen["phase"]) == (round_number, phase), f"never saw {phase} of round {round_number}: {seen}"
     os.killpg(process.pid, how)
+    if how == signal.SIGKILL:  # the whole run dies at this point, the ServerApp with it (the watchdog
+        for pid in matching_pids("flwr-simulation"):  # alone would stop it within a second: a short
+            os.kill(pid, signal.SIGKILL)  # phase could end first); the watchdog stops the rest
     # kill -9 leaves the cleanup to the watchdog; Ctrl-C is `fedrex simulate`'s own: one line, code 130
     assert process.wait(timeout=120) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
 
@@ -244,11 +250,12 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     while leftovers() and time.time() < deadline:
         time.sleep(0.5)
     assert not leftovers()  # the SuperLink, the simulation and Ray (own sessions) were stopped
-    # the ServerApp lived on until it was stopped: it must not have finished the round
+    # the ServerApp (Ctrl-C: until `fedrex simulate` stopped it) must not have finished the round
     after = json.loads(progress.read_text())
     assert after["round"] == round_number and after["phase"] != "committed", f"the round went on: {after}"
     meta = json.loads((folder / "run.json").read_text())
-    assert meta["completed_rounds"] == round_number - 1 and meta["status"] != "completed"  # the resume decides
+    assert meta["completed_rounds"] == round_number - 1
+    return meta
 
 
 def test_kill_9_mid_train_and_mid_evaluate_and_ctrl_c_resume_to_the_uninterrupted_run(stateful, tmp_path):
@@ -265,14 +272,20 @@ def test_kill_9_mid_train_and_mid_evaluate_and_ctrl_c_resume_to_the_uninterrupte
     for pair in [*SMALL, *STATEFUL, "run-id=killed"]:
         command += ["--run-config", pair]
     folder = tmp_path / "killed"
-    _kill_during(_simulate_in_background(*command), folder, 2, "train")
-    _kill_during(_simulate_in_background("--resume", str(folder)), folder, 2, "evaluate")
+    # kill -9: nobody is left to say what happened, so run.json still says running: the resume decides
+    assert _kill_during(_simulate_in_background(*command), folder, 2, "train")["status"] == "running"
+    assert _kill_during(_simulate_in_background("--resume", str(folder)), folder, 2, "evaluate")["status"] == "running"
     lost = {int(p.parent.name[1:]) for p in (folder / "client_state").glob("p*/round-0002.json")}
     assert json.loads((folder / "progress.json").read_text())["phase"] == "evaluate"  # not the resume's start
-    resumed = _simulate_in_background("--resume", str(folder), stderr=True)
-    _kill_during(resumed, folder, 3, "train", how=signal.SIGINT)  # Ctrl-C of the next resume
-    assert "fedrex: interrupted" in resumed.stderr.read()
+    # Ctrl-C of the next resume once a user has saved its round-3 state (so the lost round charges it)
+    errors = tmp_path / "ctrl-c.err"
+    meta = _kill_during(_simulate_in_background("--resume", str(folder), stderr=errors), folder, 3, "train",
+                        how=signal.SIGINT, ready=lambda: any((folder / "client_state").glob("p*/round-0003.json")))
+    said = errors.read_text()
+    assert "fedrex: interrupted" in said and "Traceback" not in said, said
+    assert meta["status"] == "failed" and meta["failure"].startswith("interrupted (Ctrl-C or SIGTERM) after round 2")
     lost_3 = {int(p.parent.name[1:]) for p in (folder / "client_state").glob("p*/round-0003.json")}
+    assert lost_3
     simulate(load_settings(None, []), {"resume": str(folder)})
     assert json.loads((folder / "progress.json").read_text())["phase"] == "committed"
     final = load_weights(folder / "checkpoints" / "round-0003.safetensors")
