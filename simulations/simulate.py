@@ -175,7 +175,8 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
         if started_here:  # the managed SuperLink this call started, and the simulation processes it started
             # in sessions of their own (they name its address); a SuperLink the user started stays
             stop_groups(simulation_groups(home, port))
-        if interrupted and (run_dir / "run.json").exists():  # the ServerApp was stopped before it could say so
+        # the ServerApp this call stopped could not say so (a SuperLink the user started runs on)
+        if interrupted and started_here and (run_dir / "run.json").exists():
             from server.store import RunStore
 
             store = RunStore.open(run_dir)
