@@ -20,7 +20,6 @@ import argparse
 import copy
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ from models.attacks import synonyms  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.evaluation import robustness  # noqa: E402
-from models.normalizer import WordNormalizer, _split  # noqa: E402
+from models.normalizer import WordNormalizer, ms_per_sentence, word_counts  # noqa: E402
 from models.robust.synonym_encoding import SynonymEncoding  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 
@@ -90,8 +89,8 @@ def main() -> int:
     dev, _ = cached_text_dataset("sst2", "validation")
     texts, labels = list(train["text"]), np.asarray(train["label"])
     dev_texts, dev_labels = list(dev["text"]), np.asarray(dev["label"])
-    counts = Counter(core for t in texts for core in (_split(w)[1] for w in t.lower().split()) if core.isalpha())
-    dev_words = sorted({core for t in dev_texts for core in (_split(w)[1] for w in t.lower().split()) if core.isalpha()})
+    counts = word_counts(texts)
+    dev_words = sorted(word_counts(dev_texts))
     pairs = [(w, s.lower()) for w in dev_words for s in synonyms(w) if s.isalpha()]
 
     plain = WordPieceTokenizer(64, normalizer=normalizer)
@@ -109,7 +108,7 @@ def main() -> int:
         sizes = pd.Series(list(encoding.code.values())).value_counts()
         facts = {"table KB": len(encoding.to_bytes()) / 1024, "coverage of dev words' WordNet pairs":
                  encoding.coverage(pairs), "largest cluster": int(sizes.max()) + 1,
-                 "ms/sentence": _ms_per_sentence(encoding, dev_texts)}
+                 "ms/sentence": ms_per_sentence(encoding, dev_texts)}
         tokenizer = WordPieceTokenizer(64, normalizer=lambda t, e=encoding: e(normalizer(t)))
         rows.append(measure(f"+ {kind}, model as shipped", model, tokenizer, dev_texts, dev_labels, args.seed, facts))
         tuned = fine_tune(model, tokenizer, texts, labels, targets, args.epochs, args.seed)
@@ -138,12 +137,6 @@ def table(rows: list[dict]) -> str:
         frame[column] = ["–" if v != v else form.format(v) for v in frame[column]]
     return markdown_table(frame)
 
-
-def _ms_per_sentence(encoding: SynonymEncoding, texts: list[str]) -> float:
-    start = time.perf_counter()
-    for text in texts:
-        encoding(text)
-    return (time.perf_counter() - start) * 1000 / len(texts)
 
 
 if __name__ == "__main__":

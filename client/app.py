@@ -145,8 +145,7 @@ def _pool_user(settings: RunSettings, partition_id: int, node_config) -> dict:
     dataset's partitioner and the seed alone. Its rows are read only when the server assigns
     devices by label (``train-positive``), so discovering 100,000 users costs no tokenizing."""
     fed = federation(settings)
-    if not 0 <= partition_id < fed.num_partitions:
-        raise FedrexError(f"partition id {partition_id} out of range 0..{fed.num_partitions - 1}")
+    fed.check_partition_id(partition_id)
     info = {"client-id": fed.client_id(partition_id), "partition-id": partition_id, "simulated": 1,
             DEVICE: profile_for(settings, partition_id, {**node_config, "partition-id": partition_id}).as_record()}
     if settings.device_assign == "label":

@@ -58,9 +58,7 @@ class WordNormalizer:
 
     @classmethod
     def from_texts(cls, texts, min_count: int = 1) -> "WordNormalizer":
-        counts = Counter(core for text in texts for core in (_split(w)[1] for w in text.lower().split())
-                         if core.isalpha())
-        return cls({w: c for w, c in counts.items() if c >= min_count})
+        return cls({w: c for w, c in word_counts(texts).items() if c >= min_count})
 
     def correct(self, word: str) -> str:
         """The vocabulary word a (lowercase) word was most likely meant to be."""
@@ -79,31 +77,10 @@ class WordNormalizer:
         return word
 
     def __call__(self, text: str) -> str:
-        out = []
-        for token in text.split():
-            lead, core, tail = _split(token.lower())
-            fixed = self.correct(core) if core else core
-            out.append(token if fixed == core else lead + fixed + tail)
-        return " ".join(out)
+        return map_words(text, lambda core: self.correct(core) if core else core)
 
     def ms_per_sentence(self, texts: list[str]) -> float:
-        """Cost per sentence, after a warm-up pass, with the garbage collector's view of the calling
-        process frozen: on a device the normaliser lives in a small process, and a full collection
-        over a benchmark's millions of objects would otherwise be charged to it."""
-        import gc
-        import time
-
-        for text in texts:
-            self(text)
-        gc.collect()
-        gc.freeze()
-        try:
-            start = time.perf_counter()
-            for text in texts:
-                self(text)
-            return (time.perf_counter() - start) * 1000 / max(len(texts), 1)
-        finally:
-            gc.unfreeze()
+        return ms_per_sentence(self, texts)
 
     # ----------------------------------------------------------------------------- persistence
     def to_bytes(self) -> bytes:
@@ -131,6 +108,44 @@ class WordNormalizer:
         if not path.exists():
             raise FedrexError(f"{path} not found: this artifact was built without a word normaliser")
         return cls.from_bytes(path.read_bytes())
+
+
+def word_counts(texts) -> Counter:
+    """How often each alphabetic word occurs in ``texts`` (lowercase, punctuation around it cut):
+    the corpus a text defence is built from."""
+    return Counter(core for text in texts for core in (_split(w)[1] for w in text.lower().split()) if core.isalpha())
+
+
+def map_words(text: str, change) -> str:
+    """``text`` with each word (lowercase, the punctuation around it kept) replaced by
+    ``change(word)``; a word it leaves as it is keeps its original spelling and case."""
+    out = []
+    for token in text.split():
+        lead, core, tail = _split(token.lower())
+        new = change(core)
+        out.append(token if new == core else lead + new + tail)
+    return " ".join(out)
+
+
+def ms_per_sentence(transform, texts: list[str]) -> float:
+    """What a text -> text defence costs per sentence, after a warm-up pass, with the garbage
+    collector's view of the calling process frozen: on a device the defence lives in a small
+    process, and a full collection over a benchmark's millions of objects would otherwise be
+    charged to it."""
+    import gc
+    import time
+
+    for text in texts:
+        transform(text)
+    gc.collect()
+    gc.freeze()
+    try:
+        start = time.perf_counter()
+        for text in texts:
+            transform(text)
+        return (time.perf_counter() - start) * 1000 / max(len(texts), 1)
+    finally:
+        gc.unfreeze()
 
 
 def _split(token: str) -> tuple[str, str, str]:

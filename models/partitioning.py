@@ -123,9 +123,12 @@ class FederatedData:
             self._load(0)  # Dirichlet sizes are only known once sampled; fail here, not later
         return int(self.partitioner.num_partitions)
 
-    def partition(self, partition_id: int):
+    def check_partition_id(self, partition_id: int) -> None:
         if not 0 <= partition_id < self.num_partitions:
             raise FedrexError(f"partition id {partition_id} out of range 0..{self.num_partitions - 1}")
+
+    def partition(self, partition_id: int):
+        self.check_partition_id(partition_id)
         return self._load(partition_id)
 
     def _load(self, partition_id: int):

@@ -96,8 +96,8 @@ def _alive(group: int) -> bool:
     return False
 
 
-def tree_pids(*roots: int) -> set[int]:
-    """``roots`` and all their descendants, each once (Ray's raylet, GCS and workers too)."""
+def parent_pids() -> dict[int, int]:
+    """Every running process's parent: pid -> parent pid."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -106,6 +106,12 @@ def tree_pids(*roots: int) -> set[int]:
                     parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
+    return parents
+
+
+def tree_pids(*roots: int) -> set[int]:
+    """``roots`` and all their descendants, each once (Ray's raylet, GCS and workers too)."""
+    parents = parent_pids()
     tree, frontier = set(roots), list(roots)
     while frontier:
         pid = frontier.pop()

@@ -313,7 +313,7 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     import subprocess
     import time
 
-    from simulations.localhost import matching_pids
+    from simulations.localhost import matching_pids, parent_pids
 
     def start(run_id: str, rounds: int) -> subprocess.Popen:
         command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
@@ -325,14 +325,8 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     def superlinks() -> set[int]:
         """The SuperLinks of this test's runs; not a SuperLink's child caught between its fork and
         its exec, which still shows the SuperLink's command line (CI counted 3 once)."""
-        found = matching_pids("flower-superlink", str(tmp_path))
-        parents = {}
-        for pid in found:
-            try:
-                parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-        return {pid for pid, parent in parents.items() if parent not in found}
+        found, parents = matching_pids("flower-superlink", str(tmp_path)), parent_pids()
+        return {pid for pid in found if pid in parents and parents[pid] not in found}
 
     processes = [start("side-a", 1), start("side-b", 2)]
     most_superlinks = 0

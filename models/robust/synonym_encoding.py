@@ -59,14 +59,9 @@ class SynonymEncoding:
     def __call__(self, text: str) -> str:
         """``text`` with each word of the table replaced by its representative (lowercase; the
         punctuation around a word is kept)."""
-        from models.normalizer import _split
+        from models.normalizer import map_words
 
-        out = []
-        for token in text.split():
-            lead, core, tail = _split(token.lower())
-            rep = self.code.get(core)
-            out.append(token if rep is None else lead + rep + tail)
-        return " ".join(out)
+        return map_words(text, lambda core: self.code.get(core, core))
 
     def coverage(self, pairs: Iterable[tuple[str, str]]) -> float:
         """The share of (word, synonym) pairs that read the same after encoding."""
