@@ -3,6 +3,7 @@ natural and adversarial accuracy, explanation fidelity, size and latency, each m
 the word normaliser (a second table row from the same trained model: one change per row).
 
     python benchmarks/compression.py [--quick] [--datasets sst2,ag_news] [--seed 0]
+    python benchmarks/compression.py --add-attacks embedding   # a recipe added later, on the kept models
 
 Writes results/compression.json (every row, with its full config and card) after each row, so an
 interrupted run keeps what it finished and a rerun skips rows already measured with the same
@@ -28,6 +29,7 @@ import pandas as pd  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION  # noqa: E402
+from models.protocol import ATTACKS  # noqa: E402
 from models.objectives import ObjectiveConfig  # noqa: E402
 from server.distill import DistillConfig, distill  # noqa: E402
 
@@ -49,6 +51,8 @@ VARIANTS = [  # (row name, network, objective weights, other config changes): on
     ("FastGRNN + our objectives", "fastgrnn", OURS, ABLATION),
     ("PRADO + our objectives", "prado", OURS, ABLATION),
 ]
+# the attacks every trained row is measured with (part of its config, so of its key): a recipe
+# added later is measured on the kept models with --add-attacks instead of retraining every row
 ATTACK_ORDER = ["char", "char-beam", "synonym", "synonym-sim", "hotflip"]
 # The 22.7M-parameter teacher answers every query ~30x slower than a student: the query-hungry
 # searches (beam: up to 1,000 queries per sentence; similarity-checked synonyms) are left out for it.
@@ -76,7 +80,10 @@ def table(rows: list[dict]) -> str:
     """One line per model, and one more per model behind the word normaliser (same weights)."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))  # rows added by a later run join their dataset
     rows = sorted(rows, key=lambda r: datasets.index(r["dataset"]))
-    attacks = sorted({a for r in rows for a in r["card"].get("attacks", {})}, key=ATTACK_ORDER.index)
+    # black-box recipes in the trained rows' order, then recipes added later, the white-box HotFlip last
+    attacks = sorted({a for r in rows for a in r["card"].get("attacks", {})},
+                     key=lambda a: (a == "hotflip", ATTACK_ORDER.index(a) if a in ATTACK_ORDER else len(ATTACK_ORDER),
+                                    ATTACKS.index(a)))
     head = (["dataset", "model", "params", "device KB", "ms/sent", "clean acc"] + [f"acc {a}" for a in attacks]
             + ["compr.", "suff.", "teacher agr."])
     body = []
@@ -115,6 +122,9 @@ def main() -> int:
     parser.add_argument("--time-only", action="store_true",
                         help="train nothing: re-time every measured row (latency, normaliser) and rewrite the table")
     parser.add_argument("--artifacts", default="/tmp/fedrex-compression", help="where each row's model is kept")
+    parser.add_argument("--add-attacks", default="",
+                        help="train nothing: measure these attacks on every row whose model is kept (the same "
+                             "rows, budget and seed), alone and behind the normaliser, and rewrite the table")
     args = parser.parse_args()
     out = Path(args.out)
     json_path = out / ("compression-quick.json" if args.quick else "compression.json")
@@ -126,7 +136,12 @@ def main() -> int:
     known = {r["key"] for r in done}
     rows = list(done)
     started = time.time()
-    for dataset in ([] if args.time_only else args.datasets.split(",")):
+    if args.add_attacks:
+        add_attacks(rows, Path(args.artifacts), tuple(args.add_attacks.split(",")),
+                    lambda: atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(),
+                                                          "rows": rows}),
+                    [n for n in args.only.split(",") if n])
+    for dataset in ([] if args.time_only or args.add_attacks else args.datasets.split(",")):
         base = base_config(dataset, args.quick, args.seed)
         full = dataset in args.full.split(",")
         plan = [("MiniLM teacher", None, replace(base, attacks=TEACHER_ATTACKS, normalizer=full))] + [
@@ -148,13 +163,72 @@ def main() -> int:
             rows.append({"dataset": dataset, "name": name, "key": key, "seconds": time.time() - row_start,
                          "card": card, "config": config.as_dict(), "attacks_version": RECIPES_VERSION})
             atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(), "rows": rows})
-    if not args.quick:
+    if not args.quick and not args.add_attacks:
         remeasure_latency(rows, Path(args.artifacts))
         atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(), "rows": rows})
     md = table(rows)
     atomic_write_bytes(json_path.with_suffix(".md"), (md + "\n").encode())
     print(md)
     return 0
+
+
+def row_config(row: dict) -> DistillConfig:
+    return DistillConfig(**{**row["config"], "objective": ObjectiveConfig(**row["config"]["objective"]),
+                            "attacks": tuple(row["config"]["attacks"])})
+
+
+def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save, only: list[str]) -> None:
+    """Measure attacks a row was not trained and measured with (a recipe added later) on its kept
+    model: the same evaluation rows, budget and seed as its other attacks, alone and behind the
+    row's word normaliser; ``save()`` after each row, so an interrupted pass keeps what it did and
+    a rerun skips it. ``only``: these row names (default: every row)."""
+    from models.artifact import load_artifact, load_weights
+    from models.evaluation import robustness
+    from models.normalizer import WordNormalizer
+    from models.protocol import check_attacks
+    from models.teacher import MiniLMTeacher
+    from models.tokenizer import WordPieceTokenizer
+    from server.distill import evaluation_rows, load_splits
+
+    check_attacks(names)
+    for r in rows:
+        if only and r["name"] not in only:
+            continue
+        measured = [r["card"]["attacks"], *([r["card"]["normalized"]["attacks"]] if "normalized" in r["card"] else [])]
+        if all(name in attacks for attacks in measured for name in names):
+            print(f"[bench] {r['dataset']} / {r['name']}: {names} already measured", file=sys.stderr)
+            continue
+        cfg = row_config(r)
+        kept = artifacts / r["key"]
+        if r["name"] == "MiniLM teacher":
+            shipped = next((artifacts / o["key"] for o in rows if o["dataset"] == r["dataset"]
+                            and (artifacts / o["key"] / "config.json").exists()), None)
+            if shipped is None:
+                continue
+            _, eval_ds, labels = load_splits(cfg)
+            model = MiniLMTeacher(labels)
+            model.load_state_dict(load_weights(Path(r["card"]["cache"]) / "teacher.safetensors"))
+            kept = shipped  # its normaliser: every row of a dataset holds the same words
+        elif (kept / "config.json").exists():
+            model, _ = load_artifact(kept)
+            _, eval_ds, _ = load_splits(cfg)
+        else:
+            print(f"[bench] {r['dataset']} / {r['name']}: model not kept, {names} not measured", file=sys.stderr)
+            continue
+        model.eval()
+        plain = WordPieceTokenizer(cfg.max_length)
+        evaluation = evaluation_rows(cfg, eval_ds, plain)
+        start = time.time()
+        r["card"]["attacks"].update(robustness(model, plain, evaluation, names, cfg.attack_budget,
+                                               cfg.attack_samples, cfg.seed))
+        if "normalized" in r["card"]:
+            behind = WordPieceTokenizer(cfg.max_length, normalizer=WordNormalizer.load(kept))
+            r["card"]["normalized"]["attacks"].update(robustness(model, behind, evaluation, names, cfg.attack_budget,
+                                                                 cfg.attack_samples, cfg.seed))
+        print(f"[bench] {r['dataset']} / {r['name']}: " + " ".join(
+            f"{a} {r['card']['attacks'][a]['adv_acc']:.3f}" for a in names) + f" ({time.time() - start:.0f}s)",
+            file=sys.stderr, flush=True)
+        save()
 
 
 def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
@@ -177,8 +251,7 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
     labels: dict[str, int] = {}
     texts: dict[str, list[str]] = {}
     for r in rows:
-        cfg = DistillConfig(**{**r["config"], "objective": ObjectiveConfig(**r["config"]["objective"]),
-                               "attacks": tuple(r["config"]["attacks"])})
+        cfg = row_config(r)
         if r["dataset"] not in samples:
             _, evaluation, labels[r["dataset"]] = load_splits(cfg)
             ids = EncodedData.from_dataset(evaluation, WordPieceTokenizer(cfg.max_length)).ids

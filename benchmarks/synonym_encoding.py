@@ -9,9 +9,10 @@ SST-2 train's words and WordNet, SEM's greedy walk or star clusters, in front of
 is, or with the model fine-tuned on encoded text (`--epochs` over SST-2 train, cross-entropy plus
 distillation of the untouched student's answers on the same sentences, unencoded). The control row
 fine-tunes the same way on unencoded text, so that a gain can be told from the extra training.
-Attacks: `synonym` (PWWS), `synonym-sim` and `char` on the compression benchmark's 200 dev
-sentences (seed 0, 20% word budget), querying normaliser + encoding + model. Writes
-results/synonym_encoding.{json,md}; about 10 minutes on two cores.
+Attacks: `synonym` (PWWS), `synonym-sim`, `embedding` (TextFooler-style, candidates from MiniLM's
+embedding space: an attack the WordNet-built encoding was not built from) and `char` on the
+compression benchmark's 200 dev sentences (seed 0, 20% word budget), querying normaliser +
+encoding + model. Writes results/synonym_encoding.{json,md}; about 20 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from models.normalizer import WordNormalizer, ms_per_sentence, word_counts  # no
 from models.robust.synonym_encoding import SynonymEncoding  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 
-ATTACKS = ("synonym", "synonym-sim", "char")
+ATTACKS = ("synonym", "synonym-sim", "embedding", "char")
 
 
 def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, targets: torch.Tensor, epochs: float,
@@ -98,11 +99,19 @@ def main() -> int:
         ids = plain.encode(texts)
         targets = torch.cat([torch.softmax(model(torch.from_numpy(ids[i:i + 512])), -1)
                              for i in range(0, len(texts), 512)])
+    out = Path(args.out)
+
+    def save() -> None:  # after every row: an interrupted run keeps the rows it measured
+        atomic_write_json(out / "synonym_encoding.json", {"epochs": args.epochs, "seed": args.seed,
+                                                          "pairs": len(pairs), "rows": rows})
+
     rows = [measure("student + normaliser (the shipped package, reference)", model, plain, dev_texts, dev_labels,
                     args.seed, {})]
+    save()
     tuned = fine_tune(model, plain, texts, labels, targets, args.epochs, args.seed)
     rows.append(measure(f"control: fine-tuned {args.epochs:g} epochs on unencoded text", tuned, plain, dev_texts,
                         dev_labels, args.seed, {}))
+    save()
     for kind, star in (("SEM greedy walk", False), ("star clusters", True)):
         encoding = SynonymEncoding.build(counts, synonyms, star=star)
         sizes = pd.Series(list(encoding.code.values())).value_counts()
@@ -111,12 +120,11 @@ def main() -> int:
                  "ms/sentence": ms_per_sentence(encoding, dev_texts)}
         tokenizer = WordPieceTokenizer(64, normalizer=lambda t, e=encoding: e(normalizer(t)))
         rows.append(measure(f"+ {kind}, model as shipped", model, tokenizer, dev_texts, dev_labels, args.seed, facts))
+        save()
         tuned = fine_tune(model, tokenizer, texts, labels, targets, args.epochs, args.seed)
         rows.append(measure(f"+ {kind}, fine-tuned {args.epochs:g} epochs on encoded text", tuned, tokenizer,
                             dev_texts, dev_labels, args.seed, facts))
-    out = Path(args.out)
-    atomic_write_json(out / "synonym_encoding.json", {"epochs": args.epochs, "seed": args.seed, "pairs": len(pairs),
-                                                      "rows": rows})
+        save()
     md = table(rows)
     atomic_write_bytes(out / "synonym_encoding.md", (md + "\n").encode())
     print(md)

@@ -35,7 +35,7 @@ MODELS = ("global", "personal")
 # the attacks a client can be asked for (client-attacks): models/attacks.py's recipes plus the
 # white-box HotFlip; plain names here so a device without torch validates a run (a test keeps the
 # two equal)
-ATTACKS = ("char", "synonym", "char-beam", "synonym-sim", "hotflip")
+ATTACKS = ("char", "synonym", "char-beam", "synonym-sim", "embedding", "hotflip")
 # one value per attack, keyed attack_metric(name, attack); clean accuracy on the attacked rows is
 # one number for all attacks (every attack runs on the same seeded rows): ACC_ATTACKED_ROWS
 ATTACK_METRICS = ("adv_acc", "attack_success", "words_changed_pct", "queries")

@@ -230,6 +230,12 @@ def evaluate_normalized(model, cfg: DistillConfig, evaluation: EncodedData, norm
     return card
 
 
+def evaluation_rows(cfg: DistillConfig, eval_ds, tokenizer) -> EncodedData:
+    """The seeded evaluation rows every model of a config is measured on (attacks take theirs
+    from these)."""
+    return EncodedData.from_dataset(eval_ds, tokenizer).subset(take(len(eval_ds), cfg.eval_samples, cfg.seed))
+
+
 def distill(cfg: DistillConfig, out: Path | None = None, teacher_only: bool = False) -> dict:
     """Run the whole pipeline; write the artifact to ``out`` (when given) and return its card.
     ``teacher_only``: stop after the teacher and return the teacher's own evaluation card."""
@@ -238,7 +244,7 @@ def distill(cfg: DistillConfig, out: Path | None = None, teacher_only: bool = Fa
     tokenizer = WordPieceTokenizer(cfg.max_length)
     train_ds, eval_ds, num_labels = load_splits(cfg)
     train = EncodedData.from_dataset(train_ds, tokenizer)
-    evaluation = EncodedData.from_dataset(eval_ds, tokenizer).subset(take(len(eval_ds), cfg.eval_samples, cfg.seed))
+    evaluation = evaluation_rows(cfg, eval_ds, tokenizer)
     log(f"{cfg.dataset}: {len(train)} training rows, {len(evaluation)} evaluation rows, {num_labels} labels")
 
     # The teacher is needed for KD/EXPL, for the PCA embedding init, and to score every model's

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.attacks import (RECIPES, STOPWORDS, CharEdits, SentenceSimilarity, Words, attack_dataset,
-                            sentence_embeddings, word_budget)
+                            antonyms, embedding_neighbours, sentence_embeddings, word_budget)
 from models.augment import PerturbedText
 from models.datasets import cached_text_dataset
 from models.errors import FedrexError
@@ -60,6 +60,27 @@ def test_similarity_constraint_holds_for_every_successful_attack(model, sst2, to
         assert float(a @ b) >= 0.85 - 0.05 * (r.words_changed - 1)
     keep = SentenceSimilarity(0.85)("a truly wonderful film", ["a truly marvellous film", "a truly awful film today"])
     assert keep.dtype == bool and keep.shape == (2,)
+
+
+def test_embedding_candidates_are_minilm_neighbours_that_keep_part_of_speech_and_are_no_antonyms():
+    attack, rng = RECIPES["embedding"](), np.random.default_rng(0)
+
+    def kept(word):
+        options = attack.transformation(word, rng)
+        for constraint in attack.word_constraints:
+            options = [o for o, k in zip(options, constraint(word, options)) if k]
+        return options
+
+    raw = embedding_neighbours("good", 50, 0.35)
+    assert "bad" in raw and "excellent" in raw  # MiniLM's raw space puts the antonym next door
+    good = kept("good")
+    assert "excellent" in good and "great" in good and "bad" not in good
+    assert kept("Good")[:2] == [w.capitalize() for w in good[:2]]  # in the word's case
+    assert "faster" in embedding_neighbours("slow", 50, 0.35) and "faster" not in kept("slow")  # base form "fast"
+    assert "boring" in antonyms("fascinating")  # indirect: the satellite's head "interesting" has "uninteresting"
+    assert "film" in kept("movie") and "cinematic" not in kept("movie")  # nouns stay nouns
+    assert kept("The") == [] and kept("qzxwvk") == []  # function words, and words MiniLM cannot spell
+    assert all(len(embedding_neighbours(w, 50, 0.35)) <= 50 for w in ("good", "movie", "funny"))
 
 
 def test_normaliser_undoes_single_edits_and_leaves_corpus_words_alone(normalizer):
