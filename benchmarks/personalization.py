@@ -205,8 +205,22 @@ def run_one(dataset: str, name: str, pairs: list[str], rounds: int, extra: list[
     if len(failed):  # a row over a subset of the users is not the row it claims to be
         raise SystemExit(f"{run_id}: {failed['client_id'].nunique()} users failed in rounds "
                          f"{sorted(failed['round'].unique())} (see its events.jsonl); the row is not recorded")
-    return {"dataset": dataset, "name": name, "config": config, "run_id": run_id, "seconds": time.time() - start,
-            "attacks_version": RECIPES_VERSION, "data": data_rule(dataset), **summarise(runs_dir / run_id)}
+    created = json.loads((runs_dir / run_id / "run.json").read_text())["created"]
+    return {"dataset": dataset, "name": name, "config": config, "run_id": run_id, "created": created,
+            "seconds": time.time() - start, "attacks_version": RECIPES_VERSION, "data": data_rule(dataset),
+            **summarise(runs_dir / run_id)}
+
+
+def same_run(row: dict, folder: Path) -> bool:
+    """Whether ``folder`` still holds the run ``row`` was measured from: the same creation time
+    (rows measured before it was recorded: a run with no failed user, which is all run_one ever
+    records; a later failed attempt of the same name leaves its folder behind)."""
+    if not (folder / "clients.parquet").exists() or not (folder / "run.json").exists():
+        return False
+    if "created" in row:
+        return json.loads((folder / "run.json").read_text()).get("created") == row["created"]
+    frame = pd.read_parquet(folder / "clients.parquet", columns=["metric"])
+    return not (frame["metric"] == "failed").any()
 
 
 def data_rule(dataset: str) -> str:
@@ -305,10 +319,11 @@ def levers_table(dataset: str, rows: list[dict]) -> str:
     """Per lever, each seed's global model (pooled accuracy against round 0's, share called positive
     against the truth, comprehensiveness against round 0's) and prior-shift's personal mean."""
     body = []
+    measured = [seed for seed in LEVER_SEEDS if any(r["name"].endswith(f"(seed {seed})") for r in rows)]
     for name, _ in LEVERS:
-        runs = [next((r for r in rows if r["name"] == f"lever: {name} (seed {seed})"), None) for seed in LEVER_SEEDS]
+        runs = [next((r for r in rows if r["name"] == f"lever: {name} (seed {seed})"), None) for seed in measured]
         runs = [r for r in runs if r is not None]
-        if not runs:
+        if len(runs) < len(measured):  # a lever short of a seed would misalign its columns
             continue
 
         def each(key, digits=3):
@@ -318,11 +333,12 @@ def levers_table(dataset: str, rows: list[dict]) -> str:
                      f"{each('final_global_pred_positive', 2)} ({fmt(runs[0].get('final_true_positive'), 2)})",
                      fmt(runs[0].get("r0_global_comprehensiveness")), each("final_global_comprehensiveness"),
                      each("final_personal_mean"), each("share_harmed", 2)])
-    seeds = "/".join(str(s) for s in LEVER_SEEDS)
+    seeds = "/".join(str(s) for s in measured)
     head = ["lever (prior-shift, every user's explanations)", "global pooled, round 0",
-            f"global pooled, last round (seeds {seeds})", "called positive (true)", "comprehensiveness, round 0",
+            f"global pooled, last round (seed {seeds})", "called positive (true)", "comprehensiveness, round 0",
             "global comprehensiveness, last round", "personal mean (prior-shift)", "harmed"]
-    return f"### {dataset}: levers on the global model, three seeds\n\n" + markdown_table(pd.DataFrame(body, columns=head))
+    return (f"### {dataset}: levers on the global model, seeds {seeds}\n\n"
+            + markdown_table(pd.DataFrame(body, columns=head)))
 
 
 def faithfulness_table(dataset: str, rows: list[dict]) -> str:
@@ -417,8 +433,8 @@ def main() -> int:
                                                                      public_share=2.0)
             save(json_path, rows, refs, refs_data)
     for row in rows:  # re-read every kept run: a newer summary (columns) applies to older rows too
-        # (not a row of an older data copy: its folder may hold a newer run of the same name by now)
-        if not stale(row) and (Path(args.runs_dir) / row["run_id"] / "clients.parquet").exists():
+        # (not a row of an older data copy, nor a folder that holds another run by now)
+        if not stale(row) and same_run(row, Path(args.runs_dir) / row["run_id"]):
             row.update(summarise(Path(args.runs_dir) / row["run_id"]))
     parts = ["hardening", "methods", "faithfulness", "sweep", "seeds", "levers"] if args.part == "all" else [args.part]
     for part in parts:
