@@ -140,7 +140,7 @@ def main() -> int:
         add_attacks(rows, Path(args.artifacts), tuple(args.add_attacks.split(",")),
                     lambda: atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(),
                                                           "rows": rows}),
-                    [n for n in args.only.split(",") if n])
+                    [n for n in args.only.split(",") if n], args.datasets.split(","))
     for dataset in ([] if args.time_only or args.add_attacks else args.datasets.split(",")):
         base = base_config(dataset, args.quick, args.seed)
         full = dataset in args.full.split(",")
@@ -177,13 +177,15 @@ def row_config(row: dict) -> DistillConfig:
                             "attacks": tuple(row["config"]["attacks"])})
 
 
-def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save, only: list[str]) -> None:
+def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save, only: list[str],
+                datasets: list[str]) -> None:
     """Measure attacks a row was not trained and measured with (a recipe added later) on its kept
     model: the same evaluation rows, budget and seed as its other attacks, alone and behind the
     row's word normaliser; ``save()`` after each row, so an interrupted pass keeps what it did and
-    a rerun skips it. ``only``: these row names (default: every row)."""
+    a rerun skips it. ``only``: these row names (default: every row), of ``datasets``."""
     from models.artifact import load_artifact, load_weights
     from models.evaluation import robustness
+    from models.normalizer import FILE as NORMALIZER_FILE
     from models.normalizer import WordNormalizer
     from models.protocol import check_attacks
     from models.teacher import MiniLMTeacher
@@ -192,7 +194,7 @@ def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save,
 
     check_attacks(names)
     for r in rows:
-        if only and r["name"] not in only:
+        if (only and r["name"] not in only) or r["dataset"] not in datasets:
             continue
         measured = [r["card"]["attacks"], *([r["card"]["normalized"]["attacks"]] if "normalized" in r["card"] else [])]
         if all(name in attacks for attacks in measured for name in names):
@@ -202,8 +204,10 @@ def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save,
         kept = artifacts / r["key"]
         if r["name"] == "MiniLM teacher":
             shipped = next((artifacts / o["key"] for o in rows if o["dataset"] == r["dataset"]
-                            and (artifacts / o["key"] / "config.json").exists()), None)
+                            and (artifacts / o["key"] / NORMALIZER_FILE).exists()), None)
             if shipped is None:
+                print(f"[bench] {r['dataset']} / teacher: no kept row holds the normaliser, {names} not measured",
+                      file=sys.stderr)
                 continue
             _, eval_ds, labels = load_splits(cfg)
             model = MiniLMTeacher(labels)

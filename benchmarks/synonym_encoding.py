@@ -12,7 +12,8 @@ fine-tunes the same way on unencoded text, so that a gain can be told from the e
 Attacks: `synonym` (PWWS), `synonym-sim`, `embedding` (TextFooler-style, candidates from MiniLM's
 embedding space: an attack the WordNet-built encoding was not built from) and `char` on the
 compression benchmark's 200 dev sentences (seed 0, 20% word budget), querying normaliser +
-encoding + model. Writes results/synonym_encoding.{json,md}; about 20 minutes on two cores.
+encoding + model. Writes results/synonym_encoding.{json,md} (rows so far in synonym_encoding.partial.json
+while it runs); about 15 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -101,9 +102,13 @@ def main() -> int:
                              for i in range(0, len(texts), 512)])
     out = Path(args.out)
 
-    def save() -> None:  # after every row: an interrupted run keeps the rows it measured
-        atomic_write_json(out / "synonym_encoding.json", {"epochs": args.epochs, "seed": args.seed,
-                                                          "pairs": len(pairs), "rows": rows})
+    def save(final: bool = False) -> None:
+        """After every row into a partial file (an interrupted run keeps what it measured without
+        replacing the last complete results), into the results at the end."""
+        name = "synonym_encoding.json" if final else "synonym_encoding.partial.json"
+        atomic_write_json(out / name, {"epochs": args.epochs, "seed": args.seed, "pairs": len(pairs), "rows": rows})
+        if final:
+            (out / "synonym_encoding.partial.json").unlink(missing_ok=True)
 
     rows = [measure("student + normaliser (the shipped package, reference)", model, plain, dev_texts, dev_labels,
                     args.seed, {})]
@@ -125,6 +130,7 @@ def main() -> int:
         rows.append(measure(f"+ {kind}, fine-tuned {args.epochs:g} epochs on encoded text", tuned, tokenizer,
                             dev_texts, dev_labels, args.seed, facts))
         save()
+    save(final=True)
     md = table(rows)
     atomic_write_bytes(out / "synonym_encoding.md", (md + "\n").encode())
     print(md)

@@ -34,11 +34,14 @@ Recipes:
   deleting each (TextFooler's ranking), MiniLM sentence similarity as in ``synonym-sim`` for its
   Universal Sentence Encoder check. Three departures, each forced by what ships offline, stated so
   nobody reads this as TextFooler's numbers: cosine >= 0.35, not 0.5, because MiniLM's raw space
-  is tighter than counter-fitted GloVe (at 0.5 an SST-2 dev word has 1.9 neighbours on average, at
-  0.35 7.3, as many as PWWS's WordNet synonyms: 6.9); counter-fitting pushed antonyms apart and
+  is tighter than counter-fitted GloVe (a distinct SST-2 dev word has 1.7 neighbours at 0.5 and 7.3
+  at 0.35, about as many as its WordNet synonyms: 6.9); counter-fitting pushed antonyms apart and
   MiniLM's raw vectors do not ("bad" is a neighbour of "good"), so WordNet's direct and indirect
   antonyms are refused; no part-of-speech tagger ships, so a swap must share a WordNet part of
-  speech with the word, and function words are neither swapped nor swapped in.
+  speech with the word, and function words are neither swapped nor swapped in. Also unlike
+  TextFooler: the similarity is the whole sentence's against the original (as ``synonym-sim``),
+  not a 15-word window against the current text, and NLTK's stopwords with the 20% word budget,
+  as every recipe here.
 - ``hotflip``: white-box token flips (Ebrahimi et al., 2018): the first-order change of the loss for
   swapping token i to v is (e_v - e_i) . dL/de_i; the best swap is applied, repeatedly, up to
   ``ceil(budget x WordPiece tokens)`` flips.
@@ -218,8 +221,9 @@ def _token_space():
     encoder, tokenizer = _sentence_encoder()
     table = F.normalize(encoder.embeddings.word_embeddings.weight.detach(), dim=-1)
     vocab = tokenizer._tok.get_vocab()
-    # whole lowercase words past BERT's reserved and single-character ids (as HotFlip's candidates)
-    whole = sorted((i, t) for t, i in vocab.items() if t.isalpha() and t.islower() and i > 1000)
+    # whole lowercase words of two letters or more, past BERT's reserved ids ("american" must not
+    # become "u"); accents folded as MiniLM reads them, so "cafe" is not a neighbour of "café"
+    whole = sorted((i, t) for t, i in vocab.items() if t.isalpha() and t.islower() and len(t) > 1 and i > 1000)
     ids = torch.tensor([i for i, _ in whole], dtype=torch.long)
     return table, ids, [t for _, t in whole], tokenizer
 
@@ -233,8 +237,9 @@ def embedding_neighbours(word: str, max_candidates: int, min_cosine: float) -> t
     vector = F.normalize(table[pieces].mean(0), dim=-1)
     cosine = table[ids] @ vector
     top = torch.topk(cosine, min(max_candidates + 1, len(words)))
+    spelled = tokenizer.decode(torch.tensor(pieces)).replace(" ", "")  # the word as MiniLM reads it
     return tuple(words[int(k)] for c, k in zip(top.values, top.indices)
-                 if float(c) >= min_cosine and words[int(k)] != word)[:max_candidates]
+                 if float(c) >= min_cosine and words[int(k)] not in (word, spelled))[:max_candidates]
 
 
 @lru_cache(maxsize=1)
@@ -269,10 +274,12 @@ def synonyms(word: str) -> tuple[str, ...]:
 # Word constraints: callables (the word, [candidate words]) -> keep mask (the word itself, as the
 # search never changes a word twice). Text constraints: (original text, [candidate texts]) -> mask.
 def _base_forms(word: str) -> set[str]:
-    """The word and its WordNet base forms in every part of speech ("faster" -> "fast")."""
+    """The word and every WordNet base form of it in every part of speech ("faster" -> "fast",
+    "better" -> "good", "well", "men" -> "man"; ``morphy`` alone keeps only the first analysis,
+    and a word that is an entry itself, as "better" is, only itself)."""
     wordnet = _wordnet()
     word = word.lower()
-    return {word} | {base for pos in "nvar" if (base := wordnet.morphy(word, pos))}
+    return {word} | {base for pos in "nvar" for base in wordnet._morphy(word, pos)}
 
 
 @lru_cache(maxsize=50_000)
@@ -383,8 +390,8 @@ class Example:
 class GreedyWordImportance:
     """TextAttack's ``GreedyWordSwapWIR``. Rank the modifiable words once by ``ranking``:
     "unk" (the true-class score with the word replaced by [UNK]), "weighted-saliency" (PWWS:
-    softmax of those scores x the best swap's score at that word) or "delete" (the word dropped;
-    TextAttack's option, not a recipe's). Then walk the ranking: at each word keep the candidate
+    softmax of those scores x the best swap's score at that word) or "delete" (the word dropped:
+    TextFooler's, the ``embedding`` recipe's). Then walk the ranking: at each word keep the candidate
     that lowers the true-class probability most, if it lowers it below the current text's (a swap
     that does not is not kept and costs no budget), until the label flips or the budget is spent.
     Scores are TextAttack's ``1 - p(true label)``."""
@@ -458,8 +465,8 @@ class BeamSearch:
 @dataclass
 class Attack:
     """A black-box attack: a transformation proposing new words, constraints on which words may
-    change (``stopwords``) and on the texts they make (``text_constraints``), a search ordering
-    them, and an optional per-example query budget."""
+    change (``stopwords``), on what a word may become (``word_constraints``) and on the texts they
+    make (``text_constraints``), a search ordering them, and an optional per-example query budget."""
 
     transformation: object
     search: object

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.attacks import (RECIPES, STOPWORDS, CharEdits, SentenceSimilarity, Words, attack_dataset,
+from models.attacks import (RECIPES, STOPWORDS, CharEdits, Example, SentenceSimilarity, Words, attack_dataset,
                             antonyms, embedding_neighbours, sentence_embeddings, word_budget)
 from models.augment import PerturbedText
 from models.datasets import cached_text_dataset
@@ -65,22 +65,26 @@ def test_similarity_constraint_holds_for_every_successful_attack(model, sst2, to
 def test_embedding_candidates_are_minilm_neighbours_that_keep_part_of_speech_and_are_no_antonyms():
     attack, rng = RECIPES["embedding"](), np.random.default_rng(0)
 
-    def kept(word):
-        options = attack.transformation(word, rng)
-        for constraint in attack.word_constraints:
-            options = [o for o, k in zip(options, constraint(word, options)) if k]
-        return options
+    def kept(word, sentence="{} acting in a slow movie"):
+        """What the recipe may put in the word's place, through Attack.candidates (the sentence
+        similarity included)."""
+        words = Words.of(sentence.format(word))
+        example = Example(None, words, 1, 1.0, 3, rng)
+        return attack.candidates(example, list(words.words), 0)
 
     raw = embedding_neighbours("good", 50, 0.35)
     assert "bad" in raw and "excellent" in raw  # MiniLM's raw space puts the antonym next door
     good = kept("good")
     assert "excellent" in good and "great" in good and "bad" not in good
     assert kept("Good")[:2] == [w.capitalize() for w in good[:2]]  # in the word's case
+    assert "better" in embedding_neighbours("bad", 50, 0.35) and "better" not in kept("bad")  # base form "good"
     assert "faster" in embedding_neighbours("slow", 50, 0.35) and "faster" not in kept("slow")  # base form "fast"
     assert "boring" in antonyms("fascinating")  # indirect: the satellite's head "interesting" has "uninteresting"
     assert "film" in kept("movie") and "cinematic" not in kept("movie")  # nouns stay nouns
-    assert kept("The") == [] and kept("qzxwvk") == []  # function words, and words MiniLM cannot spell
-    assert all(len(embedding_neighbours(w, 50, 0.35)) <= 50 for w in ("good", "movie", "funny"))
+    assert kept("The") == []  # a function word, though capitalised
+    assert embedding_neighbours("ꙮ", 50, 0.35) == ()  # a word MiniLM reads as [UNK] has no neighbours
+    assert all(len(n) > 1 for n in embedding_neighbours("american", 50, 0.35))  # "american" never becomes "u"
+    assert "cafe" not in embedding_neighbours("café", 50, 0.35)  # MiniLM reads them as one word
 
 
 def test_normaliser_undoes_single_edits_and_leaves_corpus_words_alone(normalizer):
