@@ -135,11 +135,13 @@ def main() -> int:
         done = [r for r in done if r.get("attacks_version") == RECIPES_VERSION]
     known = {r["key"] for r in done}
     rows = list(done)
+
+    def save() -> None:  # every row so far, after each one: an interrupted run keeps what it finished
+        atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(), "rows": rows})
+
     started = time.time()
     if args.add_attacks:
-        add_attacks(rows, Path(args.artifacts), tuple(args.add_attacks.split(",")),
-                    lambda: atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(),
-                                                          "rows": rows}),
+        add_attacks(rows, Path(args.artifacts), tuple(args.add_attacks.split(",")), save,
                     [n for n in args.only.split(",") if n], args.datasets.split(","))
     for dataset in ([] if args.time_only or args.add_attacks else args.datasets.split(",")):
         base = base_config(dataset, args.quick, args.seed)
@@ -162,10 +164,10 @@ def main() -> int:
                 card = distill(config, Path(args.artifacts) / key)
             rows.append({"dataset": dataset, "name": name, "key": key, "seconds": time.time() - row_start,
                          "card": card, "config": config.as_dict(), "attacks_version": RECIPES_VERSION})
-            atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(), "rows": rows})
+            save()
     if not args.quick and not args.add_attacks:
         remeasure_latency(rows, Path(args.artifacts))
-        atomic_write_json(json_path, {"seed": args.seed, "quick": args.quick, "machine": machine(), "rows": rows})
+        save()
     md = table(rows)
     atomic_write_bytes(json_path.with_suffix(".md"), (md + "\n").encode())
     print(md)

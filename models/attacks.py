@@ -217,7 +217,8 @@ def _in_case_of(original: str, word: str) -> str:
 
 @lru_cache(maxsize=1)
 def _token_space():
-    """(MiniLM's unit-norm input embeddings [V, D], the whole-word token ids, their words)."""
+    """(MiniLM's unit-norm input embeddings [V, D], those of the whole-word tokens [W, D], their
+    words, the tokenizer)."""
     encoder, tokenizer = _sentence_encoder()
     table = F.normalize(encoder.embeddings.word_embeddings.weight.detach(), dim=-1)
     vocab = tokenizer._tok.get_vocab()
@@ -225,17 +226,17 @@ def _token_space():
     # become "u"); accents folded as MiniLM reads them, so "cafe" is not a neighbour of "café"
     whole = sorted((i, t) for t, i in vocab.items() if t.isalpha() and t.islower() and len(t) > 1 and i > 1000)
     ids = torch.tensor([i for i, _ in whole], dtype=torch.long)
-    return table, ids, [t for _, t in whole], tokenizer
+    return table, table[ids], [t for _, t in whole], tokenizer
 
 
 @lru_cache(maxsize=50_000)
 def embedding_neighbours(word: str, max_candidates: int, min_cosine: float) -> tuple[str, ...]:
-    table, ids, words, tokenizer = _token_space()
+    table, whole, words, tokenizer = _token_space()
     pieces = [i for i in tokenizer.encode([word])[0].tolist() if i not in tokenizer.special_ids]
     if not pieces or tokenizer.unk_id in pieces:  # a word MiniLM cannot spell has no place in its space
         return ()
     vector = F.normalize(table[pieces].mean(0), dim=-1)
-    cosine = table[ids] @ vector
+    cosine = whole @ vector
     top = torch.topk(cosine, min(max_candidates + 1, len(words)))
     spelled = tokenizer.decode(torch.tensor(pieces)).replace(" ", "")  # the word as MiniLM reads it
     return tuple(words[int(k)] for c, k in zip(top.values, top.indices)
@@ -273,13 +274,14 @@ def synonyms(word: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------- constraints
 # Word constraints: callables (the word, [candidate words]) -> keep mask (the word itself, as the
 # search never changes a word twice). Text constraints: (original text, [candidate texts]) -> mask.
-def _base_forms(word: str) -> set[str]:
+@lru_cache(maxsize=50_000)
+def _base_forms(word: str) -> frozenset:
     """The word and every WordNet base form of it in every part of speech ("faster" -> "fast",
     "better" -> "good", "well", "men" -> "man"; ``morphy`` alone keeps only the first analysis,
     and a word that is an entry itself, as "better" is, only itself)."""
     wordnet = _wordnet()
     word = word.lower()
-    return {word} | {base for pos in "nvar" for base in wordnet._morphy(word, pos)}
+    return frozenset({word} | {base for pos in "nvar" for base in wordnet._morphy(word, pos)})
 
 
 @lru_cache(maxsize=50_000)
