@@ -29,12 +29,14 @@ rerun skips runs already there) and results/personalization.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.datasets import REGISTRY  # noqa: E402
 from models.run_settings import RunSettings  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
+from server.app import start_config, start_folder  # noqa: E402
 
 # Who takes part: sent140 is cut to users with >= 10 tweets (1-row test sets make per-user
 # accuracy a coin flip).
@@ -208,6 +211,7 @@ def run_one(dataset: str, name: str, pairs: list[str], rounds: int, extra: list[
     created = json.loads((runs_dir / run_id / "run.json").read_text())["created"]
     return {"dataset": dataset, "name": name, "config": config, "run_id": run_id, "created": created,
             "seconds": time.time() - start, "attacks_version": RECIPES_VERSION, "data": data_rule(dataset),
+            "start": start_id(config),
             **summarise(runs_dir / run_id)}
 
 
@@ -230,13 +234,49 @@ def data_rule(dataset: str) -> str:
     return f"without {disjoint[0]} {disjoint[1]} texts" if disjoint else ""
 
 
-STALE = " †"
-STALE_NOTE = ("† measured on an older copy of the data (rt_critics before it left out the 99 reviews SST-2 "
-              "train holds, 0.8% of its rows); not re-run since.")
+STALE_DATA = " †"
+STALE_START = " §"
+STALE_NOTES = {
+    STALE_DATA: "† measured on an older copy of the data (rt_critics before it left out the 99 reviews SST-2 "
+                "train holds, 0.8% of its rows); not re-run since.",
+    STALE_START: "§ measured from the older start: the same student behind version 1 of the word normaliser "
+                 "(most frequent correction, no context, no hyphenated or two-letter words); not re-run since.",
+}
+
+
+def start_id(config: list[str]) -> str:
+    """Which start model a run with these settings gets, as a hash of what the clients receive
+    (the artifact's weights, and its word normaliser unless the run drops it), so that rows and
+    references measured from another start are known as such. Reads only the two keys that
+    choose the start: rows keep settings later releases removed."""
+    effective = dict(pair.split("=", 1) for pair in config)
+    defaults = RunSettings()
+    return _start_id(effective.get("artifact", defaults.artifact),
+                     effective.get("normalizer", str(defaults.normalizer)).lower() == "true")
+
+
+@lru_cache(maxsize=None)
+def _start_id(artifact: str, normalizer: bool) -> str:
+    settings = RunSettings(artifact=artifact, normalizer=normalizer)
+    digest = hashlib.sha256((start_folder(settings) / "model.safetensors").read_bytes())
+    digest.update(start_config(settings, {}).get("normalizer", b""))
+    return digest.hexdigest()[:16]
+
+
+def stale_mark(row: dict) -> str:
+    """'' for a row measured on today's data copy from today's start, else its footnote marks."""
+    mark = STALE_DATA if row.get("data", "") != data_rule(row["dataset"]) else ""
+    return mark + (STALE_START if row.get("start") != start_id(start_config_of(row)) else "")
+
+
+def start_config_of(row: dict) -> list[str]:
+    """A row's run settings as far as its start goes: rows from before the defended start (no
+    ``attacks_version``) ran the bare student, which was then the default."""
+    return row["config"] if "attacks_version" in row else [*row["config"], "normalizer=false"]
 
 
 def stale(row: dict) -> bool:
-    return row.get("data", "") != data_rule(row["dataset"])
+    return bool(stale_mark(row))
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -250,7 +290,7 @@ def user_stats(values) -> dict:
 
 
 def _row(label: str, r: dict, tag: str, model: str, harmed: bool = False, spread: str = "") -> list[str]:
-    return [label + (STALE if stale(r) else ""), str(int(r[f"{tag}_{model}_clients"])),
+    return [label + stale_mark(r), str(int(r[f"{tag}_{model}_clients"])),
             f"{fmt(r[f'{tag}_{model}_mean'])} ± {fmt(r[f'{tag}_{model}_ci95'])}{spread}",
             f"{fmt(r[f'{tag}_{model}_median'])} / {fmt(r[f'{tag}_{model}_p10'])}", fmt(r[f"{tag}_{model}_pooled"]),
             f"{fmt(r.get(f'{tag}_{model}_pred_positive'), 2)} ({fmt(r.get(f'{tag}_true_positive'), 2)})",
@@ -292,7 +332,9 @@ def table(dataset: str, refs: dict, rows: list[dict]) -> str:
 
 
 def footnote(rows: list[dict]) -> str:
-    return f"\n\n{STALE_NOTE}" if any(stale(r) for r in rows) else ""
+    marks = "".join(stale_mark(r) for r in rows)
+    notes = [note for mark, note in STALE_NOTES.items() if mark.strip() in marks]
+    return "".join(f"\n\n{note}" for note in notes)
 
 
 def sweep_table(dataset: str, rows: list[dict]) -> str:
@@ -304,7 +346,7 @@ def sweep_table(dataset: str, rows: list[dict]) -> str:
                           if k not in ("dataset", "attack-examples", "fidelity-examples", "evaluate-every"))
         start = ("bare student (before the defended start)" if "attacks_version" not in r
                  else "bare student" if "normalizer=false" in r["config"] else "student + normaliser")
-        body.append([change, start + (STALE if stale(r) else ""), fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
+        body.append([change, start + stale_mark(r), fmt(r["r0_global_pooled"]), fmt(r["final_global_pooled"]),
                      f"{fmt(r['final_global_mean'])} ± {fmt(r['final_global_ci95'])}",
                      f"{fmt(r.get('final_global_pred_positive'), 2)} ({fmt(r.get('final_true_positive'), 2)})",
                      f"{r['seconds']:.0f}"])
@@ -329,7 +371,8 @@ def levers_table(dataset: str, rows: list[dict]) -> str:
         def each(key, digits=3):
             return " / ".join(fmt(r.get(key), digits) for r in runs)
 
-        body.append([name, fmt(runs[0]["r0_global_pooled"]), each("final_global_pooled"),
+        body.append([name + "".join(dict.fromkeys(stale_mark(r) for r in runs)), fmt(runs[0]["r0_global_pooled"]),
+                     each("final_global_pooled"),
                      f"{each('final_global_pred_positive', 2)} ({fmt(runs[0].get('final_true_positive'), 2)})",
                      fmt(runs[0].get("r0_global_comprehensiveness")), each("final_global_comprehensiveness"),
                      each("final_personal_mean"), each("share_harmed", 2)])
@@ -338,7 +381,7 @@ def levers_table(dataset: str, rows: list[dict]) -> str:
             f"global pooled, last round (seed {seeds})", "called positive (true)", "comprehensiveness, round 0",
             "global comprehensiveness, last round", "personal mean (prior-shift)", "harmed"]
     return (f"### {dataset}: levers on the global model, seeds {seeds}\n\n"
-            + markdown_table(pd.DataFrame(body, columns=head)))
+            + markdown_table(pd.DataFrame(body, columns=head)) + footnote(rows))
 
 
 def faithfulness_table(dataset: str, rows: list[dict]) -> str:
@@ -349,7 +392,7 @@ def faithfulness_table(dataset: str, rows: list[dict]) -> str:
     chosen = [r for r in rows if r["name"] in {f"{mode}, {n}" for n, _ in FAITHFULNESS}]
     body = []
     for r in chosen:
-        body.append([r["name"] + (STALE if stale(r) else ""), f"{fmt(r.get('r0_global_comprehensiveness'))} ({fmt(r.get('r0_global_comprehensiveness_random'))})",
+        body.append([r["name"] + stale_mark(r), f"{fmt(r.get('r0_global_comprehensiveness'))} ({fmt(r.get('r0_global_comprehensiveness_random'))})",
                      f"{fmt(r.get('final_global_comprehensiveness'))} ({fmt(r.get('final_global_comprehensiveness_random'))})",
                      fmt(r.get("final_global_start_agreement_spearman")),
                      fmt(r.get("final_personal_comprehensiveness")), fmt(r["final_global_pooled"]),
@@ -370,13 +413,18 @@ def with_seeds(rows: list[dict]) -> list[dict]:
             continue
         others = [o["final_personal_mean"] for o in rows  # seeds of the same data copy only
                   if o["dataset"] == r["dataset"] and o["name"].startswith(f"{r['name']} (seed")
-                  and stale(o) == stale(r)]
+                  and stale_mark(o) == stale_mark(r)]
         out.append({**r, "seed_means": [r["final_personal_mean"], *others]} if others else r)
     return out
 
 
+def references_measured_on(dataset: str) -> str:
+    """The data copy and start model a dataset's reference rows are measured on."""
+    return f"{data_rule(dataset)}; start {start_id(DATASETS[dataset])}"
+
+
 def save(path: Path, rows: list[dict], refs: dict, refs_data: dict) -> None:
-    """``refs_data``: the data copy each dataset's references were measured on (``data_rule``)."""
+    """``refs_data``: what each dataset's references were measured on (``references_measured_on``)."""
     atomic_write_json(path, {"attacks_version": RECIPES_VERSION, "rows": rows, "references": refs,
                              "data": {dataset: refs_data.get(dataset, "") for dataset in refs}})
 
@@ -411,10 +459,10 @@ def main() -> int:
         print("[bench] dropping method rows and references measured with older attacks or start", file=sys.stderr)
         rows, refs = [r for r in rows if r["name"].startswith("sweep")], {}
     refs_data = dict(saved.get("data", {}))
-    for dataset in datasets:  # references on an older copy of the data: measured again
-        if dataset in refs and refs_data.get(dataset, "") != data_rule(dataset):
+    for dataset in datasets:  # references on an older copy of the data or from another start: measured again
+        if dataset in refs and refs_data.get(dataset, "") != references_measured_on(dataset):
             del refs[dataset]
-        refs_data[dataset] = data_rule(dataset)
+        refs_data[dataset] = references_measured_on(dataset)
     started = time.time()
     for dataset in datasets:
         if dataset not in refs:

@@ -5,6 +5,7 @@ one-change KD ablation, deployable forms and the device package."""
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from models.attacks import (RECIPES, STOPWORDS, CharEdits, Example, SentenceSimilarity, Words, attack_dataset,
                             antonyms, embedding_neighbours, sentence_embeddings, word_budget)
+from models.artifact import device_package
 from models.augment import PerturbedText
 from models.datasets import cached_text_dataset
 from models.errors import FedrexError
@@ -103,10 +105,37 @@ def test_normaliser_undoes_single_edits_and_leaves_corpus_words_alone(normalizer
 def test_normaliser_round_trips_through_its_file(normalizer, tmp_path):
     normalizer.save(tmp_path)
     again = WordNormalizer.load(tmp_path)
-    assert again.counts == normalizer.counts
-    assert again("a grippnig flim") == normalizer("a grippnig flim")
+    assert (again.version, again.counts, again.bigrams) == (2, normalizer.counts, normalizer.bigrams)
+    assert len(again.bigrams) > 40_000
+    assert again("the moo of the flim") == normalizer("the moo of the flim") == "the mood of the film"
     with pytest.raises(FedrexError, match="without a word normaliser"):
         WordNormalizer.load(tmp_path / "missing")
+    blob = gzip.decompress((tmp_path / "normalizer.txt.gz").read_bytes())
+    for broken in (blob + b"\xff", blob.replace(b"\t", b" ", 1), b"#fedrex-normalizer 9\nfilm\t3\n"):
+        with pytest.raises(FedrexError, match="normaliser"):  # a truncated pair list, a bad line, a newer version
+            WordNormalizer.from_bytes(gzip.compress(broken))
+
+
+def test_normaliser_version_2_closes_what_deepwordbug_exploited_and_version_1_files_keep_their_behaviour(normalizer):
+    """The routes DeepWordBug took through version 1 on critics' reviews (benchmarks/normalizer.py)."""
+    assert normalizer("the moo of the film") == "the mood of the film"  # a neighbour seen in context wins ...
+    assert normalizer("moo") == "too"  # ... over a merely frequent one, which still wins without context
+    assert normalizer("a grwon-ups movie") == "a grown-ups movie"  # each letter run of a hyphenated word
+    assert normalizer("nd th rest") == "and the rest"  # two-letter typos
+    assert normalizer("weeipng") == "weeping"  # the tokenizer's own words are known: restored ...
+    assert "weeping" not in normalizer.counts and normalizer("weeping") == "weeping"  # ... and kept
+    assert normalizer("don't isn't can't it's") == "don't isn't can't it's"  # contractions untouched
+    old = WordNormalizer.from_bytes(gzip.compress("".join(f"{w}\t{c}\n" for w, c in normalizer.counts.items()).encode()))
+    assert old.version == 1 and not old.bigrams  # a file without the header: the artifacts built before version 2
+    assert old("the moo of the film nd a grwon-ups weeipng") == "the too of the film nd a grwon-ups weeipng"
+    assert WordNormalizer.from_bytes(old.to_bytes()).version == 1
+
+
+def test_shipped_device_package_holds_the_version_2_normaliser_within_one_megabyte():
+    folder = Path(__file__).resolve().parents[1] / "models" / "artifacts" / "sst2-student"
+    assert WordNormalizer.load(folder).version == 2
+    package = device_package(folder)
+    assert package["normalizer"] == (folder / "normalizer.txt.gz").stat().st_size and package["total"] <= 1_000_000
 
 
 def test_normaliser_raises_accuracy_under_the_char_attack(model, sst2, normalizer):
