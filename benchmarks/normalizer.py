@@ -40,7 +40,7 @@ from models.attacks import RECIPES_VERSION, attack_dataset  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.evaluation import take  # noqa: E402
 from models.normalizer import WordNormalizer, _split  # noqa: E402
-from models.tokenizer import WordPieceTokenizer  # noqa: E402
+from models.tokenizer import WordPieceTokenizer, normalize_text  # noqa: E402
 from personalization import DATASETS  # noqa: E402
 from references import user_splits  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
@@ -66,9 +66,13 @@ def rows_of(dataset: str) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def route(normalizer: WordNormalizer, original: str, perturbed: str) -> list[str]:
     """What became of each word an attack changed, once the normaliser read the attacked text."""
+    original, perturbed = normalize_text(original), normalize_text(perturbed)  # as the tokenizer hands them over
+    words, typos = original.split(), perturbed.split()
+    if len(words) != len(typos):  # an edited HTML entity unescaped to a space: not a word swap to follow
+        return []
     before, after = normalizer(original).split(), normalizer(perturbed).split()
     out = []
-    for word, typo, was, now in zip(original.split(), perturbed.split(), before, after):
+    for word, typo, was, now in zip(words, typos, before, after):
         if word == typo:
             continue
         typo_core = _split(typo.lower())[1]
@@ -107,7 +111,8 @@ def measure(dataset: str, attacks: list[str], model, normalizers: dict) -> list[
         if normalizer is not None:
             # on whitespace-normalised text: the normaliser joins words with one space, and many
             # tweets hold double spaces, which it would otherwise count as changed
-            row["changed_clean_share"] = float(np.mean([normalizer(t) != " ".join(t.split()) for t in texts]))
+            seen = [normalize_text(t) for t in texts]  # what the tokenizer hands the normaliser
+            row["changed_clean_share"] = float(np.mean([normalizer(t) != " ".join(t.split()) for t in seen]))
             row["ms_per_sentence"] = normalizer.ms_per_sentence(texts[:500])
             row["bytes"] = len(normalizer.to_bytes())
         out.append(row)

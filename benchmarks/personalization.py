@@ -51,7 +51,7 @@ from references import central_student_accuracy, reference_accuracy, start_model
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.datasets import REGISTRY  # noqa: E402
-from models.run_settings import RunSettings  # noqa: E402
+from models.run_settings import RunSettings, parse_value  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
 from server.app import start_config, start_folder  # noqa: E402
 
@@ -252,7 +252,7 @@ def start_id(config: list[str]) -> str:
     effective = dict(pair.split("=", 1) for pair in config)
     defaults = RunSettings()
     return _start_id(effective.get("artifact", defaults.artifact),
-                     effective.get("normalizer", str(defaults.normalizer)).lower() == "true")
+                     parse_value(effective.get("normalizer", defaults.normalizer), defaults.normalizer, "normalizer"))
 
 
 @lru_cache(maxsize=None)
@@ -267,6 +267,12 @@ def stale_mark(row: dict) -> str:
     """'' for a row measured on today's data copy from today's start, else its footnote marks."""
     mark = STALE_DATA if row.get("data", "") != data_rule(row["dataset"]) else ""
     return mark + (STALE_START if row.get("start") != start_id(start_config_of(row)) else "")
+
+
+def marks_of(rows) -> str:
+    """Every footnote mark the rows carry, each once, in the footnotes' order."""
+    found = "".join(stale_mark(r) for r in rows)
+    return "".join(mark for mark in STALE_NOTES if mark.strip() in found)
 
 
 def start_config_of(row: dict) -> list[str]:
@@ -305,13 +311,14 @@ HEAD = ["row", "users", "per-user acc mean ± 95% CI", "median / p10", "pooled a
         "harmed", f"acc clean -> under {' / '.join(ATTACKS)} (every held-out row)", "comprehensiveness", "epsilon"]
 
 
-def table(dataset: str, refs: dict, rows: list[dict]) -> str:
+def table(dataset: str, refs: dict, rows: list[dict], refs_mark: str = "") -> str:
     """One dataset's table: references, round 0, then the global model after the federation and
-    each mode's personal model (personal seeds' means where run)."""
+    each mode's personal model (personal seeds' means where run). ``refs_mark``: the references'
+    footnote marks (measured on another data copy or from another start)."""
     body = []
     for name, per_user in refs.items():
         s = user_stats(per_user.values())
-        body.append([f"reference: {name}", str(s["clients"]), f"{fmt(s['mean'])} ± {fmt(s['ci95'])}",
+        body.append([f"reference: {name}{refs_mark}", str(s["clients"]), f"{fmt(s['mean'])} ± {fmt(s['ci95'])}",
                      f"{fmt(s['median'])} / {fmt(s['p10'])}", "", "", "", "", "", ""])
     rows = [r for r in rows if not r["name"].startswith("sweep")]
     base = next((r for r in rows if r["name"] == RunSettings().mode), rows[0] if rows else None)
@@ -328,13 +335,13 @@ def table(dataset: str, refs: dict, rows: list[dict]) -> str:
         spread = f" (seeds {', '.join(fmt(v) for v in seeds)})" if seeds else ""
         body.append(_row(f"{r['name']}: personal model, round {r['last_round']}", r, "final", "personal", True,
                          spread))
-    return f"### {dataset}\n\n" + markdown_table(pd.DataFrame(body, columns=HEAD)) + footnote(rows)
+    return f"### {dataset}\n\n" + markdown_table(pd.DataFrame(body, columns=HEAD)) + footnote(rows, refs_mark)
 
 
-def footnote(rows: list[dict]) -> str:
-    marks = "".join(stale_mark(r) for r in rows)
-    notes = [note for mark, note in STALE_NOTES.items() if mark.strip() in marks]
-    return "".join(f"\n\n{note}" for note in notes)
+def footnote(rows: list[dict], marks: str = "") -> str:
+    """The notes for the marks the rows (and ``marks``, e.g. the references') carry."""
+    found = marks_of(rows) + marks
+    return "".join(f"\n\n{note}" for mark, note in STALE_NOTES.items() if mark in found)
 
 
 def sweep_table(dataset: str, rows: list[dict]) -> str:
@@ -371,7 +378,7 @@ def levers_table(dataset: str, rows: list[dict]) -> str:
         def each(key, digits=3):
             return " / ".join(fmt(r.get(key), digits) for r in runs)
 
-        body.append([name + "".join(dict.fromkeys(stale_mark(r) for r in runs)), fmt(runs[0]["r0_global_pooled"]),
+        body.append([name + marks_of(runs), fmt(runs[0]["r0_global_pooled"]),
                      each("final_global_pooled"),
                      f"{each('final_global_pred_positive', 2)} ({fmt(runs[0].get('final_true_positive'), 2)})",
                      fmt(runs[0].get("r0_global_comprehensiveness")), each("final_global_comprehensiveness"),
@@ -421,6 +428,14 @@ def with_seeds(rows: list[dict]) -> list[dict]:
 def references_measured_on(dataset: str) -> str:
     """The data copy and start model a dataset's reference rows are measured on."""
     return f"{data_rule(dataset)}; start {start_id(DATASETS[dataset])}"
+
+
+def references_mark(dataset: str, measured_on: str) -> str:
+    """The footnote marks of references measured on ``measured_on`` (``references_measured_on``
+    then): a dataset left out of this run's ``--datasets`` keeps references that may be stale."""
+    data, _, start = measured_on.partition("; start ")
+    return ((STALE_DATA if data != data_rule(dataset) else "")
+            + (STALE_START if start != start_id(DATASETS[dataset]) else ""))
 
 
 def save(path: Path, rows: list[dict], refs: dict, refs_data: dict) -> None:
@@ -501,7 +516,8 @@ def main() -> int:
             else:
                 rows.append(row)
             save(json_path, rows, refs, refs_data)
-    md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d])) for d in refs)
+    md = "\n\n".join(table(d, refs[d], with_seeds([r for r in rows if r["dataset"] == d]),
+                             references_mark(d, refs_data.get(d, ""))) for d in refs)
     for dataset in refs:
         expl = [r for r in rows if r["dataset"] == dataset and any(r["name"].endswith(n) for n, _ in FAITHFULNESS)]
         if expl:

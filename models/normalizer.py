@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import zlib
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -180,9 +181,11 @@ class WordNormalizer:
             if lines and lines[0].startswith(HEADER):
                 version = int(lines.pop(0).split()[1])
             counts = {word: int(count) for word, count in (line.split("\t") for line in lines)}
+            if any(count < 0 for count in counts.values()):
+                raise ValueError("negative count")
             words = sorted(counts)
             bigrams = [(words[c // len(words)], words[c % len(words)]) for c in _unvarints(packed)]
-        except (OSError, EOFError, UnicodeDecodeError, ValueError, IndexError, ZeroDivisionError) as err:
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, IndexError, ZeroDivisionError) as err:
             raise FedrexError(f"not a word normaliser's file ({type(err).__name__})") from None
         return cls(counts, bigrams, version)
 

@@ -111,8 +111,8 @@ def test_normaliser_round_trips_through_its_file(normalizer, tmp_path):
     with pytest.raises(FedrexError, match="without a word normaliser"):
         WordNormalizer.load(tmp_path / "missing")
     blob = gzip.decompress((tmp_path / "normalizer.txt.gz").read_bytes())
-    for broken in (blob + b"\xff", blob.replace(b"\t", b" ", 1), b"#fedrex-normalizer 9\nfilm\t3\n"):
-        with pytest.raises(FedrexError, match="normaliser"):  # a truncated pair list, a bad line, a newer version
+    for broken in (blob + b"\xff", blob.replace(b"\t", b" ", 1), b"#fedrex-normalizer 9\nfilm\t3\n", b"film\t-1\n"):
+        with pytest.raises(FedrexError, match="normaliser"):  # a truncated pair list, a bad line, a newer version, a negative count
             WordNormalizer.from_bytes(gzip.compress(broken))
 
 
