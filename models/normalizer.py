@@ -143,16 +143,8 @@ class WordNormalizer:
         return max(found, key=score)  # ``found`` is sorted: ties go to the first, as in version 1
 
     def __call__(self, text: str) -> str:
-        if self.version == 1:
-            return map_words(text, lambda core: self.correct(core) if core else core)
-        tokens = text.split()
-        cores = [_split(token.lower())[1] for token in tokens]
-        out = []
-        for i, token in enumerate(tokens):
-            lead, core, tail = _split(token.lower())
-            new = self.correct(core, cores[i - 1] if i else "", cores[i + 1] if i + 1 < len(cores) else "") if core else core
-            out.append(token if new == core else lead + new + tail)
-        return " ".join(out)
+        # version 1 holds no word pairs, so the neighbours never change its choice
+        return map_words(text, lambda core, before, after: self.correct(core, before, after) if core else core)
 
     def ms_per_sentence(self, texts: list[str]) -> float:
         return ms_per_sentence(self, texts)
@@ -211,9 +203,14 @@ def tokenizer_words() -> frozenset:
     return frozenset(t for t in shipped_vocab() if len(t) >= 3 and t.isalpha() and t.islower())
 
 
+def _cores(text: str) -> list[str]:
+    """The words of ``text``, lowercase, the punctuation around each cut."""
+    return [_split(w)[1] for w in text.lower().split()]
+
+
 def _pairs(text: str):
-    """Adjacent words of ``text`` (lowercase cores, punctuation cut), as the context reads them."""
-    cores = [_split(w)[1] for w in text.lower().split()]
+    """Adjacent words of ``text``, as the context reads them."""
+    cores = _cores(text)
     return zip(cores, cores[1:])
 
 
@@ -245,16 +242,18 @@ def _unvarints(data: bytes) -> list[int]:
 def word_counts(texts) -> Counter:
     """How often each alphabetic word occurs in ``texts`` (lowercase, punctuation around it cut):
     the corpus a text defence is built from."""
-    return Counter(core for text in texts for core in (_split(w)[1] for w in text.lower().split()) if core.isalpha())
+    return Counter(core for text in texts for core in _cores(text) if core.isalpha())
 
 
 def map_words(text: str, change) -> str:
     """``text`` with each word (lowercase, the punctuation around it kept) replaced by
-    ``change(word)``; a word it leaves as it is keeps its original spelling and case."""
+    ``change(word, word before, word after)`` ("" at either end); a word it leaves as it is keeps
+    its original spelling and case."""
+    tokens = text.split()
+    parts = [_split(token.lower()) for token in tokens]
     out = []
-    for token in text.split():
-        lead, core, tail = _split(token.lower())
-        new = change(core)
+    for i, (token, (lead, core, tail)) in enumerate(zip(tokens, parts)):
+        new = change(core, parts[i - 1][1] if i else "", parts[i + 1][1] if i + 1 < len(parts) else "")
         out.append(token if new == core else lead + new + tail)
     return " ".join(out)
 

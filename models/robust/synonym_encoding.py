@@ -61,7 +61,7 @@ class SynonymEncoding:
         punctuation around a word is kept)."""
         from models.normalizer import map_words
 
-        return map_words(text, lambda core: self.code.get(core, core))
+        return map_words(text, lambda core, *_neighbours: self.code.get(core, core))
 
     def coverage(self, pairs: Iterable[tuple[str, str]]) -> float:
         """The share of (word, synonym) pairs that read the same after encoding."""
