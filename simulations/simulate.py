@@ -22,8 +22,8 @@ from models.artifact import atomic_write_bytes
 from models.errors import FedrexError
 from models.partitioning import SYNTHETIC
 from models.run_settings import RunSettings, split_pairs
-from simulations.localhost import free_ports, port_open, stop_groups
-from simulations.watchdog import simulation_groups
+from simulations.localhost import free_ports, port_open
+from simulations.watchdog import stop_simulation
 
 
 def load_settings(config_file: str | None, pairs: list[str] | None, base: dict | None = None) -> RunSettings:
@@ -174,7 +174,7 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
             watchdog.wait()
         if started_here:  # the managed SuperLink this call started, and the simulation processes it started
             # in sessions of their own (they name its address); a SuperLink the user started stays
-            stop_groups(simulation_groups(home, port))
+            stop_simulation(home, port)
         # the ServerApp this call stopped could not say so (a SuperLink the user started runs on)
         if interrupted and started_here and (run_dir / "run.json").exists():
             from server.store import RunStore

@@ -4,8 +4,7 @@ The managed SuperLink and the simulation processes it starts live in sessions of
 detaches them), so a signal to the `fedrex simulate` process group does not reach them: they would
 finish the run unobserved and keep the ports the next simulation joins. `fedrex simulate` starts
 this watchdog in a session of its own too; it waits for its parent to die, then stops the same
-process groups a normal exit stops (``simulations.localhost.stop_groups``). A normal exit stops
-the watchdog first.
+process groups a normal exit stops (``stop_simulation``). A normal exit stops the watchdog first.
 
     python -m simulations.watchdog PARENT_PID FLWR_HOME PORT
 """
@@ -29,16 +28,36 @@ def alive(pid: int) -> bool:
 
 
 def simulation_groups(home: str, port: str) -> set[int]:
-    """The managed SuperLink (its command line names the run's FLWR_HOME) and the processes it
-    started (they name its address)."""
-    return process_groups("flower-superlink", home) | process_groups("flwr-", f"127.0.0.1:{port}")
+    """The managed SuperLink (its command line names the run's FLWR_HOME and its port) and the
+    processes it started (the SuperExec, the simulation and ServerApp processes: they name its
+    address). Ray's processes share the simulation process's group without naming either. The port
+    tells this run's SuperLink from the next one in the same FLWR_HOME (a resume gets new ports)."""
+    return (process_groups("flower-superlink", home, f"--port\0{port}\0")
+            | process_groups(f"127.0.0.1:{port}"))
+
+
+def stop_simulation(home: str, port: str, looks: int = 5) -> None:
+    """Stop ``simulation_groups`` until a look finds none (at most ``looks`` looks): a process
+    started while the first look was taken (the SuperLink launching the simulation process, a
+    process group whose only matching member died a moment before) is found by the next."""
+    for _ in range(looks):
+        groups = simulation_groups(home, port)
+        if not groups:
+            return
+        stop_groups(groups)
 
 
 def main(argv: list[str]) -> int:
     parent, home, port = int(argv[0]), argv[1], argv[2]
+    seen: set[int] = set()
+    looked = 0.0
     while alive(parent):
+        if time.time() - looked > 1.0:  # remembered: a kill -9 of the simulation process too leaves Ray's
+            seen |= simulation_groups(home, port)  # processes in its group with nothing there to name it
+            looked = time.time()
         time.sleep(0.1)
-    stop_groups(simulation_groups(home, port))
+    stop_groups(seen)
+    stop_simulation(home, port)
     return 0
 
 

@@ -202,6 +202,46 @@ def stateful(tmp_path_factory):
     return run(tmp_path_factory.mktemp("stateful"), "run-id=stateful", *STATEFUL)
 
 
+def test_the_watchdog_stops_what_a_killed_run_left_and_spares_the_next_runs_superlink(tmp_path):
+    """Stand-in processes, no Flower: after its parent dies the watchdog stops the SuperLink of the
+    run's FLWR_HOME and port, and a process left in the group of the simulation process (as Ray's are)
+    even when the named simulation process was killed first (nothing named is left in that group);
+    a SuperLink in the same FLWR_HOME on another port (the resumed run's) keeps running."""
+    import subprocess
+    import time
+
+    from simulations.watchdog import alive
+
+    def stand_in(*words, code="import time; time.sleep(120)"):
+        return subprocess.Popen([sys.executable, "-c", code, *words], start_new_session=True,
+                                stdout=subprocess.PIPE, text=True)
+
+    home, port, next_port = str(tmp_path / "home"), "41999", "42001"
+    superlink = stand_in("flower-superlink", "--port", port, "--database", home)
+    resumed = stand_in("flower-superlink", "--port", next_port, "--database", home)
+    simulation = stand_in("flwr-simulation", f"127.0.0.1:{port}", code=(
+        "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(120)']); print(child.pid, flush=True); time.sleep(120)"))
+    ray_like = int(simulation.stdout.readline())  # same process group, names nothing
+    parent = stand_in()
+    watchdog = subprocess.Popen([sys.executable, "-m", "simulations.watchdog", str(parent.pid), home, port],
+                                cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        time.sleep(2.5)  # the watchdog has looked at the running simulation at least once
+        simulation.kill()  # the named process dies first, as a kill -9 of the whole run takes it
+        simulation.wait()
+        parent.kill()
+        parent.wait()
+        assert watchdog.wait(timeout=60) == 0
+        assert superlink.wait(timeout=5) is not None
+        assert not alive(ray_like), "a process in the killed simulation's group outlived the watchdog"
+        assert resumed.poll() is None, "the watchdog stopped the next run's SuperLink"
+    finally:
+        for process in (superlink, resumed, simulation, parent, watchdog):
+            process.kill()
+        subprocess.run(["kill", "-9", str(ray_like)], stderr=subprocess.DEVNULL)
+
+
 def _simulate_in_background(*args, stderr: Path | None = None):
     """`fedrex simulate` in a session of its own (as a terminal runs it), its stderr into a file."""
     import subprocess
@@ -249,7 +289,15 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     deadline = time.time() + 60
     while leftovers() and time.time() < deadline:
         time.sleep(0.5)
-    assert not leftovers()  # the SuperLink, the simulation and Ray (own sessions) were stopped
+
+    def command_line(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:
+            return "(ended)"
+
+    left = {pid: command_line(pid) for pid in leftovers()}
+    assert not left, f"still running: {left}"  # the SuperLink, the simulation and Ray (own sessions) were stopped
     # the ServerApp (Ctrl-C: until `fedrex simulate` stopped it) must not have finished the round
     after = json.loads(progress.read_text())
     assert after["round"] == round_number and after["phase"] != "committed", f"the round went on: {after}"
