@@ -111,13 +111,15 @@ def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch
 
 
 def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
-             attack_guard=contextlib.nullcontext) -> torch.Tensor:
-    """``attack_guard``: a context the PGD search runs in (DP switches Opacus' hooks off there)."""
+             attack_guard=contextlib.nullcontext, logit_adjust: torch.Tensor | None = None) -> torch.Tensor:
+    """``attack_guard``: a context the PGD search runs in (DP switches Opacus' hooks off there).
+    ``logit_adjust``: the balanced loss's log prior, added to the cross-entropy's logits here as in
+    the clean term (without it the adversarial term alone teaches the client's label prior)."""
     with attack_guard():
         delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
                                  config.temperature)
     logits = model.classify(emb + delta, mask)
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits if logit_adjust is None else logits + logit_adjust, labels)
     if teacher_logits is not None:
         loss = loss + kd_loss(logits, teacher_logits, config.temperature)
     return loss
@@ -126,7 +128,8 @@ def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
 def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool = True,
                    logit_adjust: torch.Tensor | None = None, attack_guard=contextlib.nullcontext):
     """Total loss for one batch and its parts (floats) for logging. ``logit_adjust`` (a [C] log
-    prior) is added to the logits of the cross-entropy term only (logit-adjusted loss)."""
+    prior) is added to the logits of every cross-entropy against the labels, clean and adversarial
+    (logit-adjusted loss); the distillation terms match answers, not labels, and keep plain logits."""
     mask = batch.mask
     emb = model.embed(batch.ids)
     logits = model.classify(emb, mask)
@@ -149,6 +152,6 @@ def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool =
         er = erasure_loss(model, batch.erased_ids, batch.erased_probs)
         total, parts["erasure"] = total + config.erasure * er, er.item()
     if config.adv > 0 and use_adv:
-        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits, config, attack_guard)
+        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits, config, attack_guard, logit_adjust)
         total, parts["adv"] = total + config.adv * adv, adv.item()
     return total, parts

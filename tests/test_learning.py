@@ -221,6 +221,29 @@ def test_label_log_prior_is_the_smoothed_label_share():
     assert torch.allclose(prior, torch.log(torch.tensor([2 / 6, 4 / 6])))
 
 
+def test_the_balanced_loss_adjusts_every_cross_entropy_the_adversarial_one_too(critics):
+    """With a zero PGD budget the adversarial rows are the clean rows, so the adversarial term must
+    equal the clean cross-entropy, both against logits + the client's log prior, hand computed.
+    (It once kept plain logits: at adv-weight 0.5 it taught every client's label prior anyway.)"""
+    import torch.nn.functional as F
+
+    from models.objectives import objective_loss
+    from models.training_config import ObjectiveConfig
+
+    model, _ = network("student", critics)
+    model.eval()
+    batch = next(critics[0].batches(8, shuffle=False))
+    prior = label_log_prior(critics[0].labels, 2)
+    assert abs(float(prior[0] - prior[1])) > 0.1  # the critic's labels are skewed: the test can tell
+    _, parts = objective_loss(model, batch, ObjectiveConfig(adv=0.5, adv_epsilon=0.0), logit_adjust=prior)
+    with torch.no_grad():
+        logits = model.classify(model.embed(batch.ids), batch.mask)
+    adjusted = F.cross_entropy(logits + prior, batch.labels).item()
+    assert parts["ce"] == pytest.approx(adjusted, rel=1e-5)
+    assert parts["adv"] == pytest.approx(adjusted, rel=1e-5)
+    assert adjusted != pytest.approx(F.cross_entropy(logits, batch.labels).item(), rel=1e-3)
+
+
 def test_fedper_heads_never_leave_the_device(tmp_path, critics):
     """Only the body travels: the global head stays the artifact's, however much clients train."""
     start, after, _ = federated_round(tmp_path, critics, "student", strategy="fedavg", lr=1e-2, adv_weight=0.0,
