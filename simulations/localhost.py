@@ -80,20 +80,26 @@ def stop_groups(groups: set[int], grace: float = 10.0) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.time() + grace
-        while time.time() < deadline and any(_alive(g) for g in groups):
+        while time.time() < deadline and any(group_alive(g) for g in groups):
             time.sleep(0.2)
 
 
-def _alive(group: int) -> bool:
-    """A process of ``group`` still runs (zombies, waiting for a parent to reap them, do not)."""
+def group_members(groups: set[int]) -> set[int]:
+    """The running processes of ``groups`` (zombies, waiting for a parent to reap them, do not run)."""
+    members = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[2]) in groups and fields[0] != "Z":
+            members.add(int(stat.parent.name))
+    return members
+
+
+def group_alive(group: int) -> bool:
+    """A process of ``group`` still runs."""
+    return bool(group_members({group}))
 
 
 def parent_pids() -> dict[int, int]:

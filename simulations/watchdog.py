@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.localhost import process_groups, stop_groups
+from simulations.localhost import group_alive, process_groups, stop_groups
 
 
 def alive(pid: int) -> bool:
@@ -29,11 +29,14 @@ def alive(pid: int) -> bool:
 
 def simulation_groups(home: str, port: str) -> set[int]:
     """The managed SuperLink (its command line names the run's FLWR_HOME and its port) and the
-    processes it started (the SuperExec, the simulation and ServerApp processes: they name its
-    address). Ray's processes share the simulation process's group without naming either. The port
-    tells this run's SuperLink from the next one in the same FLWR_HOME (a resume gets new ports)."""
-    return (process_groups("flower-superlink", home, f"--port\0{port}\0")
-            | process_groups(f"127.0.0.1:{port}"))
+    processes it started (the SuperExec, the simulation and ServerApp processes: Flower's own
+    executables, each naming its address as a whole argument). Ray's processes share the simulation
+    process's group without naming either. The port tells this run's SuperLink from the next one
+    in the same FLWR_HOME (a resume gets new ports); nothing else that mentions the address (a
+    user's `curl 127.0.0.1:PORT`) is the run's."""
+    address = f"\x00127.0.0.1:{port}\x00"  # a whole argument: port 5182 is not 51825
+    return (process_groups("flower-superlink", home, f"--port\x00{port}\x00")
+            | process_groups("flwr-", address) | process_groups("flower-superexec", address))
 
 
 def stop_simulation(home: str, port: str, looks: int = 5) -> None:
@@ -52,11 +55,14 @@ def main(argv: list[str]) -> int:
     seen: set[int] = set()
     looked = 0.0
     while alive(parent):
-        if time.time() - looked > 1.0:  # remembered: a kill -9 of the simulation process too leaves Ray's
-            seen |= simulation_groups(home, port)  # processes in its group with nothing there to name it
+        if time.time() - looked > 1.0:
+            # remembered: a kill -9 of the simulation process too leaves Ray's processes in its group
+            # with nothing there to name it. Only groups with a live member are kept: the kernel never
+            # hands out a group id still in use, so a kept id is still the run's group
+            seen = {group for group in seen if group_alive(group)} | simulation_groups(home, port)
             looked = time.time()
         time.sleep(0.1)
-    stop_groups(seen)
+    stop_groups({group for group in seen if group_alive(group)})
     stop_simulation(home, port)
     return 0
 

@@ -206,7 +206,8 @@ def test_the_watchdog_stops_what_a_killed_run_left_and_spares_the_next_runs_supe
     """Stand-in processes, no Flower: after its parent dies the watchdog stops the SuperLink of the
     run's FLWR_HOME and port, and a process left in the group of the simulation process (as Ray's are)
     even when the named simulation process was killed first (nothing named is left in that group);
-    a SuperLink in the same FLWR_HOME on another port (the resumed run's) keeps running."""
+    a SuperLink in the same FLWR_HOME on another port (the resumed run's) and a user's own process
+    that mentions the address keep running."""
     import subprocess
     import time
 
@@ -219,6 +220,7 @@ def test_the_watchdog_stops_what_a_killed_run_left_and_spares_the_next_runs_supe
     home, port, next_port = str(tmp_path / "home"), "41999", "42001"
     superlink = stand_in("flower-superlink", "--port", port, "--database", home)
     resumed = stand_in("flower-superlink", "--port", next_port, "--database", home)
+    bystander = stand_in("curl", f"127.0.0.1:{port}")
     simulation = stand_in("flwr-simulation", f"127.0.0.1:{port}", code=(
         "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
         "time.sleep(120)']); print(child.pid, flush=True); time.sleep(120)"))
@@ -236,8 +238,9 @@ def test_the_watchdog_stops_what_a_killed_run_left_and_spares_the_next_runs_supe
         assert superlink.wait(timeout=5) is not None
         assert not alive(ray_like), "a process in the killed simulation's group outlived the watchdog"
         assert resumed.poll() is None, "the watchdog stopped the next run's SuperLink"
+        assert bystander.poll() is None, "the watchdog stopped a process that only mentions the address"
     finally:
-        for process in (superlink, resumed, simulation, parent, watchdog):
+        for process in (superlink, resumed, bystander, simulation, parent, watchdog):
             process.kill()
         subprocess.run(["kill", "-9", str(ray_like)], stderr=subprocess.DEVNULL)
 
@@ -266,7 +269,8 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
 
     how = signal.SIGKILL if how is None else how
 
-    from simulations.localhost import matching_pids
+    from simulations.localhost import group_members, matching_pids
+    from simulations.watchdog import simulation_groups
 
     progress, deadline, seen = folder / "progress.json", time.time() + 300, None
     while time.time() < deadline and process.poll() is None:
@@ -275,16 +279,22 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
             break
         time.sleep(0.02)
     assert seen and (seen["round"], seen["phase"]) == (round_number, phase), f"never saw {phase} of round {round_number}: {seen}"
+    # this run's processes, and only this run's (other simulations may share the machine): its managed
+    # SuperLink (FLWR_HOME under the runs folder), its port, and the groups of all it started (Ray's too)
+    home = str(folder.parent / ".flower" / folder.name)
+    (superlink,) = matching_pids("flower-superlink", home)
+    args = Path(f"/proc/{superlink}/cmdline").read_bytes().split(b"\0")
+    port = args[args.index(b"--port") + 1].decode()
+    groups = simulation_groups(home, port)
     os.killpg(process.pid, how)
     if how == signal.SIGKILL:  # the whole run dies at this point, the ServerApp with it (the watchdog
-        for pid in matching_pids("flwr-simulation"):  # alone would stop it within a second: a short
-            os.kill(pid, signal.SIGKILL)  # phase could end first); the watchdog stops the rest
+        for pid in matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00"):  # alone would stop it
+            os.kill(pid, signal.SIGKILL)  # within a second: a short phase could end first); the watchdog stops the rest
     # kill -9 leaves the cleanup to the watchdog; Ctrl-C is `fedrex simulate`'s own: one line, code 130
     assert process.wait(timeout=120) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
 
     def leftovers():
-        return (matching_pids("flower-superlink", str(folder.parent)) | matching_pids("flwr-simulation")
-                | matching_pids("flwr-serverapp") | matching_pids("raylet"))
+        return group_members(groups | simulation_groups(home, port))
 
     deadline = time.time() + 60
     while leftovers() and time.time() < deadline:
