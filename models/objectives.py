@@ -128,8 +128,9 @@ def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
 def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool = True,
                    logit_adjust: torch.Tensor | None = None, attack_guard=contextlib.nullcontext):
     """Total loss for one batch and its parts (floats) for logging. ``logit_adjust`` (a [C] log
-    prior) is added to the logits of every cross-entropy against the labels, clean and adversarial
-    (logit-adjusted loss); the distillation terms match answers, not labels, and keep plain logits."""
+    prior) is added to the logits of both loss terms against the labels, clean and adversarial
+    (logit-adjusted loss); the distillation terms match answers, not labels, and keep plain logits,
+    and the PGD search looks for its perturbation on the plain loss."""
     mask = batch.mask
     emb = model.embed(batch.ids)
     logits = model.classify(emb, mask)
