@@ -94,6 +94,9 @@ class WordNormalizer:
         # one edit changes a length by at most one: a longer word has no correction, and looking
         # for one would cost its length squared (a 100,000-letter "word" took 2 s)
         self.longest = max(len(word) for word in self._prior)
+        # (word, neighbours) -> correction, once ``remember_answers`` turned it on (never while
+        # ``ms_per_sentence`` measures the latency a device pays)
+        self._answers: dict | None = None
         self._index: dict[str, list[str]] = {}
         for word in self._prior:
             for key in {word} | _deletes(word):
@@ -143,11 +146,37 @@ class WordNormalizer:
         return max(found, key=score)  # ``found`` is sorted: ties go to the first, as in version 1
 
     def __call__(self, text: str) -> str:
+        return map_words(text, self._correct_word)
+
+    def remember_answers(self, limit: int = 200_000) -> "WordNormalizer":
+        """From now on each unknown word's correction in its context is worked out once and then
+        read back (the same answer: ``correct`` reads nothing but the word and its neighbours). A
+        black-box attack asks for hundreds of texts that differ from each other in a word or two,
+        so the search for neighbours was a fifth of an attacked evaluation. ``limit``: answers kept
+        before the memory starts afresh. Returns this normaliser."""
+        self._answers, self._answer_limit = {}, limit
+        return self
+
+    def _correct_word(self, core: str, before: str, after: str) -> str:
+        if not core or core in self._prior:
+            return core
+        if self._answers is None:
+            return self.correct(core, before, after)
         # version 1 holds no word pairs, so the neighbours never change its choice
-        return map_words(text, lambda core, before, after: self.correct(core, before, after) if core else core)
+        key = (core, before, after) if self.version >= 2 else core
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) >= self._answer_limit:
+                self._answers.clear()
+            answer = self._answers[key] = self.correct(core, before, after)
+        return answer
 
     def ms_per_sentence(self, texts: list[str]) -> float:
-        return ms_per_sentence(self, texts)
+        answers, self._answers = self._answers, None  # what a device pays: every answer worked out
+        try:
+            return ms_per_sentence(self, texts)
+        finally:
+            self._answers = answers
 
     # ----------------------------------------------------------------------------- persistence
     def to_bytes(self) -> bytes:

@@ -142,7 +142,9 @@ class WordPieceTokenizer:
 def client_tokenizer(max_length: int, normalizer: bytes | None) -> WordPieceTokenizer:
     """The tokenizer every text a client serves goes through: WordPiece, behind the start model's
     word normaliser when the server sent one (``models.protocol.NORMALIZER``); the benchmarks' references
-    encode through the same one."""
+    encode through the same one. Its normaliser remembers its answers (``remember_answers``): the
+    attacks query it with hundreds of near-identical texts."""
     from models.normalizer import WordNormalizer
 
-    return WordPieceTokenizer(max_length, normalizer=WordNormalizer.from_bytes(normalizer) if normalizer else None)
+    return WordPieceTokenizer(max_length, normalizer=WordNormalizer.from_bytes(normalizer).remember_answers()
+                              if normalizer else None)

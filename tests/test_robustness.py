@@ -131,6 +131,26 @@ def test_normaliser_version_2_closes_what_deepwordbug_exploited_and_version_1_fi
     assert WordNormalizer.from_bytes(old.to_bytes()).version == 1
 
 
+def test_a_normaliser_that_remembers_its_answers_gives_the_answers_it_would_work_out(normalizer):
+    """The same typo in two contexts gets each context's answer; and on typo'd dev sentences, asked
+    twice (the second time from memory, through a memory small enough to start afresh), the
+    remembering normaliser of each version writes exactly what a fresh one does."""
+    remembering = WordNormalizer(normalizer.counts, normalizer.bigrams).remember_answers(limit=50)
+    assert remembering("the moo of the film") == "the mood of the film" and remembering("moo") == "too"
+    assert remembering("the moo of the film") == "the mood of the film"
+    dev, _ = cached_text_dataset("sst2", "validation")
+    rng = np.random.default_rng(0)  # typos as DeepWordBug makes them: two letters swapped in some words
+    texts = [" ".join(w[0] + w[2] + w[1] + w[3:] if len(w) > 3 and rng.random() < 0.35 else w for w in t.split())
+             for t in dev["text"][:150]]
+    for version in (1, 2):
+        fresh = WordNormalizer(normalizer.counts, normalizer.bigrams, version)
+        memory = WordNormalizer(normalizer.counts, normalizer.bigrams, version).remember_answers(limit=50)
+        expected = [fresh(t) for t in texts]
+        assert sum(e != t for e, t in zip(expected, texts)) > 50  # typos were corrected: answers were worked out
+        assert [memory(t) for t in texts] == expected
+        assert [memory(t) for t in texts] == expected
+
+
 def test_shipped_device_package_holds_the_version_2_normaliser_within_one_megabyte():
     folder = Path(__file__).resolve().parents[1] / "models" / "artifacts" / "sst2-student"
     assert WordNormalizer.load(folder).version == 2
