@@ -13,8 +13,8 @@
   and agreement with the round-0 maps per round, beside random maps, with accuracy and time;
 - ``sweep``: one change at a time from the defaults on rt_critics (client learning rate, local
   steps, logit-adjusted loss, server optimizer), to choose and justify the defaults;
-- ``seeds``: the headline rows again with seeds 1 and 2 (per-user accuracy on a few test rows is
-  noisy: the table reports the spread);
+- ``seeds``: the headline rows and the hardening rows ``SEEDED_HARDENING`` again with seeds 1 and
+  2 (per-user accuracy on a few test rows is noisy: the tables report the spread);
 - ``levers``: the settings that may keep the tweets' global model at its round-0 accuracy
   (``LEVERS``), each with seeds 0, 1 and 2, under prior-shift, explanations measured.
 
@@ -62,6 +62,8 @@ MODES = ["finetune", "prior", "prior-shift", "mix", "select", "ditto", "fedper"]
 # the rows run again with seeds 1 and 2: the default (its runs also hold the global model and round
 # 0) and, on tweets, the best personal mode there
 SEEDED = {"rt_critics": [RunSettings().mode], "sent140_users": [RunSettings().mode, "prior-shift"]}
+# the hardening rows run again with seeds 1 and 2: what hardening buys is judged against them
+SEEDED_HARDENING = ("no hardening", "+ perturbed text")
 # every method run attacks every held-out row with both recipes (10 per user are too few to compare)
 ATTACKS = ("char", "synonym")
 # a round that attacks every held-out row of 118 critics can take longer than the default round
@@ -147,6 +149,8 @@ def runs_for(part: str, datasets: list[str]) -> list[tuple[str, str, list[str]]]
         elif part == "seeds":
             out += [(dataset, f"{m} (seed {seed})", [f"mode={m}", f"seed={seed}", *EVALUATION])
                     for m in SEEDED.get(dataset, [mode]) for seed in (1, 2)]
+            out += [(dataset, f"{mode}, {name} (seed {seed})", [*EVALUATION, *pairs, f"seed={seed}"])
+                    for name, pairs in HARDENING if name in SEEDED_HARDENING for seed in (1, 2)]
         elif part == "levers":
             out += [(dataset, f"lever: {name} (seed {seed})", ["mode=prior-shift", f"seed={seed}", "attack-examples=0",
                                                                *pairs])
@@ -382,6 +386,30 @@ def sweep_table(dataset: str, rows: list[dict]) -> str:
         pd.DataFrame(body, columns=head)) + footnote(rows)
 
 
+def hardening_seeds_table(dataset: str, rows: list[dict]) -> str:
+    """The defaults and the seeded hardening rows, seeds 0/1/2 each: clean accuracy and accuracy
+    under each attack (every held-out row, per-user mean), global and personal, and their means."""
+    mode, body = RunSettings().mode, []
+    for name in [mode, *(f"{mode}, {h}" for h in SEEDED_HARDENING)]:
+        runs = [next((r for r in rows if r["name"] == label and not stale(r)), None)
+                for label in (name, f"{name} (seed 1)", f"{name} (seed 2)")]
+        if any(r is None for r in runs):
+            continue
+        cells = []
+        for key in ("final_global_mean", *(f"final_global_adv_acc_{a}" for a in ATTACKS),
+                    "final_personal_mean", *(f"final_personal_adv_acc_{a}" for a in ATTACKS)):
+            values = [r.get(key) for r in runs]
+            cells.append(" / ".join(fmt(v) for v in values)
+                         + (f" ({fmt(float(np.mean(values)))})" if None not in values else ""))
+        body.append([name, *cells])
+    if not body:
+        return ""
+    head = ["row (seeds 0 / 1 / 2 (mean))", "global clean", *(f"global under {a}" for a in ATTACKS),
+            "personal clean", *(f"personal under {a}" for a in ATTACKS)]
+    return (f"### {dataset}: hardening, seeds 0/1/2 (every held-out row attacked, per-user means)\n\n"
+            + markdown_table(pd.DataFrame(body, columns=head)))
+
+
 def levers_table(dataset: str, rows: list[dict]) -> str:
     """Per lever, each seed's global model (pooled accuracy against round 0's, share called positive
     against the truth, comprehensiveness against round 0's) and prior-shift's personal mean."""
@@ -546,6 +574,9 @@ def main() -> int:
         levers = [r for r in rows if r["name"].startswith("lever: ") and r["dataset"] == dataset]
         if levers:
             md += "\n\n" + levers_table(dataset, levers)
+        seeded = hardening_seeds_table(dataset, [r for r in rows if r["dataset"] == dataset])
+        if seeded:
+            md += "\n\n" + seeded
     atomic_write_bytes(json_path.with_suffix(".md"), (md + "\n").encode())
     print(md)
     return 0
