@@ -160,7 +160,8 @@ class WordNormalizer:
     def _correct_word(self, core: str, before: str, after: str) -> str:
         if not core or core in self._prior:
             return core
-        if self._answers is None:
+        # only words the search could correct are remembered (a 100,000-letter "word" is not)
+        if self._answers is None or not self.min_length <= len(core) <= self.longest + 1:
             return self.correct(core, before, after)
         # version 1 holds no word pairs, so the neighbours never change its choice
         key = (core, before, after) if self.version >= 2 else core

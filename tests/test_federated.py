@@ -270,7 +270,7 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     how = signal.SIGKILL if how is None else how
 
     from simulations.localhost import group_members, matching_pids
-    from simulations.watchdog import simulation_groups
+    from simulations.watchdog import alive, simulation_groups
 
     progress, deadline, seen = folder / "progress.json", time.time() + 300, None
     while time.time() < deadline and process.poll() is None:
@@ -282,10 +282,13 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     # this run's processes, and only this run's (other simulations may share the machine): its managed
     # SuperLink (FLWR_HOME under the runs folder), its port, and the groups of all it started (Ray's too)
     home = str(folder.parent / ".flower" / folder.name)
-    (superlink,) = matching_pids("flower-superlink", home)
+    (superlink,) = matching_pids("flower-superlink", home + "/")
     args = Path(f"/proc/{superlink}/cmdline").read_bytes().split(b"\0")
     port = args[args.index(b"--port") + 1].decode()
     groups = simulation_groups(home, port)
+    # and, found by name rather than by group (a check of the watchdog, not by it): the simulation
+    # processes and the Ray session each one started (its folder ends in the starting process's id)
+    simulations = matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00")
     os.killpg(process.pid, how)
     if how == signal.SIGKILL:  # the whole run dies at this point, the ServerApp with it (the watchdog
         for pid in matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00"):  # alone would stop it
@@ -294,7 +297,8 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     assert process.wait(timeout=120) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
 
     def leftovers():
-        return group_members(groups | simulation_groups(home, port))
+        ray = set().union(*(matching_pids("/tmp/ray/session_", f"_{pid}/") for pid in simulations))
+        return group_members(groups | simulation_groups(home, port)) | ray | {pid for pid in simulations if alive(pid)}
 
     deadline = time.time() + 60
     while leftovers() and time.time() < deadline:
