@@ -119,8 +119,9 @@ SWEEP_SENT140 = [  # the global model loses accuracy on tweets: what each remedy
 
 
 # The levers on the tweets' global model (those that held it at its round-0 accuracy on one seed,
-# and the balanced loss alone and with a light start-kd), with every seed: each under prior-shift (the shared weights train as under finetune, so one run gives the
-# global model and the best personal mode), explanations measured, no attacks.
+# and the balanced loss alone and with a light start-kd), with every seed: each under prior-shift
+# (the shared weights train as under finetune, so one run gives the global model and the best
+# personal mode), explanations measured, no attacks.
 LEVERS = [
     ("defaults", []),
     ("start-kd 10", ["start-kd=10.0"]),
@@ -262,10 +263,15 @@ def start_id(config: list[str]) -> str:
     (the artifact's weights, and its word normaliser unless the run drops it), so that rows and
     references measured from another start are known as such. Reads only the two keys that
     choose the start: rows keep settings later releases removed."""
-    effective = dict(pair.split("=", 1) for pair in config)
-    defaults = RunSettings()
-    return _start_id(effective.get("artifact", defaults.artifact),
-                     parse_value(effective.get("normalizer", defaults.normalizer), defaults.normalizer, "normalizer"))
+    return _start_id(config_value(config, "artifact"), config_value(config, "normalizer"))
+
+
+def config_value(config: list[str], key: str):
+    """One setting of a row's run config (later pairs override earlier ones), parsed as RunSettings
+    parses it, or its default where the config leaves it out."""
+    default = getattr(RunSettings(), key.replace("-", "_"))
+    value = dict(pair.split("=", 1) for pair in config).get(key)
+    return default if value is None else parse_value(value, default, key)
 
 
 @lru_cache(maxsize=None)
@@ -281,13 +287,9 @@ def stale_mark(row: dict) -> str:
     its footnote marks."""
     mark = STALE_DATA if row.get("data", "") != data_rule(row["dataset"]) else ""
     mark += STALE_START if row.get("start") != start_id(start_config_of(row)) else ""
-    effective, defaults = dict(pair.split("=", 1) for pair in row["config"]), RunSettings()
-
-    def setting(key: str, name: str):
-        return parse_value(effective.get(key, getattr(defaults, name)), getattr(defaults, name), key)
-
-    affected = (setting("balanced-loss", "balanced_loss")  # with no PGD term the fix changed nothing
-                and setting("adv-weight", "adv_weight") > 0 and setting("adv-ratio", "adv_ratio") > 0)
+    config = row["config"]
+    affected = (config_value(config, "balanced-loss")  # with no PGD term the fix changed nothing
+                and config_value(config, "adv-weight") > 0 and config_value(config, "adv-ratio") > 0)
     return mark + (STALE_OBJECTIVE if affected and row.get("objectives", 1) < OBJECTIVES_VERSION else "")
 
 

@@ -291,8 +291,8 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     simulations = matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00")
     os.killpg(process.pid, how)
     if how == signal.SIGKILL:  # the whole run dies at this point, the ServerApp with it (the watchdog
-        for pid in matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00"):  # alone would stop it
-            os.kill(pid, signal.SIGKILL)  # within a second: a short phase could end first); the watchdog stops the rest
+        for pid in simulations:  # alone would stop it within a second: a short phase could end first);
+            os.kill(pid, signal.SIGKILL)  # the watchdog stops the rest
     # kill -9 leaves the cleanup to the watchdog; Ctrl-C is `fedrex simulate`'s own: one line, code 130
     assert process.wait(timeout=120) == (-signal.SIGKILL if how == signal.SIGKILL else 130)
 
