@@ -8,7 +8,7 @@ import json
 from functools import lru_cache
 
 import torch
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 
 from client.data import measurement_seed, round_seed
 from client.evaluate import client_profile, full_attr_list, model_metrics, start_attributions
@@ -17,7 +17,7 @@ from client.state import restore
 from models.errors import FedrexError
 from models.networks import build_network
 from models.personalization import get_mode
-from models.protocol import ARRAYS, FLEET, FROZEN, START, metric_key
+from models.protocol import ARRAYS, CONFIG, FLEET, FROZEN, MEASURES, START, metric_key
 
 
 def received_model(msg: Message, network: dict, mode) -> dict:
@@ -74,8 +74,11 @@ def train(msg: Message, context, settings, config, network, round_number, run_di
 
 
 def evaluate(msg: Message, context, settings, network, round_number, run_dir, local) -> dict:
-    """Global and personal model metrics on the held-out rows, plus who the client is."""
+    """Global and personal model metrics on the held-out rows, plus who the client is; the clean
+    accuracies alone when the round asks for them only (``MEASURES``)."""
     torch.set_num_threads(settings.client_threads)
+    if msg.content.config_records.get(CONFIG, ConfigRecord()).get(MEASURES, "full") == "clean":
+        settings = settings.replace(attack_examples=0, fidelity_examples=0)
     build = lambda: build_network(network)  # noqa: E731
     global_state = received_model(msg, network, get_mode(settings.mode))
     state = restore(context, run_dir, local.partition_id, round_number + 1, dropped_round(msg))

@@ -53,6 +53,11 @@ PERTURBATIONS = ("char", "synonym")
 # gzip'd word list), when the run puts one in front of the model
 NORMALIZER = "normalizer"
 START = "start"
+# what an evaluation measures (the round's config, key MEASURES): everything the run names (attacks,
+# fidelity) or the clean accuracy of the global and personal models alone (EVALUATE_BETWEEN: the
+# evaluations between round 0 and the last round, by default)
+MEASURES = "measures"
+EVALUATE_BETWEEN = ("clean", "full")
 # what the explanation term pulls a client's saliency maps toward (expl-anchor): the start model's
 # maps, which do not drift, or the received global model's (which drift with it, round after round)
 EXPL_ANCHORS = ("start", "received")

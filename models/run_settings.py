@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.personalization import MODES
-from models.protocol import EXPL_ANCHORS, FAULTS, PERTURBATIONS, POISONINGS, check_attacks
+from models.protocol import EVALUATE_BETWEEN, EXPL_ANCHORS, FAULTS, PERTURBATIONS, POISONINGS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
@@ -57,6 +57,9 @@ class RunSettings:
     min_train_clients: int = 2
     fraction_evaluate: float = 1.0
     evaluate_every: int = 5  # evaluation costs ~10x a training round; round 0 and the last always run
+    # what the evaluations between round 0 and the last measure: "clean" accuracy alone (a learning
+    # curve at a fifth of the cost: attacks and fidelity are four fifths of an evaluation) or "full"
+    evaluate_between: str = "clean"
     proximal_mu: float = 0.01
     server_lr: float = 0.01  # fedadam's eta
     server_momentum: float = 0.9  # fedavgm's momentum (server learning rate 1)
@@ -235,6 +238,8 @@ class RunSettings:
             (0 < self.fraction_train <= 1, f"fraction-train must be in (0, 1], got {self.fraction_train}"),
             (0 <= self.fraction_evaluate <= 1, f"fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}"),
             (self.evaluate_every >= 1, f"evaluate-every must be >= 1, got {self.evaluate_every}"),
+            (self.evaluate_between in EVALUATE_BETWEEN,
+             f"evaluate-between must be one of {', '.join(EVALUATE_BETWEEN)}, got {self.evaluate_between!r}"),
             (self.min_train_clients >= 1, "min-train-clients must be >= 1"),
             (self.client_cpus >= 1 and self.client_threads >= 1, "client-cpus and client-threads must be >= 1"),
             (self.evaluate_batch >= 0, f"evaluate-batch must be >= 0 (0: auto), got {self.evaluate_batch}"),

@@ -29,8 +29,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flwr_strategy
 
 from models.errors import FedrexError
-from models.protocol import (ARRAYS, DETAILS, USERS, FLEET, FROZEN, METRICS, NORMALIZER, NUM_EXAMPLES,
-                             ONNX_BODY, START)
+from models.protocol import (ARRAYS, DETAILS, USERS, FLEET, FROZEN, MEASURES, METRICS, NORMALIZER,
+                             NUM_EXAMPLES, ONNX_BODY, START)
 from models.run_settings import KRUM_FAMILY, RunSettings
 from server.fleet import Fleet
 
@@ -143,6 +143,7 @@ class RecordingMixin:
     _target = 0  # this round's goal count of training reports
     _config_bytes = 0  # what the round's config carries besides the weights (the word normaliser)
     _waited = False  # this round found no device available (_wait_for_devices)
+    _measures = "full"  # what this round's evaluation measures (measures())
 
     def _sends_start(self, phase: str) -> bool:
         """Whether this phase's messages carry the start model: training when an explanation term is
@@ -153,7 +154,12 @@ class RecordingMixin:
         if phase == "train":
             explains = self.settings.expl_weight > 0 or self.settings.expl_erasure > 0
             return (explains and self.settings.expl_anchor == "start") or self.settings.start_kd > 0
-        return self.settings.fidelity_examples > 0
+        return self.settings.fidelity_examples > 0 and self._measures == "full"
+
+    def measures(self, global_round: int) -> str:
+        """What an evaluation in this round measures (``MEASURES``): everything at round 0 and the
+        last round, ``evaluate-between`` in the rounds between them."""
+        return "full" if global_round in (0, self.settings.num_rounds) else self.settings.evaluate_between
 
     def _attach_frozen(self, messages, phase: str) -> list:
         """Every message gets the frozen tensors (and the start model where ``_sends_start``); one
@@ -380,6 +386,7 @@ class RecordingMixin:
             return []
         nodes = self._sample_evaluate(grid)
         config["global-round"] = global_round
+        config[MEASURES] = self._measures = self.measures(global_round)
         batches = self._evaluation_batches(nodes)
         self.recorder.note_sampled(server_round, "evaluate", [batch[0] for batch in batches],
                                    {batch[0]: [self.recorder.partition_of[n] for n in batch] for batch in batches})

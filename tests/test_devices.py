@@ -18,7 +18,7 @@ import torch
 
 from client.device import TIERS, fedscale_profiles, parse_mix, profile_for
 from models.errors import FedrexError
-from models.protocol import DEVICE_STATUSES, DEVICE_TIERS
+from models.protocol import CONFIG, DEVICE_STATUSES, DEVICE_TIERS, MEASURES
 from models.run_settings import RunSettings
 from server.fleet import Fleet, is_active, parse_profile, transfer_seconds
 
@@ -425,9 +425,15 @@ def test_a_sample_of_users_is_evaluated_as_a_panel_the_same_users_every_round(tm
         return sorted(m.metadata.dst_node_id for m in strategy.configure_train(server_round, weights,
                                                                              ConfigRecord({}), Grid()))
 
+    def measures(server_round):
+        return {m.content.config_records[CONFIG][MEASURES] for m in strategy.configure_evaluate(
+            server_round, weights, ConfigRecord({}), Grid())}
+
     panel = evaluated(0)
     assert len(panel) == 10 and evaluated(5) == panel and evaluated(10) == panel
     assert evaluated(3) == []  # evaluate-every=5
+    # round 0 and the last measure everything; the round between them clean accuracy alone (the default)
+    assert measures(0) == measures(10) == {"full"} and measures(5) == {"clean"}
     assert trained(1) != trained(2) and len(trained(1)) == 10
 
     class Fewer(Grid):  # a panel member went away: the others stay, the next in rank fills in
@@ -627,6 +633,44 @@ def test_the_claims_of_a_100000_user_pool_settle_in_linear_time():
     accepted, notes, binding = settle_claims(claims, {})
     assert len(accepted) == 100_000 and not notes and binding == {}
     assert time.time() - start < 10  # pairwise: hours
+
+
+def test_an_evaluation_between_the_first_and_last_round_measures_the_same_accuracies_without_attacks(tmp_path):
+    """``evaluate-between=clean`` (the default): a user told to measure clean accuracy alone gives
+    the global and personal accuracies a full evaluation gives, to the last digit, and no attack or
+    fidelity figure (they are four fifths of an evaluation's cost)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import _evaluate_user
+    from models.personalization import get_mode
+    from models.protocol import ARRAYS, FROZEN, split_state
+    from server.app import global_model, start_config
+    from simulations.simulate import load_settings
+
+    settings = load_settings(None, ["dataset=rt_critics", "attack-examples=2", "fidelity-examples=2", "ig-steps=2",
+                                    f"runs-dir={tmp_path}"])
+    model, config = global_model(settings)
+    shared, frozen = split_state(model.state_dict(), get_mode(settings.mode).shared_keys(model))
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def evaluated(measures: str) -> dict:
+        round_config = {**start_config(settings, config["network"]), "run-id": "t", "global-round": 5,
+                        "run-dir": str(tmp_path / "run"), MEASURES: measures}
+        msg = Message(RecordDict({ARRAYS: ArrayRecord(shared), FROZEN: ArrayRecord(frozen),
+                                  CONFIG: ConfigRecord(round_config)}), dst_node_id=1,
+                      message_type=MessageType.EVALUATE)
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 3, "num-partitions": 118},
+                          state=RecordDict(), run_config=settings.to_flower())
+        return _evaluate_user(msg, context)[0]
+
+    full, clean = evaluated("full"), evaluated("clean")
+    for key in ("global.acc", "personal.acc"):
+        assert clean[key] == full[key]
+    measured_only_in_full = {k for k in full if "adv_acc" in k or "comprehensiveness" in k}
+    assert {"global.adv_acc.char", "global.comprehensiveness"} <= measured_only_in_full
+    assert not measured_only_in_full & set(clean)
 
 
 def test_a_pool_node_names_its_users_without_reading_their_rows_unless_devices_go_by_label(monkeypatch):

@@ -106,7 +106,7 @@ def test_the_start_model_travels_only_with_the_rounds_that_use_it(tmp_path, stud
                                                                  fidelity_examples, train_gets, evaluate_gets):
     settings = RunSettings(expl_weight=expl_weight, expl_erasure=erasure, expl_anchor=anchor,
                            fidelity_examples=fidelity_examples, min_train_clients=2, fraction_train=1.0,
-                           evaluate_every=1)
+                           evaluate_every=1, num_rounds=1)  # round 1 is the last: a full evaluation
     model = student[0]
     shared, frozen = split_state(model.state_dict(), get_mode(settings.mode).shared_keys(model))
     nodes = {100: 0, 101: 1}

@@ -323,3 +323,48 @@ def test_synonym_encoding_puts_a_word_and_its_synonyms_under_one_code_and_passes
     assert star.code == {"well": "good", "full": "good", "big": "bad", "tough": "bad", "film": "movie"}
     with pytest.raises(FedrexError, match="not a synonym encoding table"):
         SynonymEncoding.from_bytes(b"not gzip")
+
+
+@pytest.mark.slow
+def test_rounds_of_perturbed_text_hardening_raise_the_critics_accuracy_under_deepwordbug():
+    """Three FedAvg rounds of six real critics, in-process (each client's real local round, the
+    updates averaged), from the bare shipped student: with perturbed-text hardening (every
+    training row replaced by a character-edited copy, fresh each round) the global model keeps
+    more of 120 held-out reviews under DeepWordBug than the same rounds without it, at the same
+    clean accuracy. Prototyped with three attack seeds: 0.067 / 0.092 / 0.075 without, 0.117 /
+    0.142 / 0.133 with (clean 0.775 / 0.783 / 0.750 against 0.775 / 0.783 / 0.767). The bare
+    student, not the defended start: behind the normaliser the gain is a few points on 118 critics
+    (README) and would be noise on six."""
+    import json
+
+    from client.data import load_local_data
+    from client.local import train_round
+    from client.state import ClientState
+    from models.artifact import load_artifact, resolve_artifact
+    from models.evaluation import robustness
+    from models.run_settings import RunSettings
+
+    folder = resolve_artifact("sst2-student")
+    start, _ = load_artifact(folder)
+    config = json.loads((folder / "config.json").read_text())["network"]
+    settings = RunSettings(dataset="rt_critics", min_samples=300, local_max_steps=10, adv_weight=0.0)
+    critics = [load_local_data({"partition-id": pid}, settings, 2, None) for pid in range(6)]
+
+    def federated(run: RunSettings):
+        weights = {k: v.clone() for k, v in start.state_dict().items()}
+        for rnd in (1, 2, 3):
+            sent = [train_round(lambda: build_network(config), weights, c.train, run, ClientState(), rnd,
+                                c.partition_id, 0.0, c.tokenizer)[0] for c in critics]
+            weights = {**weights, **{k: torch.stack([s[k] for s in sent]).mean(0) for k in sent[0]}}
+        model = build_network(config)
+        model.load_state_dict(weights)
+        return model
+
+    def clean_and_attacked(model) -> tuple[float, float]:
+        summaries = [robustness(model, c.tokenizer, c.test, ("char",), 0.2, 20, 0)["char"] for c in critics]
+        return (float(np.mean([s["clean_acc"] for s in summaries])),
+                float(np.mean([s["adv_acc"] for s in summaries])))
+
+    plain = clean_and_attacked(federated(settings))
+    hardened = clean_and_attacked(federated(settings.replace(perturb_share=1.0, perturb_kinds="char")))
+    assert hardened[1] >= plain[1] + 0.02 and hardened[0] >= plain[0] - 0.03, (plain, hardened)
