@@ -90,6 +90,15 @@ def last_round(df: pd.DataFrame, metric: str = "acc") -> int:
     return int(rounds.max()) if len(rounds) else int(df["round"].max())
 
 
+def last_attacked_round(df: pd.DataFrame) -> int | None:
+    """The last round that measured robustness (an ``adv_acc`` figure): with ``evaluate-between=clean``
+    a run stopped between round 0 and its last round has measured only accuracy since round 0.
+    None when the run measured no attack at all."""
+    prefix = attack_metric("adv_acc", "")
+    rounds = df.loc[df["metric"].astype(str).str.startswith(prefix), "round"]
+    return int(rounds.max()) if len(rounds) else None
+
+
 def per_client(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
     """Wide: one row per client, one column per ``model.metric`` (at ``round``, default the last
     evaluated round)."""

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.load import (fairness, load_run, participation, per_client, personalization_gain,
+from analysis.load import (fairness, last_round, load_run, participation, per_client, personalization_gain,
                            robustness_tradeoff, round_summary)
 from analysis.report import write_report
 
@@ -264,3 +264,17 @@ def test_the_label_prior_reference_matches_a_hand_computation():
     np.testing.assert_allclose(adjusted, by_hand)
     assert adjusted.argmax(1).tolist() == [1, 1, 0]  # the prior flips the first row, not the confident third
     assert with_label_prior(log_probs, np.array([0, 1])).argmax(1).tolist() == log_probs.argmax(1).tolist()
+
+
+def test_a_run_stopped_after_a_clean_round_reports_the_robustness_it_last_measured():
+    """With ``evaluate-between=clean`` a run stopped at round 5 measured attacks last at round 0:
+    the robustness table comes from round 0, not an empty round 5."""
+    from analysis.load import last_attacked_round
+
+    rows = [(0, "a", "global", "acc", 0.8), (0, "a", "global", "adv_acc.char", 0.5),
+            (0, "a", "global", "acc_attacked_rows", 0.7), (5, "a", "global", "acc", 0.9)]
+    df = pd.DataFrame(rows, columns=["round", "client_id", "model", "metric", "value"])
+    assert last_attacked_round(df) == 0 and last_round(df) == 5
+    trade = robustness_tradeoff(df, last_attacked_round(df))
+    assert trade[["clean_acc", "adv_acc"]].values.tolist() == [[0.7, 0.5]]
+    assert last_attacked_round(df[df["metric"] == "acc"]) is None

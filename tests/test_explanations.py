@@ -106,7 +106,7 @@ def test_the_start_model_travels_only_with_the_rounds_that_use_it(tmp_path, stud
                                                                  fidelity_examples, train_gets, evaluate_gets):
     settings = RunSettings(expl_weight=expl_weight, expl_erasure=erasure, expl_anchor=anchor,
                            fidelity_examples=fidelity_examples, min_train_clients=2, fraction_train=1.0,
-                           evaluate_every=1, num_rounds=1)  # round 1 is the last: a full evaluation
+                           evaluate_every=1, num_rounds=2)
     model = student[0]
     shared, frozen = split_state(model.state_dict(), get_mode(settings.mode).shared_keys(model))
     nodes = {100: 0, 101: 1}
@@ -115,9 +115,12 @@ def test_the_start_model_travels_only_with_the_rounds_that_use_it(tmp_path, stud
     strategy = make_strategy(settings, recorder, frozen, start=shared)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     train = strategy.configure_train(1, ArrayRecord(shared), ConfigRecord({}), _Grid(nodes))
-    evaluate = strategy.configure_evaluate(1, ArrayRecord(shared), ConfigRecord({}), _Grid(nodes))
+    evaluate = strategy.configure_evaluate(2, ArrayRecord(shared), ConfigRecord({}), _Grid(nodes))  # the last: full
     assert all((START in m.content.array_records) == train_gets for m in train) and len(train) == 2
     assert all((START in m.content.array_records) == evaluate_gets for m in evaluate) and len(evaluate) == 2
+    # a round between the first and the last measures clean accuracy alone (the default): no maps to compare
+    between = strategy.configure_evaluate(1, ArrayRecord(shared), ConfigRecord({}), _Grid(nodes))
+    assert len(between) == 2 and not any(START in m.content.array_records for m in between)
     model_bytes = sum(v.numpy().nbytes for v in shared.values())
     frozen_bytes = sum(v.numel() * v.element_size() for v in frozen.values())
     assert strategy._download_bytes(100) == model_bytes * (2 if train_gets else 1) + frozen_bytes
