@@ -141,7 +141,11 @@ def attacks_measured(wide: pd.DataFrame) -> list[str]:
 
 def robustness_tradeoff(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
     """Per client, model and attack: clean accuracy and accuracy under that attack on the same rows
-    (the attacked subset, ``acc_attacked_rows``), and the drop between them."""
+    (the attacked subset, ``acc_attacked_rows``), and the drop between them; at ``round``, by default
+    the last round that measured an attack (``last_attacked_round``; empty when none did)."""
+    round = last_attacked_round(df) if round is None else round
+    if round is None:
+        return pd.DataFrame()
     wide = per_client(df, round)
     parts = []
     for model in MODELS:

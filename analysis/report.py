@@ -57,8 +57,7 @@ def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
         ax.set(xlabel="personal - global accuracy", ylabel="clients", title="Personalization gain")
         plots["Personalization gain per client"] = _save(fig, folder, "gain_histogram")
 
-    attacked = last_attacked_round(df)
-    tradeoff = robustness_tradeoff(df, attacked) if attacked is not None else pd.DataFrame()
+    tradeoff = robustness_tradeoff(df)
     if len(tradeoff):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for (model, attack), part in tradeoff.groupby(["model", "attack"]):
@@ -138,10 +137,9 @@ def tables(run_dir, df: pd.DataFrame, compare: list) -> dict[str, pd.DataFrame]:
         gain = personalization_gain(df).sort_values("personal")
         out["Bottom 5 clients (personal acc)"] = gain.head(5).reset_index()
         out["Top 5 clients (personal acc)"] = gain.tail(5).iloc[::-1].reset_index()
-    attacked = last_attacked_round(df)
-    tradeoff = robustness_tradeoff(df, attacked) if attacked is not None else pd.DataFrame()
+    tradeoff = robustness_tradeoff(df)
     if len(tradeoff):  # per client: the share of its attacked rows still right under each attack
-        out[f"Robustness per attack at round {attacked} (per-client means on the attacked rows)"] = (
+        out[f"Robustness per attack at round {last_attacked_round(df)} (per-client means on the attacked rows)"] = (
             tradeoff.groupby(["model", "attack"])[["clean_acc", "adv_acc", "drop"]].mean().reset_index())
     by_tier = participation_by_tier(df)
     if len(by_tier):
@@ -179,9 +177,9 @@ def write_report(run_dir, compare: list | None = None) -> Path:
           f"{settings.get('dataset')} ({settings.get('partitioner')}), strategy {settings.get('strategy')}, "
           f"mode {settings.get('mode')}, {info.get('completed_rounds')}/{settings.get('num-rounds')} rounds, "
           f"status {info.get('status')}, seed {settings.get('seed')}; last evaluated round {last_round(df)}.", ""]
-    attacked = last_attacked_round(df)
-    if attacked is not None and attacked < last_round(df):  # stopped or failed between round 0 and the last
-        md += [f"**Round {last_round(df)} measured accuracy alone** (`evaluate-between=clean`): attacks and "
+    attacked, evaluated = last_attacked_round(df), last_round(df)
+    if attacked is not None and attacked < evaluated:  # stopped or failed between round 0 and the last
+        md += [f"**Round {evaluated} measured accuracy alone** (`evaluate-between=clean`): attacks and "
                f"explanations were last measured at round {attacked}.", ""]
     if missing:
         md += [f"**Missing rounds:** {', '.join(map(str, missing))} (not completed: resume with "

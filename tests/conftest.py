@@ -56,3 +56,28 @@ def sst2(tok):
     train, _ = cached_text_dataset("sst2", "train")
     dev, _ = cached_text_dataset("sst2", "validation")
     return EncodedData.from_dataset(train.select(range(20_000)), tok), EncodedData.from_dataset(dev, tok)
+
+
+@pytest.fixture(scope="session")
+def federate_in_process():
+    """``federate(start, network, clients, settings, anchor=None)``: three FedAvg rounds without
+    Flower, each client's real local round (``client.local.train_round``) from the same received
+    weights, the updates averaged with equal weights; ``anchor``: the start model the explanation
+    terms and start-kd read. Returns the final global model."""
+    import torch
+
+    from client.local import train_round
+    from client.state import ClientState
+    from models.networks import build_network
+
+    def federate(start, network: dict, clients: list, settings, anchor=None):
+        weights = {k: v.clone() for k, v in start.state_dict().items()}
+        for rnd in (1, 2, 3):
+            sent = [train_round(lambda: build_network(network), weights, c.train, settings, ClientState(), rnd,
+                                c.partition_id, 0.0, c.tokenizer, anchor)[0] for c in clients]
+            weights = {**weights, **{k: torch.stack([s[k] for s in sent]).mean(0) for k in sent[0]}}
+        model = build_network(network)
+        model.load_state_dict(weights)
+        return model
+
+    return federate

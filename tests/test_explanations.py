@@ -166,7 +166,7 @@ def test_start_kd_distils_the_start_models_answers_on_the_clients_rows(tmp_path,
 
 
 @pytest.mark.slow
-def test_rounds_with_the_start_anchored_terms_keep_the_start_models_rationales(student):
+def test_rounds_with_the_start_anchored_terms_keep_the_start_models_rationales(student, federate_in_process):
     """Three FedAvg rounds of six real critics, in-process (each client's real local round, the
     updates averaged): with the explanation and erasure terms anchored to the start, the global
     model's IG maps on the critics' held-out rows agree more with the start model's, and keep
@@ -174,9 +174,6 @@ def test_rounds_with_the_start_anchored_terms_keep_the_start_models_rationales(s
     Six, not three: on three critics' 36 rows the comprehensiveness gap is noise (-0.016 to -0.001
     across two starts and two row counts, where six gave +0.010 and +0.023)."""
     from client.evaluate import start_attributions
-    from client.local import train_round
-    from client.state import ClientState
-    from models.networks import build_network
 
     start, normalizer = student
     settings = RunSettings(dataset="rt_critics", min_samples=300, local_max_steps=10, adv_weight=0.0,
@@ -185,14 +182,7 @@ def test_rounds_with_the_start_anchored_terms_keep_the_start_models_rationales(s
     config = json.loads((resolve_artifact("sst2-student") / "config.json").read_text())["network"]
 
     def federate(run: RunSettings):
-        weights = {k: v.clone() for k, v in start.state_dict().items()}
-        for rnd in (1, 2, 3):
-            sent = [train_round(lambda: build_network(config), weights, c.train, run, ClientState(), rnd,
-                                c.partition_id, 0.0, c.tokenizer, start)[0] for c in critics]
-            weights = {**weights, **{k: torch.stack([s[k] for s in sent]).mean(0) for k in sent[0]}}
-        model = build_network(config)
-        model.load_state_dict(weights)
-        return model
+        return federate_in_process(start, config, critics, run, anchor=start)
 
     def measured(model):
         agreement, comprehensiveness = [], []

@@ -326,7 +326,7 @@ def test_synonym_encoding_puts_a_word_and_its_synonyms_under_one_code_and_passes
 
 
 @pytest.mark.slow
-def test_rounds_of_perturbed_text_hardening_raise_the_critics_accuracy_under_deepwordbug():
+def test_rounds_of_perturbed_text_hardening_raise_the_critics_accuracy_under_deepwordbug(federate_in_process):
     """Three FedAvg rounds of six real critics, in-process (each client's real local round, the
     updates averaged), from the bare shipped student: with perturbed-text hardening (every
     training row replaced by a character-edited copy, fresh each round) the global model keeps
@@ -338,8 +338,6 @@ def test_rounds_of_perturbed_text_hardening_raise_the_critics_accuracy_under_dee
     import json
 
     from client.data import load_local_data
-    from client.local import train_round
-    from client.state import ClientState
     from models.artifact import load_artifact, resolve_artifact
     from models.evaluation import robustness
     from models.run_settings import RunSettings
@@ -351,14 +349,7 @@ def test_rounds_of_perturbed_text_hardening_raise_the_critics_accuracy_under_dee
     critics = [load_local_data({"partition-id": pid}, settings, 2, None) for pid in range(6)]
 
     def federated(run: RunSettings):
-        weights = {k: v.clone() for k, v in start.state_dict().items()}
-        for rnd in (1, 2, 3):
-            sent = [train_round(lambda: build_network(config), weights, c.train, run, ClientState(), rnd,
-                                c.partition_id, 0.0, c.tokenizer)[0] for c in critics]
-            weights = {**weights, **{k: torch.stack([s[k] for s in sent]).mean(0) for k in sent[0]}}
-        model = build_network(config)
-        model.load_state_dict(weights)
-        return model
+        return federate_in_process(start, config, critics, run)
 
     def clean_and_attacked(model) -> tuple[float, float]:
         summaries = [robustness(model, c.tokenizer, c.test, ("char",), 0.2, 20, 0)["char"] for c in critics]
