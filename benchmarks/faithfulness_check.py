@@ -5,9 +5,9 @@
 ERASER comprehensiveness is a drop in probability, p(y|x) - p(y|x without the rationale), so a
 model that answers less confidently scores lower even when its rationales rank the same tokens
 (agreement with the round-0 maps stays high). The check: on the same held-out rows of every user
-(the first ``--rows`` of each), for the start model and for each faithfulness run's final global
-model (its checkpoint), the mean confidence, comprehensiveness of the model's own IG maps, of
-random maps, and comprehensiveness after temperature scaling the final model to the start model's
+(the first ``--rows`` of each), for the start model and for the final global model (its checkpoint)
+of each faithfulness run, of DP and of DP's per-sample clipping alone: the mean confidence,
+comprehensiveness of the model's own IG maps, of random maps, and comprehensiveness after temperature scaling the final model to the start model's
 mean confidence (the maps' ranking does not change with the temperature: IG is linear in the
 logit). If the tempered score is back at the start's, the fall is the model's confidence, not its
 rationales. Results: results/faithfulness_check.json and .md.
@@ -33,7 +33,7 @@ from models.artifact import atomic_write_bytes, atomic_write_json, load_weights 
 from models.attribution import eraser_scores, integrated_gradients, random_attributions  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.training import predict_logits  # noqa: E402
-from personalization import DATASETS, FAITHFULNESS  # noqa: E402
+from personalization import DATASETS, DP_CLIPPING_ONLY, DP_ROW, FAITHFULNESS, run_id_of  # noqa: E402
 from references import start_tokenizer, user_splits  # noqa: E402
 from server.app import global_model  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
@@ -102,9 +102,9 @@ def main() -> int:
         rows = {"start model (round 0)": measure(start, data, None)}
         target = rows["start model (round 0)"]["confidence"]
         mode = settings.mode
-        for name, _ in FAITHFULNESS:
-            run_id = "".join(c if c.isalnum() else "-" for c in f"{dataset}-{mode}, {name}").strip("-")
-            checkpoint = sorted((Path(args.runs_dir) / run_id / "checkpoints").glob("round-*.safetensors"))
+        for name in [*(f"{mode}, {name}" for name, _ in FAITHFULNESS), DP_ROW, DP_CLIPPING_ONLY]:
+            checkpoint = sorted((Path(args.runs_dir) / run_id_of(dataset, name) / "checkpoints").glob(
+                "round-*.safetensors"))
             if not checkpoint:
                 print(f"[check] {dataset} / {name}: no run folder, skipped", file=sys.stderr)
                 continue

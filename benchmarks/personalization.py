@@ -6,8 +6,8 @@
 - ``hardening``: the default run (the defended start: student + word normaliser, embedding-PGD
   hardening), then one change each: no hardening, perturbed-text hardening added, perturbed text
   instead of PGD, and the undefended start (no normaliser): what each defence buys;
-- ``methods``: one run per other personalization mode, the default mode under DP, and the
-  combinations of what worked alone (``COMBINATIONS``);
+- ``methods``: one run per other personalization mode, the default mode under DP (and under DP's
+  per-sample clipping alone, nearly noiseless: the mechanism check), and the combinations of what worked alone (``COMBINATIONS``);
 - ``faithfulness``: the explanation term (``expl-weight``) anchored to the start model's maps, at
   several weights, and anchored to the received model's (the old behaviour): comprehensiveness
   and agreement with the round-0 maps per round, beside random maps, with accuracy and time;
@@ -47,7 +47,8 @@ import pandas as pd  # noqa: E402
 
 from analysis.load import ci95, load_run, per_client, round_summary  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
-from references import central_student_accuracy, reference_accuracy, start_model_accuracy  # noqa: E402
+from references import (TEACHER_ROWS, central_student_accuracy, reference_accuracy, start_model_accuracy,  # noqa: E402
+                        teacher_accuracy)
 from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.datasets import REGISTRY  # noqa: E402
@@ -60,8 +61,9 @@ from server.app import start_config, start_folder  # noqa: E402
 DATASETS = {"rt_critics": ["dataset=rt_critics"], "sent140_users": ["dataset=sent140_users", "min-samples=10"]}
 MODES = ["finetune", "prior", "prior-shift", "mix", "select", "ditto", "fedper"]
 # the rows run again with seeds 1 and 2: the default (its runs also hold the global model and round
-# 0) and, on tweets, the best personal mode there
-SEEDED = {"rt_critics": [RunSettings().mode], "sent140_users": [RunSettings().mode, "prior-shift"]}
+# 0) and each dataset's best personal rows of seed 0 (a mode, or a row of COMBINATIONS)
+SEEDED = {"rt_critics": [RunSettings().mode, "fedper", "select"],
+          "sent140_users": [RunSettings().mode, "prior-shift", "prior-shift + balanced loss + start-kd 1.0"]}
 # the hardening rows run again with seeds 1 and 2: what hardening buys is judged against them
 SEEDED_HARDENING = ("no hardening", "+ perturbed text")
 # every method run attacks every held-out row with both recipes (10 per user are too few to compare)
@@ -87,6 +89,8 @@ COMBINATIONS = [  # (row name, change from the defaults): what works on its own,
     # the one lever that kept the tweets' called-positive share honest on every seed (*levers*)
     ("prior-shift + balanced loss + start-kd 1.0", ["mode=prior-shift", "balanced-loss=true", "start-kd=1.0"]),
 ]
+DP_ROW = f"{RunSettings().mode} +DP (noise 1.0)"
+DP_CLIPPING_ONLY = f"{RunSettings().mode} +DP clipping only (noise 0.0001, not private)"
 CENTRAL = "central FedREX student (start model fine-tuned on pooled user rows, 2 epochs)"
 # the same central fine-tune with public rows mixed in: what the federation's users' rows add to the public
 # data when nothing is federated (server learning on those rows was tried and removed: README)
@@ -148,10 +152,15 @@ def runs_for(part: str, datasets: list[str]) -> list[tuple[str, str, list[str]]]
         elif part == "methods":
             out += [(dataset, m, [f"mode={m}", *EVALUATION]) for m in MODES if m != mode]
             out += [(dataset, name, [*EVALUATION, *pairs]) for name, pairs in COMBINATIONS]
-            out.append((dataset, f"{mode} +DP (noise 1.0)", ["dp=true", "noise-multiplier=1.0", *EVALUATION]))
+            out.append((dataset, DP_ROW, ["dp=true", "noise-multiplier=1.0", *EVALUATION]))
+            # DP's mechanism check: per-sample clipping with next to no noise (not private: its epsilon
+            # is astronomical), to tell which half of DP-SGD moves accuracy, robustness and faithfulness
+            out.append((dataset, DP_CLIPPING_ONLY, ["dp=true", "noise-multiplier=0.0001",
+                                                     "dp-reproducible-noise=true", *EVALUATION]))
         elif part == "seeds":
-            out += [(dataset, f"{m} (seed {seed})", [f"mode={m}", f"seed={seed}", *EVALUATION])
-                    for m in SEEDED.get(dataset, [mode]) for seed in (1, 2)]
+            changes = {**{m: [f"mode={m}"] for m in MODES}, **dict(COMBINATIONS)}
+            out += [(dataset, f"{name} (seed {seed})", [*changes[name], f"seed={seed}", *EVALUATION])
+                    for name in SEEDED.get(dataset, [mode]) for seed in (1, 2)]
             out += [(dataset, f"{mode}, {name} (seed {seed})", [*EVALUATION, *pairs, f"seed={seed}"])
                     for name, pairs in HARDENING if name in SEEDED_HARDENING for seed in (1, 2)]
         elif part == "levers":
@@ -202,9 +211,14 @@ def summarise(run_dir: Path) -> dict:
     return row
 
 
+def run_id_of(dataset: str, name: str) -> str:
+    """The run folder's name of one row of the experiment."""
+    return "".join(c if c.isalnum() else "-" for c in f"{dataset}-{name}").strip("-")
+
+
 def run_one(dataset: str, name: str, pairs: list[str], rounds: int, extra: list[str], runs_dir: Path) -> dict:
     config = [*DATASETS[dataset], f"num-rounds={rounds}", f"evaluate-every={rounds}", *pairs, *extra]
-    run_id = "".join(c if c.isalnum() else "-" for c in f"{dataset}-{name}").strip("-")
+    run_id = run_id_of(dataset, name)
     command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(runs_dir)]
     for pair in [*config, f"run-id={run_id}"]:
         command += ["--run-config", pair]
@@ -330,7 +344,12 @@ def _row(label: str, r: dict, tag: str, model: str, harmed: bool = False, spread
             f"{fmt(r.get(f'{tag}_{model}_acc_attacked_rows'))} -> "
             + " / ".join(fmt(r.get(f"{tag}_{model}_adv_acc_{a}")) for a in ATTACKS)
             if r.get(f"{tag}_{model}_acc_attacked_rows") is not None else "–",
-            fmt(r.get(f"{tag}_{model}_comprehensiveness")), fmt(r.get("epsilon_max"), 1) if model == "global" else ""]
+            fmt(r.get(f"{tag}_{model}_comprehensiveness")), epsilon_cell(r.get("epsilon_max")) if model == "global" else ""]
+
+
+def epsilon_cell(epsilon: float | None) -> str:
+    """A run's epsilon; one above a million (noise too small to hide anything) says so."""
+    return "not private (> 1e6)" if epsilon is not None and epsilon > 1e6 else fmt(epsilon, 1)
 
 
 HEAD = ["row", "users", "per-user acc mean ± 95% CI", "median / p10", "pooled acc", "called positive (true)",
@@ -544,6 +563,10 @@ def main() -> int:
             print(f"[bench] {dataset}: {CENTRAL_PUBLIC}", file=sys.stderr, flush=True)
             refs[dataset][CENTRAL_PUBLIC] = central_student_accuracy(load_settings(None, DATASETS[dataset]),
                                                                      public_share=2.0)
+            save(json_path, rows, refs, refs_data)
+        if any(name not in refs[dataset] for name in TEACHER_ROWS):
+            print(f"[bench] {dataset}: the MiniLM teacher, alone and fine-tuned centrally", file=sys.stderr, flush=True)
+            refs[dataset].update(teacher_accuracy(load_settings(None, DATASETS[dataset])))
             save(json_path, rows, refs, refs_data)
     for row in rows:  # re-read every kept run: a newer summary (columns) applies to older rows too
         # (not a row of an older data copy, nor a folder that holds another run by now)

@@ -14,7 +14,11 @@ same partitions and per-user train/test rows the clients use):
   user's add-one smoothed training label frequencies added to its log-probabilities: a closed-form
   correction of the start model with no training at all;
 - the central FedREX student: the start model fine-tuned centrally on the pooled user rows, alone
-  and with twice as many SST-2 train rows mixed in (the student's twin of central TF-IDF on both).
+  and with twice as many SST-2 train rows mixed in (the student's twin of central TF-IDF on both);
+- the start's MiniLM teacher (22.7M parameters, 39 times the student's 586K; the one the start was
+  distilled from, rebuilt from the start's card and cached), alone, fine-tuned centrally on the
+  pooled user rows, and each with the user label prior: what a model of the teacher's size reaches,
+  a capacity reference for the student's targets.
 
 Returns per-user accuracy so every row is summarised like FedREX's own (mean, median, p10).
 """
@@ -147,3 +151,55 @@ def central_student_accuracy(settings, epochs: float = 2.0, public_share: float 
         test = EncodedData.from_texts(test_x, test_y, tokenizer)
         out[client_id] = float((predict_logits(model, test).argmax(1) == test.labels).mean())
     return out
+
+
+TEACHER_ROWS = ("MiniLM teacher (22.7M params, SST-2: the start's teacher)",
+                "MiniLM teacher + user label prior",
+                "central MiniLM teacher (fine-tuned on pooled user rows, 1 epoch)",
+                "central MiniLM teacher + user label prior")
+
+
+def teacher_accuracy(settings, epochs: float = 1.0) -> dict[str, dict[str, float]]:
+    """{``TEACHER_ROWS`` name: {client id: accuracy}}: the teacher the start was distilled from (its
+    distillation settings read from the start's card; trained once and cached like the distiller's
+    own), on the plain WordPiece tokenizer it was trained with, then fine-tuned centrally on the
+    pooled user rows with its own learning rate and batch size; each with the user label prior."""
+    import copy
+    import json
+
+    import torch
+
+    from models.encoded import EncodedData
+    from models.objectives import ObjectiveConfig
+    from models.tokenizer import WordPieceTokenizer
+    from models.training import fit, predict_logits, seed_everything
+    from server.app import start_folder
+    from server.distill import TEACHER_FIELDS, DistillConfig, get_teacher, load_splits, teacher_key
+
+    card = json.loads((start_folder(settings) / "card.json").read_text())
+    cfg = DistillConfig(**{k: card["config"][k] for k in TEACHER_FIELDS}, data_dir=settings.data_dir or None)
+    tokenizer = WordPieceTokenizer(cfg.max_length)
+    train_ds, eval_ds, num_labels = load_splits(cfg)
+    teacher, _ = get_teacher(cfg, EncodedData.from_dataset(train_ds, tokenizer), num_labels,
+                             teacher_key(cfg, train_ds))
+    dev = EncodedData.from_dataset(eval_ds, tokenizer)
+    dev_acc = float((predict_logits(teacher, dev).argmax(1) == dev.labels).mean())
+    if abs(dev_acc - card["teacher"]["clean_acc"]) > 1e-9:  # another teacher than the start's: not this row
+        raise SystemExit(f"the rebuilt teacher scores {dev_acc:.4f} on {cfg.dataset} {cfg.eval_split}, the start's "
+                         f"card {card['teacher']['clean_acc']:.4f}: it is not the teacher the start was distilled from")
+    users = user_splits(settings)
+    pooled = EncodedData.from_texts([t for _, train, _, _, _ in users for t in train],
+                                    np.concatenate([y for _, _, y, _, _ in users]), tokenizer)
+    seed_everything(settings.seed)
+    central = copy.deepcopy(teacher)
+    fit(central, pooled, ObjectiveConfig(), epochs=epochs, batch_size=cfg.teacher_batch, lr=cfg.teacher_lr,
+        weight_decay=0.01, seed=settings.seed, progress="central teacher", log_every=50)
+    rows: dict[str, dict[str, float]] = {name: {} for name in TEACHER_ROWS}
+    for client_id, _, train_y, test_x, test_y in users:
+        test = EncodedData.from_texts(test_x, test_y, tokenizer)
+        for model, (alone, with_prior) in ((teacher, TEACHER_ROWS[:2]), (central, TEACHER_ROWS[2:])):
+            model.eval()
+            log_probs = torch.log_softmax(torch.from_numpy(predict_logits(model, test)).double(), -1).numpy()
+            rows[alone][client_id] = float((log_probs.argmax(1) == test_y).mean())
+            rows[with_prior][client_id] = float((with_label_prior(log_probs, train_y).argmax(1) == test_y).mean())
+    return rows

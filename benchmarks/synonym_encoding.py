@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json, load_artifact, resolve_artifact  # noqa: E402
-from models.attacks import synonyms  # noqa: E402
+from models.attacks import Victim, synonyms  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.evaluation import robustness  # noqa: E402
@@ -64,28 +64,40 @@ def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, targets: t
     return model.eval()
 
 
-def measure(name: str, model, tokenizer, texts: list[str], labels: np.ndarray, seed: int, extra: dict) -> dict:
+def measure(name: str, victim: Victim, data: EncodedData, attacks: tuple[str, ...], seed: int, extra: dict,
+            tag: str = "sem") -> dict:
+    """Clean accuracy on every row of ``data`` and accuracy under each attack on its seeded 200,
+    all through ``victim`` (the model behind its tokenizer, or a defence answering for it)."""
     start = time.time()
-    with torch.no_grad():
-        clean = float((model(torch.from_numpy(tokenizer.encode(texts))).argmax(-1).numpy() == labels).mean())
-    data = EncodedData.from_texts(texts, labels, tokenizer)
-    attacks = robustness(model, tokenizer, data, ATTACKS, 0.2, 200, seed)
-    row = {"row": name, "clean_acc": clean, **{f"acc {a}": attacks[a]["adv_acc"] for a in ATTACKS}, **extra}
-    print(f"[sem] {name}: clean {clean:.3f} " + " ".join(f"{a} {attacks[a]['adv_acc']:.3f}" for a in ATTACKS)
+    clean = float((victim.answer(data.texts).argmax(1) == data.labels).mean())
+    found = robustness(victim.model, victim.tokenizer, data, attacks, 0.2, 200, seed, victim=victim)
+    row = {"row": name, "clean_acc": clean, **{f"acc {a}": found[a]["adv_acc"] for a in attacks}, **extra}
+    print(f"[{tag}] {name}: clean {clean:.3f} " + " ".join(f"{a} {found[a]['adv_acc']:.3f}" for a in attacks)
           + f" ({time.time() - start:.0f}s)", file=sys.stderr, flush=True)
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def defence_arguments(doc: str) -> argparse.Namespace:
+    """What a benchmark of a defence in front of the shipped student takes: --epochs of its
+    fine-tuning, --seed, --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "results"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def shipped_student():
+    """(its folder, the packaged `sst2-student` ready to answer), torch on the machine's 2 threads."""
     torch.set_num_threads(2)
     folder = resolve_artifact("sst2-student")
     model, _ = load_artifact(folder)
-    model.eval()
+    return folder, model.eval()
+
+
+def main() -> int:
+    args = defence_arguments(__doc__)
+    folder, model = shipped_student()
     normalizer = WordNormalizer.load(folder)
     train, _ = cached_text_dataset("sst2", "train")
     dev, _ = cached_text_dataset("sst2", "validation")
@@ -110,12 +122,14 @@ def main() -> int:
         if final:
             (out / "synonym_encoding.partial.json").unlink(missing_ok=True)
 
-    rows = [measure("student + normaliser (the shipped package, reference)", model, plain, dev_texts, dev_labels,
-                    args.seed, {})]
+    def measured(name: str, model, tokenizer, facts: dict) -> dict:
+        data = EncodedData.from_texts(dev_texts, dev_labels, tokenizer)
+        return measure(name, Victim(model, tokenizer), data, ATTACKS, args.seed, facts)
+
+    rows = [measured("student + normaliser (the shipped package, reference)", model, plain, {})]
     save()
     tuned = fine_tune(model, plain, texts, labels, targets, args.epochs, args.seed)
-    rows.append(measure(f"control: fine-tuned {args.epochs:g} epochs on unencoded text", tuned, plain, dev_texts,
-                        dev_labels, args.seed, {}))
+    rows.append(measured(f"control: fine-tuned {args.epochs:g} epochs on unencoded text", tuned, plain, {}))
     save()
     for kind, star in (("SEM greedy walk", False), ("star clusters", True)):
         encoding = SynonymEncoding.build(counts, synonyms, star=star)
@@ -124,11 +138,10 @@ def main() -> int:
                  encoding.coverage(pairs), "largest cluster": int(sizes.max()) + 1,
                  "ms/sentence": ms_per_sentence(encoding, dev_texts)}
         tokenizer = WordPieceTokenizer(64, normalizer=lambda t, e=encoding: e(normalizer(t)))
-        rows.append(measure(f"+ {kind}, model as shipped", model, tokenizer, dev_texts, dev_labels, args.seed, facts))
+        rows.append(measured(f"+ {kind}, model as shipped", model, tokenizer, facts))
         save()
         tuned = fine_tune(model, tokenizer, texts, labels, targets, args.epochs, args.seed)
-        rows.append(measure(f"+ {kind}, fine-tuned {args.epochs:g} epochs on encoded text", tuned, tokenizer,
-                            dev_texts, dev_labels, args.seed, facts))
+        rows.append(measured(f"+ {kind}, fine-tuned {args.epochs:g} epochs on encoded text", tuned, tokenizer, facts))
         save()
     save(final=True)
     md = table(rows)
@@ -144,13 +157,13 @@ COLUMNS = ["row", "clean_acc", *(f"acc {a}" for a in ATTACKS), "table KB", "cove
            "largest cluster", "ms/sentence"]
 
 
-def table(rows: list[dict]) -> str:
-    frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    for column in COLUMNS[1:]:
-        form = FORMATS.get(column, "{:.3f}")
+def table(rows: list[dict], columns: list[str] = COLUMNS, formats: dict = FORMATS) -> str:
+    """``rows`` as a markdown table of ``columns``, numbers as ``formats`` says (else 3 decimals)."""
+    frame = pd.DataFrame(rows).reindex(columns=columns)
+    for column in columns[1:]:
+        form = formats.get(column, "{:.3f}")
         frame[column] = ["–" if v != v else form.format(v) for v in frame[column]]
     return markdown_table(frame)
-
 
 
 if __name__ == "__main__":

@@ -154,12 +154,18 @@ class Victim:
         self.queries = 0
         self.limit: int | None = None  # absolute query count at which the current example stops
 
-    @torch.no_grad()
     def proba(self, texts: list[str]) -> np.ndarray:
+        """One query per text, counted against the budget; the answer is ``answer``'s."""
         if self.limit is not None and self.queries + len(texts) > self.limit:
             raise QueryBudgetExhausted
-        self.model.eval()
         self.queries += len(texts)
+        return self.answer(texts)
+
+    @torch.no_grad()
+    def answer(self, texts: list[str]) -> np.ndarray:
+        """The model's class probabilities for ``texts`` (a defence in front of the model, such as
+        ``models.robust.smoothing``, answers here instead)."""
+        self.model.eval()
         out = []
         for start in range(0, len(texts), self.batch_size):
             ids = torch.from_numpy(self.tokenizer.encode(texts[start:start + self.batch_size]))
@@ -602,18 +608,22 @@ if ATTACKS != (*RECIPES, "hotflip"):  # models/protocol.py names them for device
 
 
 def attack_dataset(name: str, model, tokenizer: WordPieceTokenizer, texts: list[str], labels,
-                   budget: float = 0.2, seed: int = 0, candidates: torch.Tensor | None = None
-                   ) -> tuple[dict, list[AttackResult]]:
+                   budget: float = 0.2, seed: int = 0, candidates: torch.Tensor | None = None,
+                   victim: Victim | None = None) -> tuple[dict, list[AttackResult]]:
     """Attack every example; return the summary metrics and the per-example results.
-    ``candidates``: HotFlip's token set (default: the words the model can tell apart)."""
+    ``candidates``: HotFlip's token set (default: the words the model can tell apart). ``victim``:
+    what the black-box recipes query instead of ``model`` behind ``tokenizer`` (a defence that
+    answers for the model, e.g. ``models.robust.smoothing.SmoothedVictim``)."""
     check_attacks([name])
     if not 0 < budget <= 1:
         raise FedrexError(f"attack budget must be in (0, 1], got {budget}")
+    if name == "hotflip" and victim is not None:
+        raise FedrexError("hotflip edits token ids through the model's gradient: it cannot attack a text-level victim")
     if name == "hotflip":
         hotflip = HotFlip(candidates if candidates is not None else model_candidates(model, tokenizer))
         results = [hotflip.run(model, tokenizer, t, int(y), budget) for t, y in zip(texts, labels)]
     else:
-        attack, victim = RECIPES[name](), Victim(model, tokenizer)
+        attack, victim = RECIPES[name](), victim or Victim(model, tokenizer)
         results = [attack.run(victim, t, int(y), budget, seed=seed + k) for k, (t, y) in enumerate(zip(texts, labels))]
     return summarize_attack(results), results
 

@@ -118,10 +118,13 @@ def load_splits(cfg: DistillConfig):
 
 
 # ---------------------------------------------------------------------------------- teacher
+# the settings that shape the teacher: its cache key, and what rebuilds it from a student's card
+TEACHER_FIELDS = ("dataset", "train_split", "eval_split", "eval_fraction", "max_length", "seed", "teacher_samples",
+                  "teacher_epochs", "teacher_lr", "teacher_batch", "teacher_freeze")
+
+
 def teacher_key(cfg: DistillConfig, train) -> str:
-    settings = {k: getattr(cfg, k) for k in ("dataset", "train_split", "eval_split", "eval_fraction", "max_length",
-                                              "seed", "teacher_samples", "teacher_epochs", "teacher_lr",
-                                              "teacher_batch", "teacher_freeze")}
+    settings = {k: getattr(cfg, k) for k in TEACHER_FIELDS}
     return _digest([settings, len(train), train._fingerprint])
 
 

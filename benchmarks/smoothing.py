@@ -1,0 +1,139 @@
+"""Randomized smoothing over word substitutions in front of the shipped student (issue #18's second
+defence, after SAFER): what it buys under the substitution attacks, what it costs clean and on a
+device, on SST-2 dev.
+
+    python benchmarks/smoothing.py [--epochs 2] [--seed 0]
+
+Every row is the packaged `sst2-student` behind its word normaliser (the defended device package,
+the reference) with one change: the smoothed classifier of ``models.robust.smoothing`` in front of
+it (16 copies per sentence, each word of the table swapped with probability ``rate`` for one of
+its substitutes), its table built from SST-2 train's words with WordNet's synonyms, MiniLM's
+embedding neighbours or both; and SAFER's own training: the student fine-tuned (``--epochs`` over SST-2
+train, cross-entropy plus distillation of the untouched student's answers, as
+``benchmarks/synonym_encoding.py`` fine-tunes) on a fresh perturbed copy of every sentence each
+epoch, then smoothed the same way. Attacks: `synonym` (PWWS), `embedding` (TextFooler-style, the
+attack a WordNet table was not built from) and `char`, on the compression benchmark's 200 dev
+sentences (seed 0, 20% word budget), querying the smoothed classifier (normaliser + copies + model;
+one query per sentence whatever its votes cost). "ms/sentence": one thread, batch 1 (one batch of
+the 16 copies), median of 100 dev sentences, float model; "package KB": the shipped device package
+(int8 weights, vocabulary, normaliser) plus the gzip'd table. Writes results/smoothing.{json,md}
+(rows so far in smoothing.partial.json while it runs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.attacks import Victim, Words  # noqa: E402
+from models.datasets import cached_text_dataset  # noqa: E402
+from models.encoded import EncodedData  # noqa: E402
+from models.normalizer import WordNormalizer, word_counts  # noqa: E402
+from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
+from models.tokenizer import WordPieceTokenizer  # noqa: E402
+from synonym_encoding import defence_arguments, fine_tune, measure, shipped_student, table  # noqa: E402
+
+ATTACKS = ("synonym", "embedding", "char")
+VOTES = 16
+# (row, table source, rate, whether the model is SAFER-trained on copies at that rate)
+ROWS = [("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
+        ("smoothing, WordNet table, rate 0.5", "wordnet", 0.5, False),
+        ("smoothing, embedding table, rate 0.5", "embedding", 0.5, False),
+        ("smoothing, WordNet table, rate 0.5, trained on copies at 0.5", "wordnet", 0.5, True),
+        ("smoothing, WordNet table, rate 0.75, trained on copies at 0.75", "wordnet", 0.75, True),
+        ("smoothing, embedding table, rate 0.75, trained on copies at 0.75", "embedding", 0.75, True),
+        ("smoothing, WordNet + embedding table, rate 0.75, trained on copies at 0.75", "wordnet+embedding", 0.75,
+         True)]
+
+
+def ms_per_sentence(victim: Victim, texts: list[str]) -> float:
+    """One thread, batch 1: the median of 100 sentences after a warm-up."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        victim.answer(texts[:5])
+        times = []
+        for text in texts[:100]:
+            start = time.perf_counter()
+            victim.answer([text])
+            times.append(time.perf_counter() - start)
+        return 1000 * float(np.median(times))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_with_cost(name: str, victim: Victim, data: EncodedData, seed: int, extra: dict) -> dict:
+    return measure(name, victim, data, ATTACKS, seed, {"ms/sentence": ms_per_sentence(victim, data.texts), **extra},
+                   tag="smoothing")
+
+
+def main() -> int:
+    args = defence_arguments(__doc__)
+    folder, model = shipped_student()
+    package_kb = load_card_package_kb(folder)
+    tokenizer = WordPieceTokenizer(64, normalizer=WordNormalizer.load(folder))
+    train, _ = cached_text_dataset("sst2", "train")
+    dev, _ = cached_text_dataset("sst2", "validation")
+    texts, labels = list(train["text"]), np.asarray(train["label"])
+    data = EncodedData.from_texts(list(dev["text"]), np.asarray(dev["label"]), tokenizer)
+    vocabulary = sorted(word_counts(texts))
+    with torch.no_grad():  # the untouched student's answers on unperturbed text: the distillation targets
+        ids = tokenizer.encode(texts)
+        targets = torch.cat([torch.softmax(model(torch.from_numpy(ids[i:i + 512])), -1)
+                             for i in range(0, len(texts), 512)])
+    out = Path(args.out)
+    rows: list[dict] = []
+
+    def save(final: bool = False) -> None:
+        name = "smoothing.json" if final else "smoothing.partial.json"
+        atomic_write_json(out / name, {"epochs": args.epochs, "seed": args.seed, "votes": VOTES, "rows": rows})
+        if final:
+            (out / "smoothing.partial.json").unlink(missing_ok=True)
+
+    rows.append(measure_with_cost("student + normaliser (the shipped package, reference)", Victim(model, tokenizer), data,
+                        args.seed, {"package KB": package_kb}))
+    save()
+    tables = {}
+    for name, source, rate, trained in ROWS:
+        if source not in tables:
+            tables[source] = PerturbationTable.build(vocabulary, source)
+        table = tables[source]
+        served = model
+        if trained:  # a fresh perturbed copy of every sentence for each epoch, in one shuffled pass
+            epochs, drawer = int(np.ceil(args.epochs)), SmoothedVictim(model, tokenizer, table, 1, rate)
+            copies = [drawer.perturbed(Words.of(t), rng) for e in range(epochs)
+                      for rng in [np.random.default_rng([args.seed, 1000 + e])] for t in texts]
+            served = fine_tune(model, tokenizer, copies, np.tile(labels, epochs), targets.repeat(epochs, 1),
+                               args.epochs / epochs, args.seed)
+        victim = SmoothedVictim(served, tokenizer, table, VOTES, rate, seed=args.seed)
+        table_kb = len(table.to_bytes()) / 1024
+        rows.append(measure_with_cost(name, victim, data, args.seed, {"table words": len(table.table), "table KB": table_kb,
+                                                           "package KB": package_kb + table_kb}))
+        save()
+    save(final=True)
+    md = table(rows, COLUMNS, FORMATS)
+    atomic_write_bytes(out / "smoothing.md", (md + "\n").encode())
+    print(md)
+    return 0
+
+
+def load_card_package_kb(folder: Path) -> float:
+    return json.loads((folder / "card.json").read_text())["device_package"]["total"] / 1024
+
+
+COLUMNS = ["row", "clean_acc", *(f"acc {a}" for a in ATTACKS), "ms/sentence", "table words", "table KB", "package KB"]
+FORMATS = {"ms/sentence": "{:.2f}", "table words": "{:.0f}", "table KB": "{:.0f}", "package KB": "{:.0f}"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
