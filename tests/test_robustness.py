@@ -360,7 +360,9 @@ def test_smoothing_averages_the_models_answers_over_seeded_copies_that_swap_only
     assert smoothed.copies("A good film, good acting and xyzzy!") == [c[:-1] + "!" for c in copies]
     assert smoothed.copies("A good film, good acting and more xyzzy.") != copies
     plain = Victim(model, tok)
-    assert np.allclose(smoothed.answer([text]), plain.answer(copies).mean(0, keepdims=True))
+    other = "The film was good"
+    assert np.allclose(smoothed.answer([text, other]),  # each text's own copies, in order
+                       np.stack([plain.answer(copies).mean(0), plain.answer(smoothed.copies(other)).mean(0)]))
     still = SmoothedVictim(model, tok, smoothed.table, votes=4, rate=0.0)
     assert still.copies(text) == [text] * 4 and np.allclose(still.answer([text]), plain.answer([text]))
     smoothed.proba([text, "good"])

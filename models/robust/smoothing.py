@@ -8,6 +8,8 @@ recipe edits those) is replaced, with probability ``rate``, by one of its substi
 uniformly. The table holds a corpus's words and their substitutes from one source: WordNet's
 synonyms (the `synonym` attack's own source) or MiniLM's embedding neighbours (the `embedding`
 attack's); it ships to a device as one gzip'd file, and a word outside it passes unchanged. A
+swapped word is lowercase (the tokenizer is uncased); only ``build`` leaves stopwords out, a
+table read from a file holds what was written. A
 substitution the attack makes is then one the copies were already drawing, so it moves the mean
 less than it moves the model.
 
