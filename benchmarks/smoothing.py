@@ -23,7 +23,6 @@ the 16 copies), median of 100 dev sentences, float model; "package KB": the ship
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.artifact import atomic_write_bytes, atomic_write_json, device_package  # noqa: E402
 from models.attacks import Victim, Words  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
@@ -83,7 +82,7 @@ def measure_with_cost(name: str, victim: Victim, data: EncodedData, seed: int, e
 def main() -> int:
     args = defence_arguments(__doc__)
     folder, model = shipped_student()
-    package_kb = load_card_package_kb(folder)
+    package_kb = device_package(folder)["total"] / 1024
     tokenizer = WordPieceTokenizer(64, normalizer=WordNormalizer.load(folder))
     train, _ = cached_text_dataset("sst2", "train")
     dev, _ = cached_text_dataset("sst2", "validation")
@@ -131,10 +130,6 @@ def main() -> int:
     atomic_write_bytes(out / "smoothing.md", (md + "\n").encode())
     print(md)
     return 0
-
-
-def load_card_package_kb(folder: Path) -> float:
-    return json.loads((folder / "card.json").read_text())["device_package"]["total"] / 1024
 
 
 COLUMNS = ["row", "clean_acc", *(f"acc {a}" for a in ATTACKS), "ms/sentence", "table words", "table KB", "package KB"]

@@ -30,7 +30,6 @@ The cost on a device is ``votes`` forward passes per sentence (one batch).
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Iterable
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch
 
 from models.attacks import STOPWORDS, Victim, Words, embedding_neighbours, synonyms
 from models.errors import FedrexError
+from models.robust import word_table
 from models.tokenizer import WordPieceTokenizer
 
 SOURCES = ("wordnet", "embedding", "wordnet+embedding")
@@ -65,15 +65,11 @@ class PerturbationTable:
         return self.table.get(word.lower(), ())
 
     def to_bytes(self) -> bytes:
-        return gzip.compress("".join(f"{w}\t{' '.join(s)}\n" for w, s in sorted(self.table.items())).encode(), mtime=0)
+        return word_table.to_bytes({w: " ".join(s) for w, s in self.table.items()})
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "PerturbationTable":
-        try:
-            lines = gzip.decompress(blob).decode().splitlines()
-            return cls({w: tuple(s.split(" ")) for w, s in (line.split("\t") for line in lines)})
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
-            raise FedrexError(f"not a perturbation table ({type(err).__name__})") from None
+        return cls({w: tuple(s.split(" ")) for w, s in word_table.from_bytes(blob, "perturbation table").items()})
 
 
 class SmoothedVictim(Victim):

@@ -19,10 +19,9 @@ On a device it ships as one gzip'd table of the words it changes (word TAB repre
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import Callable, Iterable
 
-from models.errors import FedrexError
+from models.robust import word_table
 
 FILE = "synonym_encoding.txt.gz"
 
@@ -71,13 +70,8 @@ class SynonymEncoding:
 
     # ----------------------------------------------------------------------------- persistence
     def to_bytes(self) -> bytes:
-        return gzip.compress("".join(f"{w}\t{r}\n" for w, r in sorted(self.code.items())).encode(), mtime=0)
+        return word_table.to_bytes(self.code)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "SynonymEncoding":
-        try:
-            lines = gzip.decompress(blob).decode().splitlines()
-            code = dict(line.split("\t") for line in lines)
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as err:
-            raise FedrexError(f"not a synonym encoding table ({type(err).__name__})") from None
-        return cls(code)
+        return cls(word_table.from_bytes(blob, "synonym encoding table"))
