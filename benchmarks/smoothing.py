@@ -35,13 +35,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.artifact import atomic_write_bytes, atomic_write_json, device_package  # noqa: E402
-from models.attacks import Victim, Words  # noqa: E402
+from models.attacks import Victim  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
 from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
-from synonym_encoding import defence_arguments, fine_tune, measure, shipped_student, table  # noqa: E402
+from server.copies import fine_tune, substitution_copies  # noqa: E402
+from synonym_encoding import defence_arguments, measure, shipped_student, table  # noqa: E402
 
 ATTACKS = ("synonym", "embedding", "char")
 VOTES = 16
@@ -111,9 +112,8 @@ def main() -> int:
             tables[source] = PerturbationTable.build(vocabulary, source)
         perturbation = tables[source]
         if trained and (source, rate) not in tuned:  # a fresh copy of every sentence each epoch, one shuffled pass
-            epochs, drawer = int(np.ceil(args.epochs)), SmoothedVictim(model, tokenizer, perturbation, 1, rate)
-            copies = [drawer.perturbed(Words.of(t), rng) for e in range(epochs)
-                      for rng in [np.random.default_rng([args.seed, 1000 + e])] for t in texts]
+            epochs = int(np.ceil(args.epochs))
+            copies = substitution_copies(texts, perturbation, rate, epochs, args.seed)
             tuned[source, rate] = fine_tune(model, tokenizer, copies, np.tile(labels, epochs),
                                             targets.repeat(epochs, 1), args.epochs / epochs, args.seed)
         served = tuned[source, rate] if trained else model

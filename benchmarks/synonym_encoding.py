@@ -19,7 +19,6 @@ while it runs); about 15 minutes on two cores.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
+from server.copies import fine_tune  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json, load_artifact, resolve_artifact  # noqa: E402
 from models.attacks import Victim, synonyms  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
@@ -42,26 +42,6 @@ from models.robust.synonym_encoding import SynonymEncoding  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 
 ATTACKS = ("synonym", "synonym-sim", "embedding", "char")
-
-
-def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, targets: torch.Tensor, epochs: float,
-              seed: int) -> torch.nn.Module:
-    """Cross-entropy plus distillation of ``targets`` (probabilities), on ``texts`` as ``tokenizer``
-    encodes them; AdamW, batches of 64, seeded."""
-    torch.manual_seed(seed)
-    model = copy.deepcopy(model).train()
-    rows = tokenizer.encode_ids(texts)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rng, y = np.random.default_rng(seed), torch.from_numpy(labels)
-    order = np.concatenate([rng.permutation(len(texts)) for _ in range(int(np.ceil(epochs)))])
-    for step in range(int(epochs * len(texts) / 64)):
-        batch = order[step * 64:(step + 1) * 64]
-        logp = torch.log_softmax(model(torch.from_numpy(tokenizer.pad([rows[i] for i in batch]))), -1)
-        loss = torch.nn.functional.nll_loss(logp, y[batch]) - (targets[batch] * logp).sum(-1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def measure(name: str, victim: Victim, data: EncodedData, attacks: tuple[str, ...], seed: int, extra: dict,

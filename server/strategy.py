@@ -143,25 +143,24 @@ class RecordingMixin:
     _target = 0  # this round's goal count of training reports
     _config_bytes = 0  # what the round's config carries besides the weights (the word normaliser)
     _waited = False  # this round found no device available (_wait_for_devices)
-    _measures = "full"  # what this round's evaluation measures (measures())
 
-    def _sends_start(self, phase: str) -> bool:
+    def _sends_start(self, phase: str, measures: str = "full") -> bool:
         """Whether this phase's messages carry the start model: training when an explanation term is
-        anchored to it or the start is distilled from (start-kd), evaluation when it measures
-        agreement with the round-0 maps."""
+        anchored to it or the start is distilled from (start-kd), an evaluation that ``measures``
+        everything when it measures agreement with the round-0 maps."""
         if self.start_record is None:
             return False
         if phase == "train":
             explains = self.settings.expl_weight > 0 or self.settings.expl_erasure > 0
             return (explains and self.settings.expl_anchor == "start") or self.settings.start_kd > 0
-        return self.settings.fidelity_examples > 0 and self._measures == "full"
+        return self.settings.fidelity_examples > 0 and measures == "full"
 
     def measures(self, global_round: int) -> str:
         """What an evaluation in this round measures (``MEASURES``): everything at round 0 and the
         last round, ``evaluate-between`` in the rounds between them."""
         return "full" if global_round in (0, self.settings.num_rounds) else self.settings.evaluate_between
 
-    def _attach_frozen(self, messages, phase: str) -> list:
+    def _attach_frozen(self, messages, phase: str, measures: str = "full") -> list:
         """Every message gets the frozen tensors (and the start model where ``_sends_start``); one
         to a device without torch gets the run's body as ONNX instead (``onnx_body``), in a
         RecordDict of its own; one to a device that walked away is told so (``FLEET``), and an
@@ -169,7 +168,7 @@ class RecordingMixin:
         messages = list(messages)
         for msg in messages:  # Flower's strategies share one RecordDict between messages
             msg.content[FROZEN] = self.frozen
-            if self._sends_start(phase):
+            if self._sends_start(phase, measures):
                 msg.content[START] = self.start_record
         for msg in messages:
             pid = self.recorder.partition_of.get(msg.metadata.dst_node_id)
@@ -386,12 +385,13 @@ class RecordingMixin:
             return []
         nodes = self._sample_evaluate(grid)
         config["global-round"] = global_round
-        config[MEASURES] = self._measures = self.measures(global_round)
+        config[MEASURES] = measures = self.measures(global_round)
         batches = self._evaluation_batches(nodes)
         self.recorder.note_sampled(server_round, "evaluate", [batch[0] for batch in batches],
                                    {batch[0]: [self.recorder.partition_of[n] for n in batch] for batch in batches})
         return self._attach_frozen(super().configure_evaluate(server_round, arrays, config,
-                                                              SampledGrid(grid, [b[0] for b in batches])), "evaluate")
+                                                              SampledGrid(grid, [b[0] for b in batches])), "evaluate",
+                                   measures)
 
     def _evaluation_batches(self, nodes: list[int]) -> list[list[int]]:
         """The evaluated nodes grouped into messages: users on simulated nodes share messages of

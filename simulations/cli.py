@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override any DistillConfig field, e.g. --set objective.expl=0 --set epochs=5")
     distill.set_defaults(handler="simulations.distill_cmd:run")
 
+    copies = commands.add_parser("train-on-copies",
+                                 help="fine-tune an artifact on substitution copies of its training text (SAFER's training)")
+    copies.add_argument("--artifact", default="sst2-student", help="parent: a packaged name or an artifact folder")
+    copies.add_argument("--out", required=True, help="artifact folder to write")
+    copies.add_argument("--source", choices=["wordnet", "embedding", "wordnet+embedding"], default="wordnet",
+                        help="where each word's substitutes come from")
+    copies.add_argument("--rate", type=float, default=0.75, help="chance that a table word is swapped in a copy")
+    copies.add_argument("--epochs", type=float, default=2.0)
+    copies.add_argument("--seed", type=int, default=0)
+    copies.add_argument("--rows", type=int, default=0, help="train on the first N rows only (0: all)")
+    copies.add_argument("--attack-samples", type=int, default=200,
+                        help="evaluation rows attacked for the card (0: clean accuracy only)")
+    copies.set_defaults(handler="server.copies:run")
+
     certs = commands.add_parser("certs", help="TLS certificates and SuperNode keys for a secure deployment")
     certs.add_argument("--out", required=True, help="folder to write")
     certs.add_argument("--supernodes", type=int, default=3, help="how many SuperNode key pairs")

@@ -163,6 +163,8 @@ def test_start_kd_distils_the_start_models_answers_on_the_clients_rows(tmp_path,
         RunStore.create(tmp_path, settings.to_flower(), "kd"), settings, 0, {100: 0}, {0: "a"}, {}, show_progress=False),
         {}, start={"w": torch.zeros(1)})
     assert strategy._sends_start("train") and not strategy._sends_start("evaluate")
+    strategy.settings = settings.replace(fidelity_examples=4)  # agreement measured: full evaluations only
+    assert strategy._sends_start("evaluate", "full") and not strategy._sends_start("evaluate", "clean")
 
 
 @pytest.mark.slow

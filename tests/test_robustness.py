@@ -443,3 +443,74 @@ def test_rounds_of_perturbed_text_hardening_raise_the_critics_accuracy_under_dee
     plain = clean_and_attacked(federated(settings))
     hardened = clean_and_attacked(federated(settings.replace(perturb_share=1.0, perturb_kinds="char")))
     assert hardened[1] >= plain[1] + 0.02 and hardened[0] >= plain[0] - 0.03, (plain, hardened)
+
+
+def test_substitution_copies_are_seeded_fresh_per_epoch_and_swap_only_table_words():
+    """server.copies: rate 0 leaves every text as it is; the same seed gives the same copies; the
+    second epoch draws other copies than the first; a copy differs from its text only where the
+    table holds the word, and only by one of that word's substitutes."""
+    from models.robust.smoothing import PerturbationTable
+    from server.copies import substitution_copies
+
+    texts = ["a good film with a great cast", "the plot is dull and the acting bad", "x y z"]
+    table = PerturbationTable({"good": ("fine", "nice"), "great": ("big",), "dull": ("boring",), "bad": ("poor",),
+                               "film": ("movie",)})
+    assert substitution_copies(texts, table, 0.0, 2, seed=0) == texts * 2
+    copies = substitution_copies(texts, table, 0.75, 2, seed=0)
+    assert copies == substitution_copies(texts, table, 0.75, 2, seed=0)
+    assert copies[:3] != copies[3:] and copies[2] == copies[5] == "x y z"
+    for text, copy in zip(texts * 2, copies):
+        for word, swapped in zip(text.split(), copy.split()):
+            assert swapped == word or swapped in table.get(word), (word, swapped)
+
+
+def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says_where_it_came_from(tmp_path):
+    """`fedrex train-on-copies` on 256 SST-2 rows: the artifact loads, holds the parent's network
+    and normaliser byte for byte, its device package is the parent's size, its weights moved, and
+    its card names the parent's weight digests and the recipe; bad arguments are refused."""
+    import json
+
+    from models.artifact import load_artifact, read_config, resolve_artifact
+    from server.copies import train_on_copies
+
+    parent = resolve_artifact("sst2-student")
+    out = tmp_path / "copies"
+    card = train_on_copies("sst2-student", out, rate=0.75, epochs=1.0, rows=256, attack_samples=0, log=lambda _: None)
+    model, config = load_artifact(out)
+    parent_model, parent_config = load_artifact(parent)
+    assert config["network"] == parent_config["network"]
+    assert (out / "normalizer.txt.gz").read_bytes() == (parent / "normalizer.txt.gz").read_bytes()
+    assert device_package(out)["int8_weights"] == device_package(parent)["int8_weights"]
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, parent_model.state_dict()[k])]
+    assert moved, "no weight changed"
+    assert json.loads((out / "card.json").read_text()) == card
+    assert card["parent"]["sha256"] == read_config(parent)["sha256"]
+    assert card["recipe"]["rows"] == 256 and card["recipe"]["rate"] == 0.75
+    assert 0.5 < card["clean_acc"] <= 1 and card["evaluation"]["rows"] == 872
+    with pytest.raises(FedrexError, match="already holds an artifact"):
+        train_on_copies("sst2-student", out, rows=8, attack_samples=0, log=lambda _: None)
+    with pytest.raises(FedrexError, match="rate in"):
+        train_on_copies("sst2-student", tmp_path / "other", rate=0.0, rows=8, attack_samples=0)
+
+
+def test_the_shipped_copies_start_is_the_shipped_students_child_and_answers_as_its_card_says(sst2):
+    """models/artifacts/sst2-student-copies: made from today's shipped student (its card names the
+    parent's weight digests), the same network and normaliser, a package within one megabyte, and
+    the clean accuracy its card records, recomputed here on SST-2 dev through its normaliser."""
+    import json
+
+    from models.artifact import load_artifact, read_config, resolve_artifact
+
+    parent, child = resolve_artifact("sst2-student"), resolve_artifact("sst2-student-copies")
+    card = json.loads((child / "card.json").read_text())
+    assert card["parent"]["sha256"] == read_config(parent)["sha256"]
+    assert read_config(child)["network"] == read_config(parent)["network"]
+    assert (child / "normalizer.txt.gz").read_bytes() == (parent / "normalizer.txt.gz").read_bytes()
+    assert device_package(child)["total"] <= 1_000_000
+    scores = card["evaluation"]["scores"]
+    assert scores["trained"]["synonym"] > scores["parent"]["synonym"] + 0.05  # 0.265 against 0.135 when made
+    model, _ = load_artifact(child)
+    victim_tok = WordPieceTokenizer(64, normalizer=WordNormalizer.load(child))
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(victim_tok.encode(sst2[1].texts))).argmax(1).numpy()
+    assert float((predicted == sst2[1].labels).mean()) == pytest.approx(card["clean_acc"], abs=1e-12)

@@ -72,6 +72,15 @@ class PerturbationTable:
         return cls({w: tuple(s.split(" ")) for w, s in word_table.from_bytes(blob, "perturbation table").items()})
 
 
+def perturbed(table: PerturbationTable, words: Words, rate: float, rng: np.random.Generator) -> str:
+    """One copy: each word of ``table`` swapped with probability ``rate`` for one of its
+    substitutes (what training on copies, ``server.copies``, draws too, from a generator of its own)."""
+    options = [table.get(w) for w in words.words]
+    swap = rng.random(len(options)) < rate
+    picks = rng.integers(0, 1 << 30, len(options))
+    return words.text([o[p % len(o)] if s and o else w for w, o, s, p in zip(words.words, options, swap, picks)])
+
+
 class SmoothedVictim(Victim):
     """The model behind ``tokenizer``, smoothed over ``table``'s substitutions. Attacks count one
     query per text, whatever its votes cost."""
@@ -90,12 +99,7 @@ class SmoothedVictim(Victim):
         return [self.perturbed(words, rng) for _ in range(self.votes)]
 
     def perturbed(self, words: Words, rng: np.random.Generator) -> str:
-        """One copy: each word of the table swapped with probability ``rate`` for one of its
-        substitutes (what training on copies draws too, from a generator of its own)."""
-        options = [self.table.get(w) for w in words.words]
-        swap = rng.random(len(options)) < self.rate
-        picks = rng.integers(0, 1 << 30, len(options))
-        return words.text([o[p % len(o)] if s and o else w for w, o, s, p in zip(words.words, options, swap, picks)])
+        return perturbed(self.table, words, self.rate, rng)
 
     @torch.no_grad()
     def answer(self, texts: list[str]) -> np.ndarray:
