@@ -166,7 +166,7 @@ def load_cells(path: Path) -> dict:
 
 def table(cells: dict) -> str:
     body = []
-    for name, cell in cells.items():
+    for name, cell in sorted(cells.items(), key=lambda item: item[1]["plain"]["users"]):  # the file sorts its keys
         plain = cell["plain"]
         body.append([name, "plain loop (1 process, 1 thread)", str(plain["users"]), "–", f"{plain['evaluate_s']:.1f}",
                      f"{1000 * plain['evaluate_s'] / plain['users']:.1f}", "1.00x", f"{plain['wall_s']:.0f}"])

@@ -36,13 +36,15 @@ from models.normalizer import WordNormalizer, word_counts
 from models.tokenizer import WordPieceTokenizer
 
 ATTACKS = ("char", "synonym", "embedding")  # what the card measures, on the parent's 200 dev sentences
+LR, BATCH_SIZE = 1e-3, 64  # AdamW's learning rate and the batch of fine_tune
 
 
 def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, targets: torch.Tensor, epochs: float,
-              seed: int, lr: float = 1e-3, batch_size: int = 64) -> torch.nn.Module:
+              seed: int, lr: float = LR, batch_size: int = BATCH_SIZE) -> torch.nn.Module:
     """A copy of ``model`` trained with cross-entropy on ``labels`` plus distillation of
     ``targets`` (probabilities, one row per text), on ``texts`` as ``tokenizer`` encodes them;
-    AdamW, seeded; ``epochs`` may be fractional (the last pass stops early)."""
+    AdamW, seeded; each pass a fresh permutation; a fractional ``epochs`` stops the last pass
+    early, on a random part of the rows."""
     torch.manual_seed(seed)
     model = copy.deepcopy(model).train()
     rows = tokenizer.encode_ids(texts)
@@ -75,74 +77,87 @@ def substitution_copies(texts: list[str], table, rate: float, epochs: int, seed:
             for rng in [np.random.default_rng([seed, 1000 + e])] for t in texts]
 
 
-def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: float = 0.75, epochs: float = 2.0,
+def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: float = 0.75, epochs: int = 2,
                     seed: int = 0, rows: int = 0, attack_samples: int = 200, log=None) -> dict:
-    """Write ``out``: ``artifact`` fine-tuned on substitution copies of its own training split
-    (the first ``rows`` only when > 0: a quick check), with its normaliser, and a card saying
-    what it came from and what it scores on the parent's evaluation split. Returns the card."""
-    from models.datasets import cached_text_dataset
+    """Write ``out``: ``artifact`` fine-tuned for ``epochs`` passes over fresh substitution copies of
+    the training split it was distilled on (the first ``rows`` only when > 0: a quick check), with
+    its normaliser, and a card saying what it came from and what both models score on the parent's
+    evaluation split, through the normaliser. Everything is written to ``out`` + ".partial" and
+    renamed into place last: a folder named ``out`` is always a finished artifact. Returns the card."""
+    from models.attacks import Victim
     from models.encoded import EncodedData
     from models.evaluation import robustness
-    from models.attacks import Victim
     from models.robust.smoothing import PerturbationTable
+    from server.distill import DistillConfig, load_splits
 
     log = log or say
-    if not 0 < rate <= 1 or epochs <= 0:
-        raise FedrexError(f"train-on-copies needs rate in (0, 1] and epochs > 0, got {rate} and {epochs}")
-    parent = resolve_artifact(artifact)
-    out = Path(out)
-    if (out / "config.json").exists() and out.resolve() != parent.resolve():
-        raise FedrexError(f"{out} already holds an artifact; choose another --out")
+    if not 0 < rate <= 1 or int(epochs) != epochs or epochs < 1 or rows < 0:
+        raise FedrexError(f"train-on-copies needs rate in (0, 1], a whole number of epochs >= 1 and rows >= 0, "
+                          f"got {rate}, {epochs} and {rows}")
+    epochs = int(epochs)
+    parent, out = resolve_artifact(artifact), Path(out)
     if out.resolve() == parent.resolve():
         raise FedrexError("--out must not be the parent artifact's own folder")
+    if out.exists():
+        raise FedrexError(f"{out} already exists; an artifact is never overwritten: remove it or choose another --out")
     model, config = load_artifact(parent)
     parent_card = json.loads((parent / "card.json").read_text()) if (parent / "card.json").exists() else {}
+    # the splits the parent was distilled on and evaluated with (a holdout carved out of train, too)
+    made = parent_card.get("config", {})
+    splits = DistillConfig(**{k: made[k] for k in ("dataset", "train_split", "eval_split", "eval_fraction", "seed",
+                                                   "data_dir") if k in made})
+    if not made and config.get("dataset"):
+        splits = DistillConfig(dataset=config["dataset"])
     normalizer = WordNormalizer.load(parent) if (parent / NORMALIZER_FILE).exists() else None
     tokenizer = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
-    dataset = config.get("dataset") or parent_card.get("config", {}).get("dataset")
-    if not dataset:
-        raise FedrexError(f"{parent}'s config names no dataset to train on")
-    split = parent_card.get("config", {}).get("eval_split") or "validation"
-    train, _ = cached_text_dataset(dataset, "train")
+    train, evaluation, _ = load_splits(splits)
     texts, labels = list(train["text"]), np.asarray(train["label"])
     if rows:
         texts, labels = texts[:rows], labels[:rows]
+    if len(texts) * epochs < BATCH_SIZE:
+        raise FedrexError(f"{len(texts)} rows x {epochs} epochs is less than one batch of {BATCH_SIZE}: nothing to train")
     start = time.time()
     targets = answers(model, tokenizer, texts)
     table = PerturbationTable.build(sorted(word_counts(texts)), source)
-    passes = int(np.ceil(epochs))
-    log(f"[copies] {len(texts)} {dataset} train sentences, {len(table.table)} table words ({source}), "
-        f"rate {rate}, {epochs} epochs")
-    tuned = fine_tune(model, tokenizer, substitution_copies(texts, table, rate, passes, seed),
-                      np.tile(labels, passes), targets.repeat(passes, 1), epochs / passes, seed)
+    log(f"[copies] {len(texts)} {splits.dataset} {splits.train_split} sentences, {len(table.table)} table words "
+        f"({source}), rate {rate}, {epochs} epochs, {torch.get_num_threads()} threads")
+    tuned = fine_tune(model, tokenizer, substitution_copies(texts, table, rate, epochs, seed),
+                      np.tile(labels, epochs), targets.repeat(epochs, 1), 1.0, seed)
     log(f"[copies] trained in {time.time() - start:.0f}s")
-    save_artifact(out, tuned, {k: v for k, v in config.items() if k not in ("format", "sha256")})
-    if normalizer is not None:
-        shutil.copyfile(parent / NORMALIZER_FILE, out / NORMALIZER_FILE)
-    evaluation, _ = cached_text_dataset(dataset, split)
     data = EncodedData.from_texts(list(evaluation["text"]), np.asarray(evaluation["label"]), tokenizer)
-    victims = {"parent": Victim(model, tokenizer), "trained": Victim(tuned, tokenizer)}
     scores = {}
-    for name, victim in victims.items():
+    for name, net in (("parent", model), ("trained", tuned)):
+        victim = Victim(net, tokenizer)
         clean = float((victim.answer(data.texts).argmax(1) == data.labels).mean())
-        attacked = robustness(victim.model, tokenizer, data, ATTACKS, 0.2, attack_samples, 0) if attack_samples else {}
+        attacked = robustness(net, tokenizer, data, ATTACKS, 0.2, attack_samples, 0) if attack_samples else {}
         scores[name] = {"clean_acc": clean, **{a: s["adv_acc"] for a, s in attacked.items()}}
         log(f"[copies] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[name].items()))
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted earlier call left
+    save_artifact(partial, tuned, {k: v for k, v in config.items() if k not in ("format", "sha256")})
+    if normalizer is not None:
+        shutil.copyfile(parent / NORMALIZER_FILE, partial / NORMALIZER_FILE)
     card = {"parent": {"artifact": artifact, "sha256": read_config(parent).get("sha256", {})},
             "recipe": {"kind": "substitution copies", "source": source, "rate": rate, "epochs": epochs,
-                       "seed": seed, "rows": len(texts), "lr": 1e-3, "batch_size": 64,
+                       "seed": seed, "train_split": splits.train_split, "rows": len(texts), "lr": LR,
+                       "batch_size": BATCH_SIZE,
                        "loss": "cross-entropy + distillation of the parent's answers on unperturbed text"},
-            "evaluation": {"dataset": dataset, "split": split, "rows": len(data), "attack_samples": attack_samples,
-                           "budget": 0.2, "scores": scores},
-            "clean_acc": scores["trained"]["clean_acc"],
-            "device_package": device_package(out),
+            "evaluation": {"dataset": splits.dataset, "split": splits.eval_split, "rows": len(data),
+                           "attack_samples": attack_samples, "budget": 0.2,
+                           "through": "the word normaliser" if normalizer is not None else "the model alone",
+                           "scores": scores},
+            "device_package": device_package(partial),
             "reproduce": {"command": "fedrex " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["train-on-copies"]
                           else "fedrex train-on-copies", "torch": torch.__version__,
+                          # the same weights need the same thread count: float sums differ with it
                           "threads": torch.get_num_threads()}}
-    for key in ("teacher", "config"):  # what the teacher references rebuild the parent's teacher from
-        if key in parent_card:
-            card[key] = parent_card[key]
-    atomic_write_json(out / "card.json", card)
+    if made:  # the lineage: what the parent was distilled with, and its teacher (the teacher references read them)
+        card["config"] = made
+        card["config_is"] = "the parent's distillation settings; this artifact's own training is 'recipe'"
+    if "teacher" in parent_card:
+        card["teacher"] = parent_card["teacher"]
+    atomic_write_json(partial / "card.json", card)
+    partial.rename(out)
     return card
 
 

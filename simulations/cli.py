@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     copies.add_argument("--source", choices=["wordnet", "embedding", "wordnet+embedding"], default="wordnet",
                         help="where each word's substitutes come from")
     copies.add_argument("--rate", type=float, default=0.75, help="chance that a table word is swapped in a copy")
-    copies.add_argument("--epochs", type=float, default=2.0)
+    copies.add_argument("--epochs", type=int, default=2, help="passes, each over fresh copies of every sentence")
     copies.add_argument("--seed", type=int, default=0)
     copies.add_argument("--rows", type=int, default=0, help="train on the first N rows only (0: all)")
     copies.add_argument("--attack-samples", type=int, default=200,

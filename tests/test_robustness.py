@@ -483,20 +483,25 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
     assert device_package(out)["int8_weights"] == device_package(parent)["int8_weights"]
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, parent_model.state_dict()[k])]
     assert moved, "no weight changed"
-    assert json.loads((out / "card.json").read_text()) == card
+    assert json.loads((out / "card.json").read_text()) == card and not (tmp_path / "copies.partial").exists()
     assert card["parent"]["sha256"] == read_config(parent)["sha256"]
-    assert card["recipe"]["rows"] == 256 and card["recipe"]["rate"] == 0.75
-    assert 0.5 < card["clean_acc"] <= 1 and card["evaluation"]["rows"] == 872
-    with pytest.raises(FedrexError, match="already holds an artifact"):
-        train_on_copies("sst2-student", out, rows=8, attack_samples=0, log=lambda _: None)
-    with pytest.raises(FedrexError, match="rate in"):
-        train_on_copies("sst2-student", tmp_path / "other", rate=0.0, rows=8, attack_samples=0)
+    assert card["recipe"]["rows"] == 256 and card["recipe"]["rate"] == 0.75 and card["recipe"]["train_split"] == "train"
+    assert 0.5 < card["evaluation"]["scores"]["trained"]["clean_acc"] <= 1 and card["evaluation"]["rows"] == 872
+    with pytest.raises(FedrexError, match="already exists"):
+        train_on_copies("sst2-student", out, rows=256, attack_samples=0, log=lambda _: None)
+    for bad, match in (({"rate": 0.0}, "rate in"), ({"epochs": 1.5}, "whole number"), ({"rows": -5}, "rows >= 0"),
+                       ({"rows": 8}, "less than one batch")):
+        with pytest.raises(FedrexError, match=match):
+            train_on_copies("sst2-student", tmp_path / "other", **{"rows": 256, **bad}, attack_samples=0,
+                            log=lambda _: None)
+    assert not (tmp_path / "other").exists()
 
 
 def test_the_shipped_copies_start_is_the_shipped_students_child_and_answers_as_its_card_says(sst2):
     """models/artifacts/sst2-student-copies: made from today's shipped student (its card names the
     parent's weight digests), the same network and normaliser, a package within one megabyte, and
-    the clean accuracy its card records, recomputed here on SST-2 dev through its normaliser."""
+    the clean accuracy its card records, recomputed here on SST-2 dev through its normaliser
+    (the evaluation split its parent was distilled with)."""
     import json
 
     from models.artifact import load_artifact, read_config, resolve_artifact
@@ -513,4 +518,4 @@ def test_the_shipped_copies_start_is_the_shipped_students_child_and_answers_as_i
     victim_tok = WordPieceTokenizer(64, normalizer=WordNormalizer.load(child))
     with torch.no_grad():
         predicted = model(torch.from_numpy(victim_tok.encode(sst2[1].texts))).argmax(1).numpy()
-    assert float((predicted == sst2[1].labels).mean()) == pytest.approx(card["clean_acc"], abs=1e-12)
+    assert float((predicted == sst2[1].labels).mean()) == pytest.approx(scores["trained"]["clean_acc"], abs=1e-12)
