@@ -161,7 +161,8 @@ def load_cells(path: Path) -> dict:
     saved = json.loads(path.read_text())
     if "cells" in saved:
         return saved["cells"]
-    return {population(saved["users_with"], 0)[0]: {**saved, "population": population(saved["users_with"], 0)[1]}}
+    name, users = population(saved["users_with"], 0)
+    return {name: {**saved, "population": users}}
 
 
 def table(cells: dict) -> str:

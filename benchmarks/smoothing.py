@@ -41,7 +41,7 @@ from models.encoded import EncodedData  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
 from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
-from server.copies import fine_tune, substitution_copies  # noqa: E402
+from server.copies import answers, train_on_substitution_copies  # noqa: E402
 from synonym_encoding import defence_arguments, measure, shipped_student, table  # noqa: E402
 
 ATTACKS = ("synonym", "embedding", "char")
@@ -90,10 +90,7 @@ def main() -> int:
     texts, labels = list(train["text"]), np.asarray(train["label"])
     data = EncodedData.from_texts(list(dev["text"]), np.asarray(dev["label"]), tokenizer)
     vocabulary = sorted(word_counts(texts))
-    with torch.no_grad():  # the untouched student's answers on unperturbed text: the distillation targets
-        ids = tokenizer.encode(texts)
-        targets = torch.cat([torch.softmax(model(torch.from_numpy(ids[i:i + 512])), -1)
-                             for i in range(0, len(texts), 512)])
+    targets = answers(model, tokenizer, texts)  # the untouched student's answers on unperturbed text: KD targets
     out = Path(args.out)
     rows: list[dict] = []
 
@@ -112,10 +109,8 @@ def main() -> int:
             tables[source] = PerturbationTable.build(vocabulary, source)
         perturbation = tables[source]
         if trained and (source, rate) not in tuned:  # a fresh copy of every sentence each epoch, one shuffled pass
-            epochs = int(np.ceil(args.epochs))
-            copies = substitution_copies(texts, perturbation, rate, epochs, args.seed)
-            tuned[source, rate] = fine_tune(model, tokenizer, copies, np.tile(labels, epochs),
-                                            targets.repeat(epochs, 1), args.epochs / epochs, args.seed)
+            tuned[source, rate] = train_on_substitution_copies(model, tokenizer, texts, labels, targets, perturbation,
+                                                               rate, args.epochs, args.seed)
         served = tuned[source, rate] if trained else model
         if smoothed:
             victim = SmoothedVictim(served, tokenizer, perturbation, VOTES, rate, seed=args.seed)

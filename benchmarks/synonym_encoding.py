@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
-from server.copies import fine_tune  # noqa: E402
+from server.copies import answers, fine_tune  # noqa: E402
 from models.artifact import atomic_write_bytes, atomic_write_json, load_artifact, resolve_artifact  # noqa: E402
 from models.attacks import Victim, synonyms  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
@@ -88,10 +88,7 @@ def main() -> int:
     pairs = [(w, s.lower()) for w in dev_words for s in synonyms(w) if s.isalpha()]
 
     plain = WordPieceTokenizer(64, normalizer=normalizer)
-    with torch.no_grad():  # the untouched student's answers on unencoded text: the distillation targets
-        ids = plain.encode(texts)
-        targets = torch.cat([torch.softmax(model(torch.from_numpy(ids[i:i + 512])), -1)
-                             for i in range(0, len(texts), 512)])
+    targets = answers(model, plain, texts)  # the untouched student's answers on unencoded text: KD targets
     out = Path(args.out)
 
     def save(final: bool = False) -> None:

@@ -77,6 +77,16 @@ def substitution_copies(texts: list[str], table, rate: float, epochs: int, seed:
             for rng in [np.random.default_rng([seed, 1000 + e])] for t in texts]
 
 
+def train_on_substitution_copies(model, tokenizer, texts: list[str], labels: np.ndarray, targets: torch.Tensor, table,
+                                 rate: float, epochs: float, seed: int) -> torch.nn.Module:
+    """``fine_tune`` over ``ceil(epochs)`` passes of fresh copies of ``texts`` (one shuffled run over
+    all of them; a fractional ``epochs`` stops it early), each copy keeping its text's label and
+    distillation target."""
+    passes = int(np.ceil(epochs))
+    return fine_tune(model, tokenizer, substitution_copies(texts, table, rate, passes, seed), np.tile(labels, passes),
+                     targets.repeat(passes, 1), epochs / passes, seed)
+
+
 def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: float = 0.75, epochs: int = 2,
                     seed: int = 0, rows: int = 0, attack_samples: int = 200, log=None) -> dict:
     """Write ``out``: ``artifact`` fine-tuned for ``epochs`` passes over fresh substitution copies of
@@ -87,10 +97,11 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     from models.attacks import Victim
     from models.encoded import EncodedData
     from models.evaluation import robustness
-    from models.robust.smoothing import PerturbationTable
+    from models.robust.smoothing import PerturbationTable, check_source
     from server.distill import DistillConfig, load_splits
 
     log = log or say
+    check_source(source)
     if not 0 < rate <= 1 or int(epochs) != epochs or epochs < 1 or rows < 0:
         raise FedrexError(f"train-on-copies needs rate in (0, 1], a whole number of epochs >= 1 and rows >= 0, "
                           f"got {rate}, {epochs} and {rows}")
@@ -104,10 +115,11 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     parent_card = json.loads((parent / "card.json").read_text()) if (parent / "card.json").exists() else {}
     # the splits the parent was distilled on and evaluated with (a holdout carved out of train, too)
     made = parent_card.get("config", {})
-    splits = DistillConfig(**{k: made[k] for k in ("dataset", "train_split", "eval_split", "eval_fraction", "seed",
-                                                   "data_dir") if k in made})
-    if not made and config.get("dataset"):
-        splits = DistillConfig(dataset=config["dataset"])
+    split_settings = made or ({"dataset": config["dataset"]} if config.get("dataset") else {})
+    if not split_settings:
+        raise FedrexError(f"{parent} names no dataset it was trained on (no card, no dataset in its config)")
+    splits = DistillConfig(**{k: split_settings[k] for k in ("dataset", "train_split", "eval_split", "eval_fraction",
+                                                             "seed", "data_dir") if k in split_settings})
     normalizer = WordNormalizer.load(parent) if (parent / NORMALIZER_FILE).exists() else None
     tokenizer = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     train, evaluation, _ = load_splits(splits)
@@ -121,8 +133,7 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     table = PerturbationTable.build(sorted(word_counts(texts)), source)
     log(f"[copies] {len(texts)} {splits.dataset} {splits.train_split} sentences, {len(table.table)} table words "
         f"({source}), rate {rate}, {epochs} epochs, {torch.get_num_threads()} threads")
-    tuned = fine_tune(model, tokenizer, substitution_copies(texts, table, rate, epochs, seed),
-                      np.tile(labels, epochs), targets.repeat(epochs, 1), 1.0, seed)
+    tuned = train_on_substitution_copies(model, tokenizer, texts, labels, targets, table, rate, epochs, seed)
     log(f"[copies] trained in {time.time() - start:.0f}s")
     data = EncodedData.from_texts(list(evaluation["text"]), np.asarray(evaluation["label"]), tokenizer)
     scores = {}

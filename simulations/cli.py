@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="fine-tune an artifact on substitution copies of its training text (SAFER's training)")
     copies.add_argument("--artifact", default="sst2-student", help="parent: a packaged name or an artifact folder")
     copies.add_argument("--out", required=True, help="artifact folder to write")
-    copies.add_argument("--source", choices=["wordnet", "embedding", "wordnet+embedding"], default="wordnet",
-                        help="where each word's substitutes come from")
+    copies.add_argument("--source", default="wordnet",
+                        help="where each word's substitutes come from: wordnet, embedding or wordnet+embedding")
     copies.add_argument("--rate", type=float, default=0.75, help="chance that a table word is swapped in a copy")
     copies.add_argument("--epochs", type=int, default=2, help="passes, each over fresh copies of every sentence")
     copies.add_argument("--seed", type=int, default=0)

@@ -490,7 +490,7 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
     with pytest.raises(FedrexError, match="already exists"):
         train_on_copies("sst2-student", out, rows=256, attack_samples=0, log=lambda _: None)
     for bad, match in (({"rate": 0.0}, "rate in"), ({"epochs": 1.5}, "whole number"), ({"rows": -5}, "rows >= 0"),
-                       ({"rows": 8}, "less than one batch")):
+                       ({"rows": 8}, "less than one batch"), ({"source": "glove"}, "unknown perturbation source")):
         with pytest.raises(FedrexError, match=match):
             train_on_copies("sst2-student", tmp_path / "other", **{"rows": 256, **bad}, attack_samples=0,
                             log=lambda _: None)

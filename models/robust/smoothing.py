@@ -43,6 +43,11 @@ from models.tokenizer import WordPieceTokenizer
 SOURCES = ("wordnet", "embedding", "wordnet+embedding")
 
 
+def check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise FedrexError(f"unknown perturbation source {source!r}: one of {list(SOURCES)}")
+
+
 class PerturbationTable:
     """word (lowercase) -> the substitutes smoothing draws from."""
 
@@ -54,8 +59,7 @@ class PerturbationTable:
         """The substitutes ``source`` gives each of ``words`` (stopwords left out): WordNet's
         synonyms as the `synonym` attack draws them, the `embedding` attack's neighbours (its
         defaults: 50 nearest, cosine >= 0.35), or both."""
-        if source not in SOURCES:
-            raise FedrexError(f"unknown perturbation source {source!r}: one of {list(SOURCES)}")
+        check_source(source)
         parts = [synonyms if part == "wordnet" else (lambda w: embedding_neighbours(w, 50, 0.35))
                  for part in source.split("+")]
         return cls({w: tuple(dict.fromkeys(s.lower() for near in parts for s in near(w) if s.lower() != w))
