@@ -110,6 +110,16 @@ def per_client(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
     return wide.sort_index()
 
 
+def roles(df: pd.DataFrame) -> pd.Series:
+    """Per client: ``malicious`` or ``benign`` (the run's seeded draw, ``malicious-fraction``; every
+    user records it as ``client.malicious`` 1/0 in every round it is evaluated), or ``benign`` for
+    every client of a run without poisoning."""
+    said = df[(df["model"] == "client") & (df["metric"] == "malicious")]
+    malicious = set(said[said["value"] == 1]["client_id"].astype(str))
+    clients = sorted(df["client_id"].astype(str).unique())
+    return pd.Series(["malicious" if c in malicious else "benign" for c in clients], index=clients, name="role")
+
+
 def personalization_gain(df: pd.DataFrame, metric: str = "acc", round: int | None = None) -> pd.DataFrame:
     """Per client: global, personal and gain = personal - global for ``metric``."""
     wide = per_client(df, round)

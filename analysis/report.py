@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from analysis.load import (compare_runs, device_rounds, failures, fairness, fair
                            last_round, load_run, missing_rounds, participation, participation_by_tier, per_client,
                            personalization_gain, promise_table, robustness_tradeoff, round_summary, run_info,
                            time_to_accuracy)
+from models.files import atomic_write_bytes  # no torch: analysis runs where torch is not installed
 
 
 def _plt():
@@ -32,14 +32,15 @@ def _plt():
 def _save(fig, folder: Path, name: str) -> Path:
     path = folder / f"{name}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     _plt().close(fig)
+    atomic_write_bytes(path, image.getvalue())  # a full disk leaves the old plot or none, never half of one
     return path
 
 
 def make_plots(df: pd.DataFrame, folder: Path) -> dict[str, Path]:
     plt = _plt()
-    folder.mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
     gain = personalization_gain(df) if {"global", "personal"} <= set(df["model"].astype(str)) else pd.DataFrame()
     if len(gain):
@@ -162,6 +163,15 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def failures_by_client(failed: pd.DataFrame) -> pd.DataFrame:
+    """One row per client that failed: how many replies, in which rounds and phases (most first)."""
+    rows = [{"client": client, "failed replies": len(group),
+             "rounds": ", ".join(str(r) for r in sorted(group["round"].astype(int).unique())),
+             "phases": ", ".join(sorted(group["phase"].astype(str).unique()))}
+            for client, group in failed.groupby(failed["client_id"].astype(str))]
+    return pd.DataFrame(rows).sort_values(["failed replies", "client"], ascending=[False, True], ignore_index=True)
+
+
 def write_report(run_dir, compare: list | None = None) -> Path:
     run_dir = Path(run_dir)
     compare = list(compare or [])
@@ -186,17 +196,16 @@ def write_report(run_dir, compare: list | None = None) -> Path:
                f"`fedrex simulate --resume {run_dir}`).", ""]
     if len(failed):
         per = failed.groupby(["round", "phase"]).size().reset_index(name="failed clients")
-        md += [f"**Failed clients:** {len(failed)} replies failed or timed out "
-               f"({', '.join(sorted(failed['client_id'].astype(str).unique())[:10])}"
-               f"{'...' if failed['client_id'].nunique() > 10 else ''}); see events.jsonl.", "",
-               markdown_table(per), ""]
+        md += [f"**Failed clients:** {len(failed)} replies of {failed['client_id'].nunique()} clients failed or "
+               "timed out (per round and phase, then per client); the reasons are in events.jsonl.", "",
+               markdown_table(per), "", markdown_table(failures_by_client(failed)), ""]
     for title, frame in tables(run_dir, df, compare).items():
         md += [f"## {title}", "", markdown_table(frame), ""]
     for title, path in plots.items():
         md += [f"## {title}", "", f"![{title}](report/{path.name})", ""]
     text = "\n".join(md)
-    _atomic_write(run_dir / "report.md", text.encode())
-    _atomic_write(run_dir / "report.html", to_html(text, plots).encode())
+    atomic_write_bytes(run_dir / "report.md", text.encode())
+    atomic_write_bytes(run_dir / "report.html", to_html(text, plots).encode())
     return run_dir / "report.md"
 
 
@@ -233,14 +242,6 @@ def to_html(markdown_text: str, plots: dict[str, Path]) -> str:
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>FedREX report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def report_cmd(args) -> int:

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json, load_artifact  # noqa: E402
+from models.artifact import load_artifact  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import attack_dataset  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.evaluation import take  # noqa: E402

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.protocol import ATTACKS  # noqa: E402
 from models.objectives import ObjectiveConfig  # noqa: E402

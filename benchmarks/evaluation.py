@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 WORK = ["num-rounds=1", "fraction-train=0.01", "attack-examples=0", "fidelity-examples=0", "seed=0"]
 

@@ -29,7 +29,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json, load_weights  # noqa: E402
+from models.artifact import load_weights  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attribution import eraser_scores, integrated_gradients, random_attributions  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.training import predict_logits  # noqa: E402

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from analysis.load import (device_rounds, fairness_by_tier, load_run, per_client, round_summary,  # noqa: E402
                            time_to_accuracy)
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 MIX = "device-mix=flagship=0.3,low-end=0.5,rpi4=0.2"
 ROWS = {

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from analysis.load import ci95  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.training import predict_logits  # noqa: E402
 from personalization import DATASETS  # noqa: E402

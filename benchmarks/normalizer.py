@@ -35,7 +35,8 @@ import pandas as pd  # noqa: E402
 
 from analysis.load import ci95  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json, device_package, load_artifact  # noqa: E402
+from models.artifact import device_package, load_artifact  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION, attack_dataset  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.evaluation import take  # noqa: E402

@@ -50,7 +50,7 @@ from analysis.load import ci95, load_run, per_client, round_summary  # noqa: E40
 from analysis.report import markdown_table  # noqa: E402
 from references import (TEACHER_ROWS, central_student_accuracy, reference_accuracy, start_model_accuracy,  # noqa: E402
                         teacher_accuracy)
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import RECIPES_VERSION  # noqa: E402
 from models.datasets import REGISTRY  # noqa: E402
 from models.run_settings import RunSettings, parse_value  # noqa: E402

@@ -35,7 +35,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.load import ci95, load_rounds, load_run  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.run_settings import KRUM_FAMILY, STRATEGIES  # noqa: E402
 
 CLIENTS_PER_ROUND = 23  # 20% of the 118 critics

@@ -36,7 +36,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
 from simulations.localhost import matching_pids, pss_mb, tree_pids  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 WORK = ["dataset=sst2", "partitioner=dirichlet", "alpha=1.0", "fraction-evaluate=0", "attack-examples=0",
         "fidelity-examples=0", "local-max-steps=5", "batch-size=16", "adv-weight=0.5", "mode=finetune",

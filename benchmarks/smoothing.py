@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.artifact import atomic_write_bytes, atomic_write_json, device_package  # noqa: E402
+from models.artifact import device_package  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import Victim  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402

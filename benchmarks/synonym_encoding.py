@@ -32,7 +32,8 @@ import torch  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
 from server.copies import answers, fine_tune  # noqa: E402
-from models.artifact import atomic_write_bytes, atomic_write_json, load_artifact, resolve_artifact  # noqa: E402
+from models.artifact import load_artifact, resolve_artifact  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import Victim, synonyms  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402

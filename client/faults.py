@@ -5,8 +5,8 @@ config and seed inject the same faults and a test can say which clients must hav
 - ``raise``: the client raises before training (a crash; Flower returns an error reply);
 - ``hang``: the client sleeps past the round timeout before training (its late reply is dropped; in
   simulation it holds its worker that long, so clients queued behind it may miss the timeout too);
-- ``nan``: it trains, then replies with a NaN in one weight (one NaN would make every averaged
-  weight NaN: the server must reject it before aggregating);
+- ``nan`` / ``inf``: it trains, then replies with a NaN (an infinity) in one weight (one would make
+  every averaged weight NaN or infinite: the server must reject it before aggregating);
 - ``shape``: it trains, then replies with one tensor a value short (rejected likewise).
 No torch import: a device without torch injects the same faults.
 """
@@ -42,17 +42,17 @@ def before_training(kind: str | None, settings: RunSettings, partition_id: int) 
 
 
 def corrupted(kind: str | None, sent: dict) -> dict:
-    """``sent`` as a client with a ``nan`` or ``shape`` fault replies it (the first floating tensor
-    by name changed, on a copy); unchanged for any other fault."""
-    if kind not in ("nan", "shape"):
+    """``sent`` as a client with a ``nan``, ``inf`` or ``shape`` fault replies it (the first floating
+    tensor by name changed, on a copy); unchanged for any other fault."""
+    if kind not in ("nan", "inf", "shape"):
         return sent
     names = [k for k in sorted(sent) if _floating(sent[k])]
     if not names:
         raise FedrexError(f"a {kind} fault needs a floating tensor in the reply; it has none")
     name = names[0]
     value = sent[name].clone() if hasattr(sent[name], "clone") else np.array(sent[name], copy=True)
-    if kind == "nan":
-        value.reshape(-1)[0] = float("nan")
+    if kind in ("nan", "inf"):
+        value.reshape(-1)[0] = float(kind)
     else:
         value = value.reshape(-1)[:-1]
         value = value.clone() if hasattr(value, "clone") else value.copy()  # its own storage, not a view

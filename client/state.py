@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from models.artifact import atomic_write_json, load_weights, save_weights
+from models.artifact import load_weights, save_weights
+from models.files import atomic_write_json
 
 KEEP_VERSIONS = 3
 

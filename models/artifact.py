@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from models.errors import FedrexError
+from models.files import atomic_write_bytes, atomic_write_json
 from models.networks import build_network
 from models.packaged import candidates
 
@@ -56,33 +55,6 @@ def dequantize_state(qstate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place: a crash
-    leaves the old file or the new one. A folder that cannot be written (not a folder, read-only,
-    disk full) is one clear error, and the partial temporary file is removed."""
-    path, tmp = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts are meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise FedrexError(f"cannot write {path}: {err.strerror or err} (is the folder writable, the disk full?); "
-                          "nothing was written there") from None
-
-
-def atomic_write_json(path: Path, payload) -> None:
-    atomic_write_bytes(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=float).encode())
-
-
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     """Write ``state`` atomically; returns the file's SHA-256 (hex), for whoever records it."""
     from safetensors.torch import save
@@ -94,12 +66,18 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
 
 def load_weights(path: Path, sha256: str | None = None, recorded_in: str = "") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; with ``sha256`` (what ``save_weights`` returned, kept in
-    ``recorded_in``), a file whose bytes changed since is refused before it is parsed."""
+    ``recorded_in``), a file whose bytes changed since is refused before it is parsed. A file read
+    through its record (``recorded_in``) must have a digest there: deleting the digest from the
+    record must not be a way to load a changed file."""
     from safetensors.torch import load
 
     path = Path(path)
     if not path.exists():
         raise FedrexError(f"{path} does not exist")
+    if recorded_in and sha256 is None:
+        raise FedrexError(f"{recorded_in} records no SHA-256 for {path.name} (removed from the record, or written "
+                          "before FedREX recorded them), so the file cannot be checked and is not loaded; "
+                          "re-create it")
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise FedrexError(f"{path} is not the file that was written: its SHA-256 differs from the one recorded "

@@ -41,9 +41,9 @@ ATTACKS = ("char", "synonym", "char-beam", "synonym-sim", "embedding", "hotflip"
 ATTACK_METRICS = ("adv_acc", "attack_success", "words_changed_pct", "queries")
 ACC_ATTACKED_ROWS = "acc_attacked_rows"
 # faults a training client can be told to inject (fault-rates; client/faults.py): raise before
-# training, hang past the round timeout, reply with a NaN in its weights, or with a tensor of
-# another shape (the server must reject the last two before aggregating: server/strategy.py)
-FAULTS = ("raise", "hang", "nan", "shape")
+# training, hang past the round timeout, reply with a NaN or an infinity in its weights, or with a
+# tensor of another shape (the server must reject the last three before aggregating: server/strategy.py)
+FAULTS = ("raise", "hang", "nan", "inf", "shape")
 # what a malicious client does (poison-kind; models/poisoning.py): train on flipped labels, reply its
 # update negated or scaled up (boosted by poison-boost), or train a trigger word into the target label
 POISONINGS = ("label-flip", "sign-flip", "scale", "backdoor")

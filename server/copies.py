@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifact import (atomic_write_json, device_package, load_artifact, read_config, resolve_artifact,
-                             save_artifact)
+from models.artifact import device_package, load_artifact, read_config, resolve_artifact, save_artifact
+from models.files import atomic_write_json
 from models.errors import FedrexError
 from models.normalizer import FILE as NORMALIZER_FILE
 from models.normalizer import WordNormalizer, word_counts

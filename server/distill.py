@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifact import atomic_write_json, device_package, load_weights, save_artifact, save_weights
+from models.artifact import device_package, load_weights, save_artifact, save_weights
+from models.files import atomic_write_json
 from models.attacks import whole_word_candidates
 from models.datasets import cache_dir, cached_text_dataset
 from models.encoded import EncodedData

@@ -37,7 +37,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.artifact import atomic_write_bytes, atomic_write_json, load_weights, save_weights
+from models.artifact import load_weights, save_weights
+from models.files import atomic_write_bytes, atomic_write_json
 from models.errors import FedrexError
 from server.aggregate import summarize
 
@@ -191,7 +192,11 @@ class RunStore:
 
     def event(self, **payload) -> None:
         line = json.dumps({"time": dt.datetime.now(dt.timezone.utc).isoformat(), **payload}, default=str)
-        with open(self.folder / "events.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.folder / "events.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            raise FedrexError(f"cannot append to {self.folder / 'events.jsonl'}: {err.strerror or err} "
+                              "(is the folder writable, the disk full?)") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models.artifact import atomic_write_json
+from models.files import atomic_write_json
 from simulations.overrides import apply_overrides
 
 

@@ -9,19 +9,22 @@ before Ray starts, so a mistake costs a one-line error, not a stack of actor log
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from importlib import resources
 from pathlib import Path
 
 from models.datasets import DATA_DIR_ENV
-from models.artifact import atomic_write_bytes
+from models.files import atomic_write_bytes
 from models.errors import FedrexError
 from models.partitioning import SYNTHETIC
 from models.run_settings import RunSettings, split_pairs
+from simulations.app_bundle import stage_app
 from simulations.localhost import free_ports, port_open
 from simulations.watchdog import stop_simulation
 
@@ -97,7 +100,8 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     """Run (or resume) a simulation with Flower's supported local path, `flwr run` against a
     managed local SuperLink in simulation mode (Ray), and return the run folder. The resolved
     settings and run controls (resume, stop-after) travel as the run config; the ServerApp and
-    ClientApp are pyproject's components, exactly what `flwr run .` runs."""
+    ClientApp are pyproject's components, in the very App Bundle `flwr run .` builds (from a staged
+    copy of its files: ``simulations.app_bundle``)."""
     from server.store import RunStore, new_run_id
 
     control = {k: v for k, v in dict(control or {}).items() if v}
@@ -128,9 +132,6 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
         # from the run folder, which on a cluster of machines lives on whichever machine trained
         # them: a node per user there, and one message per user
         settings = settings.replace(evaluate_batch=settings.evaluate_batch or 1, simulation_nodes=0)
-    config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
-    atomic_write_bytes(config_file, "".join(f"{k} = {toml_value(v)}\n"
-                                            for k, v in {**settings.to_flower(), **control}.items()).encode())
     # Flower's own default is 2 CPUs per simulated client (one actor on a 2-core machine).
     nodes = min(settings.simulation_nodes, num_clients) if settings.simulation_nodes else num_clients
     federation = {"num-supernodes": nodes, "client-resources-num-cpus": settings.client_cpus,
@@ -146,7 +147,19 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
            **superlink_env(settings)}
     home, port = env["FLWR_HOME"], env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     started_here = not port_open(port)
-    command = [str(bin_dir / "flwr"), "run", str(app_dir()), "--run-config", str(config_file),
+    try:  # the app's files alone, so that `flwr run` does not walk a virtual environment (app_bundle.py)
+        Path(home).mkdir(parents=True, exist_ok=True)
+        staged = stage_app(app_dir(), Path(tempfile.mkdtemp(prefix="app-", dir=home)) / "fedrex")
+    except OSError as err:
+        raise FedrexError(f"cannot write the Flower App's files under {home}: {err}") from None
+    config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
+    try:
+        atomic_write_bytes(config_file, "".join(f"{k} = {toml_value(v)}\n"
+                                                for k, v in {**settings.to_flower(), **control}.items()).encode())
+    except FedrexError:
+        shutil.rmtree(staged.parent, ignore_errors=True)
+        raise
+    command = [str(bin_dir / "flwr"), "run", str(staged), "--run-config", str(config_file),
                "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()), "--stream"]
     start = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated run cleans up as an interrupted one
@@ -169,6 +182,7 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     finally:
         signal.signal(signal.SIGTERM, previous)
         config_file.unlink(missing_ok=True)
+        shutil.rmtree(staged.parent, ignore_errors=True)
         if watchdog is not None:
             watchdog.kill()
             watchdog.wait()

@@ -81,3 +81,31 @@ def federate_in_process():
         return model
 
     return federate
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(at)``: from now on, the ``at``-th file opened for an atomic write
+    (``models.files``) fails every write as a full disk does; returns the count of files opened
+    so far (a one-item list). ``monkeypatch.undo()`` ends it."""
+    import errno
+
+    real_fdopen = os.fdopen
+
+    def fill_at(at: int) -> list[int]:
+        opened = [0]
+
+        def fdopen(fd, mode):
+            opened[0] += 1
+            handle = real_fdopen(fd, mode)
+            if opened[0] == at:
+                def write(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+                handle.write = write
+            return handle
+
+        monkeypatch.setattr("models.files.os.fdopen", fdopen)
+        return opened
+
+    return fill_at

@@ -21,7 +21,7 @@ from analysis.report import write_report
 pytestmark = pytest.mark.slow
 # seed 0 draws, for the 6 critics over 2 rounds, every kind below at least once on a client that
 # does not crash anyway (the test checks it), and leaves some clients training in every round
-FAULTS = "fault-rates=nan=0.25,shape=0.25,raise=0.1"
+FAULTS = "fault-rates=nan=0.25,inf=0.2,shape=0.15,raise=0.1"
 POISONED = ["malicious-fraction=0.34", "poison-kind=backdoor"]  # 2 of the 6 critics train a trigger in
 
 
@@ -157,7 +157,7 @@ def test_crashed_and_faulty_clients_are_recorded_named_and_nothing_is_lost(repor
     pid_of = df.drop_duplicates("client_id").set_index("client_id")["partition_id"].astype(int)
     crashed = pid_of.index[pid_of == 1][0]
     faults = {(r, int(p)): drawn_fault(settings, r, int(p)) for r in (1, 2) for p in pid_of}
-    assert {f for (r, p), f in faults.items() if p != 1} >= {"nan", "shape", "raise"}
+    assert {f for (r, p), f in faults.items() if p != 1} >= {"nan", "inf", "shape", "raise"}
     failed = df[df["metric"] == "failed"]
     for rnd in (1, 2):
         expected = {c for c, p in pid_of.items() if p == 1 or faults[(rnd, int(p))]}
@@ -175,6 +175,13 @@ def test_crashed_and_faulty_clients_are_recorded_named_and_nothing_is_lost(repor
         assert torch.isfinite(tensor.float()).all()
     text = (reported_run / "report.md").read_text()
     assert "Failed clients" in text and crashed in text
+    # the per-client table: each failed client's count of failed replies, the crashed one's in both rounds
+    lines = text.splitlines()
+    start = lines.index("| client | failed replies | rounds | phases |") + 2
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[start:] if line.startswith("|")
+            ][: failed["client_id"].nunique()]
+    assert {c: int(n) for c, n, _, _ in rows} == failed["client_id"].astype(str).value_counts().to_dict()
+    assert [r for r in rows if r[0] == crashed][0][2] == "1, 2"
     evaluated = df[(df["metric"] == "acc") & (df["round"] == 2)]["client_id"].nunique()
     assert evaluated == df["client_id"].nunique()  # failing in training does not stop evaluation
 
@@ -192,6 +199,10 @@ def test_the_malicious_users_are_the_seeded_ones_and_every_user_reports_the_trig
     said = {int(p) for p, v in roles.items() if v == 1}
     assert len(roles) == 6 and said == malicious_partitions(settings.seed, settings.malicious_fraction, 6)
     assert 0 < len(said) < 6
+    from analysis.load import roles as role_of  # the same draw, by client, as pandas users read it
+
+    names = last.drop_duplicates("client_id").set_index("client_id")["partition_id"].astype(int)
+    assert {c: ("malicious" if p in said else "benign") for c, p in names.items()} == role_of(df).to_dict()
     success = last[last["metric"] == "backdoor_success"].dropna(subset=["value"])
     assert set(success["model"]) == {"global", "personal"} and success["value"].between(0, 1).all()
 
@@ -228,6 +239,27 @@ def test_a_failed_run_says_so_first_and_a_bad_folder_gets_one_error_line(reporte
         assert main(["report", str(folder)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fedrex: error: ") and message in err[0], err
+
+
+def test_a_report_on_a_full_disk_is_one_error_line_and_keeps_the_old_report(reported_run, tmp_path, capsys,
+                                                                           monkeypatch, full_disk):
+    """The disk fills while `fedrex report` writes a plot, report.md or report.html: one error line,
+    no temporary file left, and the report already there stays whole."""
+    from simulations.cli import main
+
+    full = tmp_path / "full"
+    shutil.copytree(reported_run, full)
+    before = {p: p.read_bytes() for p in [full / "report.md", full / "report.html", *(full / "report").glob("*.png")]}
+    plots = len(list((full / "report").glob("*.png")))
+    for full_at in (1, plots, plots + 1, plots + 2):  # the first plot, the last one, report.md, report.html
+        writes = full_disk(full_at)
+        assert main(["report", str(full)]) == 2
+        monkeypatch.undo()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fedrex: error: cannot write ") and "No space left" in err[0], err
+        assert not list(full.rglob(".report*")) and not list((full / "report").glob(".*"))
+        assert writes[0] == full_at  # nothing written after the failed file
+    assert {p: p.read_bytes() for p in before} == before
 
 
 def test_compare_runs_gives_one_row_per_run_and_model(reported_run, tmp_path):

@@ -294,7 +294,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_clear_error_and_a_full_disk_
     import errno
     import os
 
-    from models.artifact import atomic_write_bytes
+    from models.files import atomic_write_bytes
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -321,7 +321,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_clear_error_and_a_full_disk_
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("models.artifact.os.fdopen", FullDisk)
+    monkeypatch.setattr("models.files.os.fdopen", FullDisk)
     with pytest.raises(FedrexError, match="cannot write .*run.json: No space left on device"):
         atomic_write_bytes(target, b"round 4")
     monkeypatch.undo()
@@ -382,3 +382,40 @@ def test_a_kill_mid_commit_leaves_the_last_committed_round_and_a_resume_writes_t
     for name in ("clients.parquet", "rounds.parquet", "checkpoints/round-0002.safetensors"):
         assert (killed / "run" / name).read_bytes() == (whole / "run" / name).read_bytes(), name
     assert load_run(killed / "run").equals(load_run(whole / "run"))
+
+
+@pytest.mark.parametrize("full_at", [1, 2, 3, 4, 5])
+def test_a_full_disk_mid_commit_is_one_clear_error_and_leaves_the_last_committed_round(tmp_path, monkeypatch,
+                                                                                      full_disk, full_at):
+    """The disk fills at each of a round's five writes (checkpoint, clients part, clients.parquet,
+    rounds.parquet, run.json): one FedrexError naming the file, no temporary file left, the run
+    reads as round 1 everywhere, and committing round 2 once there is room gives the files of a run
+    whose disk never filled."""
+    import torch
+
+    from analysis.load import load_rounds, load_run
+    from server.store import RunStore
+
+    def rows(r):
+        return pd.DataFrame({"client_id": ["a", "b"], "partition_id": [0, 1], "model": ["global"] * 2,
+                             "metric": ["acc"] * 2, "value": [0.5 + r / 10, 0.25 + r / 10]})
+
+    runs = {}
+    for name in ("full", "whole"):
+        runs[name] = RunStore.create(tmp_path / name, {"num-rounds": 3}, "run")
+        runs[name].commit_round(1, {"w": torch.ones(3)}, rows(1))
+    runs["whole"].commit_round(2, {"w": torch.full((3,), 2.0)}, rows(2))
+
+    full_disk(full_at)
+    with pytest.raises(FedrexError, match="cannot write .*: No space left on device"):
+        runs["full"].commit_round(2, {"w": torch.full((3,), 2.0)}, rows(2))
+    monkeypatch.undo()
+    folder = tmp_path / "full" / "run"
+    assert not [p for p in folder.rglob(".*")], "a temporary file was left behind"
+    store = RunStore.open(folder)
+    assert store.completed_rounds == 1 and store.load_checkpoint(1)["w"][0].item() == 1
+    assert load_run(folder)["round"].max() == 1 and load_rounds(folder)["round"].max() == 1
+    store.commit_round(2, {"w": torch.full((3,), 2.0)}, rows(2))  # room again: what a resume does
+    for name in ("clients.parquet", "rounds.parquet", "checkpoints/round-0002.safetensors"):
+        assert (folder / name).read_bytes() == (tmp_path / "whole" / "run" / name).read_bytes(), name
+    assert load_run(folder).equals(load_run(tmp_path / "whole" / "run"))

@@ -261,11 +261,12 @@ def _simulate_in_background(*args, stderr: Path | None = None):
 
 
 def _kill_during(process, folder: Path, round_number: int, phase: str, how: int | None = None,
-                 ready=lambda: True) -> dict:
+                 ready=lambda: True, committed: int | None = None) -> dict:
     """``how`` (default kill -9; SIGINT: a terminal's Ctrl-C) to the simulation's process group
     while ``phase`` of ``round_number`` is under way (progress.json), then check that it was: the
-    round is not committed, and nothing FedREX started is left. ``ready``: a further condition to
-    wait for within the phase. Returns run.json as the interruption left it."""
+    round is not committed (run.json counts ``committed`` rounds: ``round_number - 1`` unless said),
+    and nothing FedREX started is left. ``ready``: a further condition to wait for within the phase.
+    Returns run.json as the interruption left it."""
     import os
     import signal
     import time
@@ -319,13 +320,13 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     after = json.loads(progress.read_text())
     assert after["round"] == round_number and after["phase"] != "committed", f"the round went on: {after}"
     meta = json.loads((folder / "run.json").read_text())
-    assert meta["completed_rounds"] == round_number - 1
+    assert meta["completed_rounds"] == (round_number - 1 if committed is None else committed)
     return meta
 
 
 def test_kill_9_mid_train_and_mid_evaluate_and_ctrl_c_resume_to_the_uninterrupted_run(stateful, tmp_path):
-    """kill -9 of `fedrex simulate`'s process group in round 2's training, then of the resumed run in
-    round 2's evaluation, then Ctrl-C of the next resume in round 3's training (one line, exit code
+    """kill -9 of `fedrex simulate`'s process group in round 2's training, then of a resume while it
+    starts, then of the resumed run in round 2's evaluation, then Ctrl-C of the next resume in round 3's training (one line, exit code
     130): nothing FedREX started is left any time, and a last resume gives the uninterrupted run's
     final weights bit for bit and its rows (personal ditto models included), although clients had
     written state of the lost rounds. The one difference is the privacy ledger, by design: a user
@@ -339,6 +340,9 @@ def test_kill_9_mid_train_and_mid_evaluate_and_ctrl_c_resume_to_the_uninterrupte
     folder = tmp_path / "killed"
     # kill -9: nobody is left to say what happened, so run.json still says running: the resume decides
     assert _kill_during(_simulate_in_background(*command), folder, 2, "train")["status"] == "running"
+    # the resume itself, killed while it starts (progress.json: "starting" after the last committed round)
+    assert _kill_during(_simulate_in_background("--resume", str(folder)), folder, 1, "starting",
+                        committed=1)["status"] == "running"
     assert _kill_during(_simulate_in_background("--resume", str(folder)), folder, 2, "evaluate")["status"] == "running"
     lost = {int(p.parent.name[1:]) for p in (folder / "client_state").glob("p*/round-0002.json")}
     assert json.loads((folder / "progress.json").read_text())["phase"] == "evaluate"  # not the resume's start
@@ -379,6 +383,7 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     import time
 
     from simulations.localhost import matching_pids, parent_pids
+    from simulations.watchdog import alive
 
     def start(run_id: str, rounds: int) -> subprocess.Popen:
         command = [sys.executable, "-m", "simulations.cli", "simulate", "--runs-dir", str(tmp_path)]
@@ -393,10 +398,25 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
         found, parents = matching_pids("flower-superlink", str(tmp_path)), parent_pids()
         return {pid for pid in found if pid in parents and parents[pid] not in found}
 
+    def simulation_processes(links: set[int]) -> set[int]:
+        """The simulation processes those SuperLinks started, and the Ray sessions they started."""
+        found = set()
+        for link in links:
+            try:
+                args = Path(f"/proc/{link}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            port = args[args.index(b"--port") + 1].decode() if b"--port" in args else None
+            if port:
+                found |= matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00")
+        return found | set().union(*(matching_pids("/tmp/ray/session_", f"_{pid}/") for pid in found))
+
     processes = [start("side-a", 1), start("side-b", 2)]
-    most_superlinks = 0
+    most_superlinks, seen = 0, set()
     while any(process.poll() is None for process in processes):
-        most_superlinks = max(most_superlinks, len(superlinks()))
+        links = superlinks()
+        most_superlinks = max(most_superlinks, len(links))
+        seen |= links | simulation_processes(links)
         time.sleep(0.5)
     outputs = [process.stdout.read() for process in processes]
     assert [process.returncode for process in processes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
@@ -404,6 +424,12 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     first = tidy(baseline)
     for run_id, rounds in (("side-a", 1), ("side-b", 2)):
         pd.testing.assert_frame_equal(tidy(tmp_path / run_id), first[first["round"] <= rounds].reset_index(drop=True))
+    # a normal exit leaves nothing running: SuperLinks, simulation processes, Ray's
+    assert len(seen) > 4  # two SuperLinks, their simulation processes and Ray sessions were seen
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in seen) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in seen if alive(pid)]
     assert not matching_pids("flower-superlink", str(tmp_path))
 
 
@@ -533,6 +559,32 @@ def test_flwr_run_dot_runs_the_flower_app(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(runs / "via-flwr" / "clients.parquet")
     assert frame[frame["metric"] == "acc"]["client_id"].nunique() == 8
+
+
+def test_the_staged_app_is_the_bundle_flwr_run_dot_builds(tmp_path):
+    """`fedrex simulate` hands `flwr run` a staged copy of the app's files (no virtual environment to
+    walk): the bundle built from it is Flower's own bundle of the repository, byte for byte, and of a
+    small app whose ignored folders, virtual environment and symlinks hold files Flower would skip."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from simulations.app_bundle import stage_app
+
+    root = Path(__file__).resolve().parents[1]
+    assert build_fab_from_disk(stage_app(root, tmp_path / "repo")) == build_fab_from_disk(root)
+
+    app = tmp_path / "app"
+    for folder in ("pkg", "runs/old", ".venv/lib", "pkg/__pycache__"):
+        (app / folder).mkdir(parents=True)
+    (app / "pyproject.toml").write_bytes((root / "pyproject.toml").read_bytes())
+    (app / ".gitignore").write_text("runs/\n*.pyc\n")
+    for name in ("pkg/a.py", "pkg/notes.md", "pkg/data.bin", "runs/old/b.py", ".venv/lib/c.py", "pkg/__pycache__/d.py",
+                 "pkg/e.pyc"):
+        (app / name).write_text("x = 1\n")
+    (app / "pkg" / "link.py").symlink_to(app / "pkg" / "a.py")
+    staged = stage_app(app, tmp_path / "staged")
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
+        ".gitignore", "pkg/a.py", "pkg/notes.md", "pyproject.toml"]
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
 
 
 def test_a_pool_of_nodes_serving_every_user_gives_the_rows_of_a_node_per_user(baseline, stateful, tmp_path):

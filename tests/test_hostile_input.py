@@ -1,7 +1,10 @@
 """Hostile input, generated (hypothesis): whatever a user types or a device's file holds, FedREX
 either takes it or refuses it with one FedrexError (the CLI's one `fedrex: error:` line), never
 another exception from deep inside a library. Derandomized, with no example database, so every
-run tries the same inputs (a failure is reproducible, and nothing is written into the repo).
+run tries the same inputs (a failure is reproducible). The dataset files it generates are read
+through HF datasets with a cache of the module's own (``_own_hf_cache``): hundreds of one-off cache
+entries must not pile up in the user's; Hypothesis keeps only its caches in .hypothesis/, which git
+ignores.
 """
 
 from __future__ import annotations
@@ -83,6 +86,28 @@ def dataset_file(path: Path) -> tuple[list[str], np.ndarray, int]:
 
 
 READERS = pytest.mark.parametrize("read", [read_user_file, dataset_file], ids=["device file", "dataset file"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_hf_cache(tmp_path_factory):
+    """HF datasets caches every file it reads, by path: the generated files go to a temporary cache."""
+    import datasets
+
+    before = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf-datasets-cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = before
+
+
+def test_generated_dataset_files_leave_the_users_hf_cache_alone(tmp_path):
+    """What ``_own_hf_cache`` is for: a dataset file read here is cached under the temporary cache."""
+    import datasets
+
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    assert dataset_file(path)[0] == ["good", "bad"]
+    assert cache.is_relative_to(tmp_path.parents[1]) and any(cache.rglob("*.arrow"))  # pytest's temporary root
 
 
 @READERS

@@ -197,9 +197,11 @@ def test_corrupted_and_foreign_artifacts_are_refused(quick_artifact, tmp_path):
     (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(FedrexError, match="SHA-256 differs"):
         load_artifact(bad)
+    import hashlib
+
     config = json.loads((bad / "config.json").read_text())
-    del config["sha256"]  # as an artifact written before checksums were recorded: the parser refuses it
-    (bad / "config.json").write_text(json.dumps(config))
+    config["sha256"]["model.safetensors"] = hashlib.sha256(b"\x00garbage" * 10).hexdigest()  # recorded as it is:
+    (bad / "config.json").write_text(json.dumps(config))  # the checksum passes, the parser refuses it
     with pytest.raises(FedrexError, match="not a valid safetensors"):
         load_artifact(bad)
     (bad / "config.json").write_text('{"format": "someone-else/3"}')
@@ -243,6 +245,12 @@ def test_a_weight_file_changed_after_it_was_written_is_refused(quick_artifact, t
     (changed / "model.safetensors").write_bytes((changed / "model.safetensors").read_bytes()[:-8])
     with pytest.raises(FedrexError, match="changed or truncated"):
         load_artifact(changed)
+    # deleting the digest from the card does not let the changed file in
+    card = json.loads((changed / "config.json").read_text())
+    del card["sha256"][INT8_FILE]
+    (changed / "config.json").write_text(json.dumps(card))
+    with pytest.raises(FedrexError, match="config.json records no SHA-256 for model.int8.safetensors"):
+        load_artifact(changed, int8=True)
 
 
 class _Exploit:

@@ -4,6 +4,7 @@ nothing but batches, clipping and noise)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,11 @@ def test_a_checkpoint_or_personal_state_changed_after_its_round_is_refused(tmp_p
         reopened.load_checkpoint(3)
     with pytest.raises(FedrexError, match="changed or truncated"):
         reopened.load_server_state(3)
+    meta = json.loads((store.folder / "run.json").read_text())
+    del meta["checkpoint_sha256"]["round-0003.safetensors"]  # the digest deleted too: still refused
+    (store.folder / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(FedrexError, match="run.json records no SHA-256 for round-0003.safetensors"):
+        RunStore.open(store.folder).load_checkpoint(3)
 
     ClientState({"w": torch.ones(2)}, [], 1).save(tmp_path, 7, 1)
     weights = ClientState.folder(tmp_path, 7) / "round-0001.safetensors"

@@ -80,6 +80,17 @@ def test_fault_rates_are_drawn_reproducibly_at_their_rates_and_bad_values_get_on
     started = time.time()
     before_training("hang", settings.replace(round_timeout=0.1), 3)  # sleeps past the round timeout
     assert time.time() - started >= 1.1
+    import numpy as np
+    import torch
+
+    from client.faults import corrupted
+
+    for sent in ({"b": torch.zeros(3), "a": torch.ones(2)}, {"b": np.zeros(3), "a": np.ones(2)}):  # torch, numpy
+        for kind, check in (("nan", np.isnan), ("inf", np.isposinf)):
+            replied = corrupted(kind, sent)
+            assert check(np.asarray(replied["a"])).tolist() == [True, False]  # the first floating tensor by name
+            assert np.asarray(sent["a"]).tolist() == [1.0, 1.0] and replied["b"] is sent["b"]  # on a copy
+        assert np.asarray(corrupted("shape", sent)["a"]).shape == (1,)
     for bad, message in [("nan=2", "must be in"), ("boom=0.1", "unknown fault 'boom'"), ("nan=0.6,shape=0.6", "sum"),
                          ("nan", "not kind=rate"), (",", "names no fault"), ("nan=0.1,nan=0.1", "twice")]:
         with pytest.raises(FedrexError, match=message):
