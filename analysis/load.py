@@ -111,13 +111,16 @@ def per_client(df: pd.DataFrame, round: int | None = None) -> pd.DataFrame:
 
 
 def roles(df: pd.DataFrame) -> pd.Series:
-    """Per client: ``malicious`` or ``benign`` (the run's seeded draw, ``malicious-fraction``; every
-    user records it as ``client.malicious`` 1/0 in every round it is evaluated), or ``benign`` for
-    every client of a run without poisoning."""
+    """Per client: ``malicious`` or ``benign``, as the client said (``client.malicious`` 1/0: the
+    run's seeded draw, ``malicious-fraction``, recorded in every round the client is evaluated).
+    In a poisoned run a client never evaluated said nothing: ``unknown``; in a run without poisoning
+    (no client said anything) every client is ``benign``."""
     said = df[(df["model"] == "client") & (df["metric"] == "malicious")]
-    malicious = set(said[said["value"] == 1]["client_id"].astype(str))
+    told = dict(zip(said["client_id"].astype(str), said["value"]))
+    unsaid = "unknown" if told else "benign"
     clients = sorted(df["client_id"].astype(str).unique())
-    return pd.Series(["malicious" if c in malicious else "benign" for c in clients], index=clients, name="role")
+    return pd.Series([unsaid if c not in told else "malicious" if told[c] == 1 else "benign" for c in clients],
+                     index=clients, name="role")
 
 
 def personalization_gain(df: pd.DataFrame, metric: str = "acc", round: int | None = None) -> pd.DataFrame:

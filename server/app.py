@@ -219,6 +219,9 @@ def _run_rounds(grid: Grid, settings: RunSettings, control: dict, store: RunStor
     shared_keys = get_mode(settings.mode).shared_keys(model)
     start_shared = split_state(model.state_dict(), shared_keys)[0]  # round 0's: the explanation anchor
     resumed = store.has_checkpoint(offset)
+    if offset > 0 and not resumed:  # never a silent restart from the start model under a resumed run's name
+        raise FedrexError(f"{store.folder}/run.json counts {offset} completed rounds but "
+                          f"{store.checkpoint_path(offset)} is missing: the run cannot be resumed from it")
     current = store.load_checkpoint(offset) if resumed else model.state_dict()
     current = {k: current[k] for k in model.state_dict()}  # the model's order, whatever the file's
     shared, frozen = split_state(current, shared_keys)

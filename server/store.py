@@ -141,11 +141,13 @@ class RunStore:
         previous = previous[previous["round"] < round_number] if len(previous) else previous
         write_parquet(self.folder / "rounds.parquet", pd.concat([previous, summary], ignore_index=True))
         kept = sorted((self.folder / "checkpoints").glob("round-*.safetensors"))
-        digests = self.meta.get("checkpoint_sha256", {})
-        digests[self.checkpoint_path(round_number).name] = digest
-        self.meta["checkpoint_sha256"] = {p.name: digests[p.name] for p in kept[-keep_checkpoints:] if p.name in digests}
-        self.meta["completed_rounds"] = round_number
-        self._write_meta()
+        digests = {**self.meta.get("checkpoint_sha256", {}), self.checkpoint_path(round_number).name: digest}
+        # the commit point: run.json on disk first, the state in memory only once it is there (a run.json
+        # that cannot be written leaves both at the round before, for whatever records the failure next)
+        meta = {**self.meta, "completed_rounds": round_number,
+                "checkpoint_sha256": {p.name: digests[p.name] for p in kept[-keep_checkpoints:] if p.name in digests}}
+        atomic_write_json(self.folder / "run.json", meta)
+        self.meta = meta
         for old in kept[:-keep_checkpoints]:
             old.unlink(missing_ok=True)
 

@@ -21,11 +21,14 @@ def bundle_files(root: Path) -> dict[str, Path]:
     from flwr.cli.utils import build_pathspec, filter_paths_for_publish, load_gitignore_patterns
 
     root = root.resolve()
-    ignored = build_pathspec(load_gitignore_patterns(root / ".gitignore"))
+    gitignore = root / ".gitignore"  # Flower skips a symlinked one, so its patterns do not apply there
+    patterns = load_gitignore_patterns(gitignore) if not gitignore.is_symlink() else []
+    # a directory .gitignore names ("x/") holds nothing the filter below would keep, unless a negated
+    # pattern ("!x/keep.py") takes a file inside it back: then every directory is visited
+    ignored = build_pathspec([] if any(p.startswith("!") for p in patterns) else patterns)
     found: dict[str, Path] = {}
     for folder, dirs, names in os.walk(root, followlinks=False):
         relative = Path(folder).relative_to(root)
-        # a directory .gitignore names ("x/") holds nothing the filter below would keep
         dirs[:] = [d for d in dirs if not ignored.match_file((relative / d).as_posix() + "/")]
         for name in names:
             path = Path(folder) / name

@@ -4,18 +4,22 @@ The managed SuperLink and the simulation processes it starts live in sessions of
 detaches them), so a signal to the `fedrex simulate` process group does not reach them: they would
 finish the run unobserved and keep the ports the next simulation joins. `fedrex simulate` starts
 this watchdog in a session of its own too; it waits for its parent to die, then stops the same
-process groups a normal exit stops (``stop_simulation``). A normal exit stops the watchdog first.
+process groups a normal exit stops (``stop_simulation``) and removes the staged copy of the app
+(``STAGED_APP_PREFIX`` folders in FLWR_HOME). A normal exit stops the watchdog first.
 
     python -m simulations.watchdog PARENT_PID FLWR_HOME PORT
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from simulations.localhost import group_alive, process_groups, stop_groups
+
+STAGED_APP_PREFIX = "app-"  # `fedrex simulate` stages the Flower App in FLWR_HOME/app-XXXX (app_bundle.py)
 
 
 def alive(pid: int) -> bool:
@@ -64,6 +68,8 @@ def main(argv: list[str]) -> int:
         time.sleep(0.1)
     stop_groups({group for group in seen if group_alive(group)})
     stop_simulation(home, port)
+    for staged in Path(home).glob(f"{STAGED_APP_PREFIX}*"):
+        shutil.rmtree(staged, ignore_errors=True)
     return 0
 
 

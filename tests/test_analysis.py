@@ -203,6 +203,9 @@ def test_the_malicious_users_are_the_seeded_ones_and_every_user_reports_the_trig
 
     names = last.drop_duplicates("client_id").set_index("client_id")["partition_id"].astype(int)
     assert {c: ("malicious" if p in said else "benign") for c, p in names.items()} == role_of(df).to_dict()
+    never_evaluated = df[~((df["client_id"] == names.index[0]) & (df["model"] == "client"))]
+    assert role_of(never_evaluated)[str(names.index[0])] == "unknown"  # said nothing in a poisoned run
+    assert set(role_of(df[df["model"] != "client"])) == {"benign"}  # a run where nobody says: no poisoning
     success = last[last["metric"] == "backdoor_success"].dropna(subset=["value"])
     assert set(success["model"]) == {"global", "personal"} and success["value"].between(0, 1).all()
 

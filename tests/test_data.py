@@ -410,6 +410,7 @@ def test_a_full_disk_mid_commit_is_one_clear_error_and_leaves_the_last_committed
     with pytest.raises(FedrexError, match="cannot write .*: No space left on device"):
         runs["full"].commit_round(2, {"w": torch.full((3,), 2.0)}, rows(2))
     monkeypatch.undo()
+    assert runs["full"].completed_rounds == 1  # in memory too: whatever records the failure next says round 1
     folder = tmp_path / "full" / "run"
     assert not [p for p in folder.rglob(".*")], "a temporary file was left behind"
     store = RunStore.open(folder)

@@ -316,6 +316,10 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
 
     left = {pid: command_line(pid) for pid in leftovers()}
     assert not left, f"still running: {left}"  # the SuperLink, the simulation and Ray (own sessions) were stopped
+    deadline = time.time() + 30  # the staged copy of the app goes too (the watchdog's last step after a kill -9)
+    while list(Path(home).glob("app-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not list(Path(home).glob("app-*"))
     # the ServerApp (Ctrl-C: until `fedrex simulate` stopped it) must not have finished the round
     after = json.loads(progress.read_text())
     assert after["round"] == round_number and after["phase"] != "committed", f"the round went on: {after}"
@@ -584,6 +588,11 @@ def test_the_staged_app_is_the_bundle_flwr_run_dot_builds(tmp_path):
     staged = stage_app(app, tmp_path / "staged")
     assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
         ".gitignore", "pkg/a.py", "pkg/notes.md", "pyproject.toml"]
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    # a negated pattern takes a file in an ignored folder back: Flower keeps it, so must the staged copy
+    (app / ".gitignore").write_text("runs/\n!runs/old/b.py\n*.pyc\n")
+    staged = stage_app(app, tmp_path / "staged-negated")
+    assert (staged / "runs" / "old" / "b.py").exists()
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
 
 
