@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from models.errors import FedrexError
+
+STAGED_APP_PREFIX = "app-"  # the staged folders' names (the watchdog removes them after a kill -9)
 
 
 def bundle_files(root: Path) -> dict[str, Path]:
@@ -37,11 +42,24 @@ def bundle_files(root: Path) -> dict[str, Path]:
     return filter_paths_for_publish(found)
 
 
-def stage_app(root: Path, dest: Path) -> Path:
-    """Copy ``root``'s bundle files into ``dest`` (created; must not exist) and return it."""
-    dest.mkdir(parents=True)
-    for relative, path in bundle_files(root).items():
-        target = dest / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-    return dest
+def stage_app(root: Path, parent: Path) -> Path:
+    """Copy ``root``'s bundle files into a new ``STAGED_APP_PREFIX`` folder in ``parent`` and return
+    the app folder inside it (whoever ran the app removes its parent). On any failure (a full disk,
+    Flower's depth limit, a Ctrl-C) nothing is left behind; the first two are one FedrexError."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=STAGED_APP_PREFIX, dir=parent))
+    except OSError as err:
+        raise FedrexError(f"cannot write the Flower App's files under {parent}: {err}") from None
+    try:
+        app = folder / "fedrex"
+        for relative, path in bundle_files(root).items():
+            target = app / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        return app
+    except BaseException as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(err, (OSError, ValueError)):
+            raise FedrexError(f"cannot stage the Flower App under {parent}: {err}") from None
+        raise

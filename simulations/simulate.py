@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from importlib import resources
@@ -26,7 +25,7 @@ from models.partitioning import SYNTHETIC
 from models.run_settings import RunSettings, split_pairs
 from simulations.app_bundle import stage_app
 from simulations.localhost import free_ports, port_open
-from simulations.watchdog import STAGED_APP_PREFIX, stop_simulation
+from simulations.watchdog import stop_simulation
 
 
 def load_settings(config_file: str | None, pairs: list[str] | None, base: dict | None = None) -> RunSettings:
@@ -149,18 +148,7 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     started_here = not port_open(port)
     # the app's files alone, so that `flwr run` does not walk a virtual environment (app_bundle.py); in
     # the run's Flower home, where the watchdog removes it after a kill -9 (simulations/watchdog.py)
-    try:
-        Path(home).mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=STAGED_APP_PREFIX, dir=home))
-    except OSError as err:
-        raise FedrexError(f"cannot write the Flower App's files under {home}: {err}") from None
-    try:
-        staged = stage_app(app_dir(), folder / "fedrex")
-    except BaseException as err:  # a full disk, Flower's depth limit, a Ctrl-C: no half-copied app is left
-        shutil.rmtree(folder, ignore_errors=True)
-        if isinstance(err, (OSError, ValueError)):
-            raise FedrexError(f"cannot stage the Flower App under {home}: {err}") from None
-        raise
+    staged = stage_app(app_dir(), Path(home))
     config_file = Path(settings.runs_dir) / f".{settings.run_id}.run-config.toml"
     try:
         atomic_write_bytes(config_file, "".join(f"{k} = {toml_value(v)}\n"

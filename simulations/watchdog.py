@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from simulations.app_bundle import STAGED_APP_PREFIX
 from simulations.localhost import group_alive, process_groups, stop_groups
-
-STAGED_APP_PREFIX = "app-"  # `fedrex simulate` stages the Flower App in FLWR_HOME/app-XXXX (app_bundle.py)
 
 
 def alive(pid: int) -> bool:

@@ -290,10 +290,8 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
 
 
 def test_a_run_folder_that_cannot_be_written_is_one_clear_error_and_a_full_disk_leaves_the_old_file(tmp_path,
-                                                                                                  monkeypatch):
-    import errno
-    import os
-
+                                                                                                  monkeypatch,
+                                                                                                  full_disk):
     from models.files import atomic_write_bytes
 
     blocker = tmp_path / "a-file"
@@ -305,23 +303,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_clear_error_and_a_full_disk_
 
     target = tmp_path / "run.json"
     atomic_write_bytes(target, b"round 3")
-
-    real_fdopen = os.fdopen
-
-    class FullDisk:  # a file whose every write fails as a full disk's does
-        def __init__(self, fd, mode):
-            self.handle = real_fdopen(fd, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr("models.files.os.fdopen", FullDisk)
+    full_disk(1)  # the next file written fails every write, as on a full disk
     with pytest.raises(FedrexError, match="cannot write .*run.json: No space left on device"):
         atomic_write_bytes(target, b"round 4")
     monkeypatch.undo()

@@ -273,6 +273,7 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
 
     how = signal.SIGKILL if how is None else how
 
+    from simulations.app_bundle import STAGED_APP_PREFIX
     from simulations.localhost import group_members, matching_pids
     from simulations.watchdog import alive, simulation_groups
 
@@ -317,9 +318,9 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     left = {pid: command_line(pid) for pid in leftovers()}
     assert not left, f"still running: {left}"  # the SuperLink, the simulation and Ray (own sessions) were stopped
     deadline = time.time() + 30  # the staged copy of the app goes too (the watchdog's last step after a kill -9)
-    while list(Path(home).glob("app-*")) and time.time() < deadline:
+    while list(Path(home).glob(f"{STAGED_APP_PREFIX}*")) and time.time() < deadline:
         time.sleep(0.2)
-    assert not list(Path(home).glob("app-*"))
+    assert not list(Path(home).glob(f"{STAGED_APP_PREFIX}*"))
     # the ServerApp (Ctrl-C: until `fedrex simulate` stopped it) must not have finished the round
     after = json.loads(progress.read_text())
     assert after["round"] == round_number and after["phase"] != "committed", f"the round went on: {after}"
@@ -571,7 +572,7 @@ def test_the_staged_app_is_the_bundle_flwr_run_dot_builds(tmp_path):
     small app whose ignored folders, virtual environment and symlinks hold files Flower would skip."""
     from flwr.cli.build import build_fab_from_disk
 
-    from simulations.app_bundle import stage_app
+    from simulations.app_bundle import STAGED_APP_PREFIX, stage_app
 
     root = Path(__file__).resolve().parents[1]
     assert build_fab_from_disk(stage_app(root, tmp_path / "repo")) == build_fab_from_disk(root)
@@ -586,6 +587,7 @@ def test_the_staged_app_is_the_bundle_flwr_run_dot_builds(tmp_path):
         (app / name).write_text("x = 1\n")
     (app / "pkg" / "link.py").symlink_to(app / "pkg" / "a.py")
     staged = stage_app(app, tmp_path / "staged")
+    assert staged.parent.name.startswith(STAGED_APP_PREFIX) and staged.parent.parent == tmp_path / "staged"
     assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
         ".gitignore", "pkg/a.py", "pkg/notes.md", "pyproject.toml"]
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
