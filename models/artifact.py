@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from models.errors import FedrexError
 from models.files import atomic_write_bytes, atomic_write_json
-from models.networks import build_network
 from models.packaged import candidates
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `fedrex simulate` checks an artifact without it
+    import torch
 
 FORMAT = "fedrex-model/1"
 INT8_SUFFIX, SCALE_SUFFIX = "::int8", "::scale"
@@ -28,6 +29,8 @@ FLOAT_FILE, INT8_FILE = "model.safetensors", "model.int8.safetensors"
 
 def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-row symmetric int8 for every float tensor with >= 2 dims; everything else as is."""
+    import torch
+
     out = {}
     for name, tensor in state.items():
         tensor = tensor.detach().contiguous()
@@ -64,13 +67,8 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_weights(path: Path, sha256: str | None = None, recorded_in: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; with ``sha256`` (what ``save_weights`` returned, kept in
-    ``recorded_in``), a file whose bytes changed since is refused before it is parsed. A file read
-    through its record (``recorded_in``) must have a digest there: deleting the digest from the
-    record must not be a way to load a changed file."""
-    from safetensors.torch import load
-
+def _recorded_bytes(path: Path, sha256: str | None, recorded_in: str) -> bytes:
+    """The file's bytes, refused when they are not the ones its record names (see ``load_weights``)."""
     path = Path(path)
     if not path.exists():
         raise FedrexError(f"{path} does not exist")
@@ -83,10 +81,42 @@ def load_weights(path: Path, sha256: str | None = None, recorded_in: str = "") -
         raise FedrexError(f"{path} is not the file that was written: its SHA-256 differs from the one recorded "
                           f"in {recorded_in or 'its record'} ({len(data)} bytes now); it was changed or truncated "
                           "since, so it is not loaded")
+    return data
+
+
+def _parsed(path: Path, data: bytes, load) -> dict:
     try:
         return dict(sorted(load(data).items()))  # by name, as safetensors' own file reader gives them
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise FedrexError(f"{path} is not a valid safetensors file ({type(exc).__name__}); re-create it") from None
+
+
+def load_weights(path: Path, sha256: str | None = None, recorded_in: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; with ``sha256`` (what ``save_weights`` returned, kept in
+    ``recorded_in``), a file whose bytes changed since is refused before it is parsed. A file read
+    through its record (``recorded_in``) must have a digest there: deleting the digest from the
+    record must not be a way to load a changed file."""
+    from safetensors.torch import load
+
+    return _parsed(Path(path), _recorded_bytes(path, sha256, recorded_in), load)
+
+
+def check_artifact(folder: Path) -> dict:
+    """An artifact's config, once its float weights (what a run starts from) are checked as loading
+    them checks them (recorded digest, valid safetensors) and the config agrees with itself, all
+    without torch: what `fedrex simulate` checks before Flower starts, in a command that then only
+    relays Flower's output. Whether each tensor's shape fits the network is left to loading it (the
+    ServerApp's first step: the run then fails with that one line)."""
+    from safetensors.numpy import load
+
+    config = read_config(folder)
+    path = Path(folder) / FLOAT_FILE
+    _parsed(path, _recorded_bytes(path, config.get("sha256", {}).get(FLOAT_FILE), f"{folder}/config.json"), load)
+    network = config.get("network")
+    if not isinstance(network, dict) or network.get("num_labels") != config.get("num_labels"):
+        raise FedrexError(f"{folder}/config.json: its network ({network!r}) does not match its num_labels "
+                          f"({config.get('num_labels')!r})")
+    return config
 
 
 def save_artifact(folder: Path, model: torch.nn.Module, config: dict) -> dict:
@@ -147,6 +177,8 @@ def resolve_artifact(name_or_folder: str) -> Path:
 
 def load_artifact(folder: Path, int8: bool = False) -> tuple[torch.nn.Module, dict]:
     """Rebuild the network from ``config.json`` and load its (float or int8) weights."""
+    from models.networks import build_network
+
     config = read_config(folder)
     model = build_network(config["network"])
     name = INT8_FILE if int8 else FLOAT_FILE

@@ -10,6 +10,9 @@ when that client asks for them, so 3,000 registered clients cost 3,000 index lis
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +24,37 @@ from models.errors import FedrexError
 
 PARTITIONERS = ("natural", "dirichlet", "iid", "bootstrap")
 SYNTHETIC = ("bootstrap",)  # partitioners whose clients are not real users: load tests, said so on start
+
+
+PLOTTING = "flwr_datasets.visualization"
+
+
+def _load_plotting(attribute: str):
+    """The real ``flwr_datasets.visualization``, imported the first time anything asks for it."""
+    if sys.modules.get(PLOTTING) is _plotting_stub:
+        sys.modules.pop(PLOTTING, None)  # another thread may have got here first
+    module = importlib.import_module(PLOTTING)
+    sys.modules["flwr_datasets"].visualization = module
+    return getattr(module, attribute)
+
+
+_plotting_stub = types.ModuleType(PLOTTING, "flwr_datasets' plots, imported when first used")
+_plotting_stub.__getattr__ = _load_plotting  # PEP 562: the module's missing attributes
+
+
+def flwr_partitioners():
+    """``flwr_datasets.partitioner``, without the plotting its package imports on the way.
+
+    ``flwr_datasets/__init__.py`` imports its ``visualization`` package, which imports seaborn,
+    scipy.stats and matplotlib: 1.5 s and tens of MB in every process that cuts a dataset (the
+    ``fedrex`` command, the ServerApp, every Ray actor, a device at every message), for plots FedREX
+    never draws. A stand-in takes the plotting package's place while the package loads and imports
+    the real one the first time anything reads from it."""
+    if "flwr_datasets" not in sys.modules:
+        sys.modules.setdefault(PLOTTING, _plotting_stub)
+    from flwr_datasets import partitioner
+
+    return partitioner
 
 
 @dataclass(frozen=True)
@@ -98,8 +132,9 @@ class FederatedData:
         return dataset
 
     def _build_partitioner(self):
-        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
-
+        partitioners = flwr_partitioners()
+        DirichletPartitioner, IidPartitioner = partitioners.DirichletPartitioner, partitioners.IidPartitioner
+        NaturalIdPartitioner = partitioners.NaturalIdPartitioner
         cfg = self.config
         if cfg.kind == "natural":
             partitioner = NaturalIdPartitioner(partition_by=USER)

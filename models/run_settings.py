@@ -11,12 +11,20 @@ distillation's ``--set`` uses it too). It lives in ``models/`` because both apps
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import secrets
 from dataclasses import dataclass
 
 from models.errors import FedrexError
 from models.personalization import MODES
 from models.protocol import EVALUATE_BETWEEN, EXPL_ANCHORS, FAULTS, PERTURBATIONS, POISONINGS, check_attacks
 from models.training_config import OPTIMIZERS, ObjectiveConfig
+
+
+def new_run_id() -> str:
+    """A run's id: when it started (UTC) and 6 random hex digits."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 KRUM_FAMILY = ("krum", "multikrum", "bulyan")  # strategies told how many Byzantine replies to expect

@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +36,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.artifact import load_weights, save_weights
 from models.files import atomic_write_bytes, atomic_write_json
+from models.run_settings import new_run_id
 from models.errors import FedrexError
 from server.aggregate import summarize
 
@@ -46,10 +45,6 @@ SERVER_STATE = "server-optimizer/"  # checkpoint tensors that are the server opt
 
 CLIENT_COLUMNS = ["run_id", "round", "client_id", "partition_id", "model", "metric", "value"]
 ROUND_COLUMNS = ["run_id", "round", "model", "metric", "stat", "value"]
-
-
-def new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 def write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -107,6 +102,8 @@ class RunStore:
     def _load_checkpoint_file(self, round_number: int) -> dict:
         """The checkpoint's tensors, checked against the SHA-256 run.json recorded when the round
         was committed (a checkpoint edited or truncated since is refused, not resumed from)."""
+        from models.artifact import load_weights  # torch: not for the `fedrex` command, which only reads run.json
+
         path = self.checkpoint_path(round_number)
         digest = self.meta.get("checkpoint_sha256", {}).get(path.name)
         return load_weights(path, digest, str(self.folder / "run.json"))
@@ -126,6 +123,8 @@ class RunStore:
         """Persist a finished round: its weights and the server optimizer's state (one checkpoint
         file, written atomically), its client rows, the round summary, then run.json."""
         import torch
+
+        from models.artifact import save_weights
 
         state = {f"{SERVER_STATE}{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in (server_state or {}).items()}
         digest = save_weights(self.checkpoint_path(round_number), {**weights, **state})

@@ -2,8 +2,10 @@
 
 The settings are resolved once here (config file, then --run-config overrides) and handed to the
 ServerApp and ClientApp factories, so the apps see exactly what `flwr run .` would give them.
-Everything that can fail on bad input (settings, data, partitioning, the global model) is checked
-before Ray starts, so a mistake costs a one-line error, not a stack of actor logs.
+Everything that can fail on bad input (settings, data, partitioning, the global model's files) is
+checked before Ray starts, so a mistake costs a one-line error, not a stack of actor logs (a start
+model whose tensors do not fit its own config.json is the exception: the ServerApp finds it when it
+loads the model, and the run fails with that one line).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from models.datasets import DATA_DIR_ENV
 from models.files import atomic_write_bytes
 from models.errors import FedrexError
 from models.partitioning import SYNTHETIC
-from models.run_settings import RunSettings, split_pairs
+from models.run_settings import RunSettings, new_run_id, split_pairs
 from simulations.app_bundle import stage_app
 from simulations.localhost import free_ports, port_open
 from simulations.watchdog import stop_simulation
@@ -51,10 +53,12 @@ def load_settings(config_file: str | None, pairs: list[str] | None, base: dict |
 
 def check_before_start(settings: RunSettings) -> int:
     """Load data, partitions and device profiles, and make sure the global model exists; returns
-    the client count."""
+    the client count. Without torch when the run names an artifact (``check_artifact``): this
+    command then only waits for Flower and relays its output, and torch would cost it about a second
+    to import and 0.2 GB held for the whole run."""
     from client.data import federation
     from client.device import fedscale_profiles, parse_mix
-    from server.app import global_model
+    from models.artifact import check_artifact, resolve_artifact
 
     if settings.device_mix:
         parse_mix(settings.device_mix)
@@ -62,7 +66,12 @@ def check_before_start(settings: RunSettings) -> int:
         fedscale_profiles(settings.device_trace)
     fed = federation(settings)
     count = fed.num_partitions
-    _, config = global_model(settings)
+    if settings.artifact:
+        config = check_artifact(resolve_artifact(settings.artifact))
+    else:  # a quick distillation (cached), which needs torch anyway
+        from server.app import global_model
+
+        _, config = global_model(settings)
     if config["num_labels"] != fed.num_labels:
         raise FedrexError(f"the global model has {config['num_labels']} labels but {settings.dataset} has {fed.num_labels}")
     if count < settings.min_train_clients:
@@ -101,10 +110,10 @@ def simulate(settings: RunSettings, control: dict | None = None, verbose: bool =
     settings and run controls (resume, stop-after) travel as the run config; the ServerApp and
     ClientApp are pyproject's components, in the very App Bundle `flwr run .` builds (from a staged
     copy of its files: ``simulations.app_bundle``)."""
-    from server.store import RunStore, new_run_id
-
     control = {k: v for k, v in dict(control or {}).items() if v}
     if control.get("resume"):
+        from server.store import RunStore  # pandas: imported once the simulation is over, unless resuming
+
         folder = Path(control["resume"]).resolve()
         control["resume"] = str(folder)
         settings = RunSettings.from_flower(RunStore.open(folder).meta["settings"])

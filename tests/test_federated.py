@@ -294,6 +294,9 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     # and, found by name rather than by group (a check of the watchdog, not by it): the simulation
     # processes and the Ray session each one started (its folder ends in the starting process's id)
     simulations = matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00")
+    # while the run goes on the command only relays Flower's output: its check before the start needs
+    # no torch (simulations/simulate.py check_before_start)
+    assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()
     os.killpg(process.pid, how)
     if how == signal.SIGKILL:  # the whole run dies at this point, the ServerApp with it (the watchdog
         for pid in simulations:  # alone would stop it within a second: a short phase could end first);
@@ -539,6 +542,19 @@ def test_bad_run_configs_fail_before_ray_starts(tmp_path):
         simulate(load_settings(None, ["run-id=taken", f"runs-dir={tmp_path / 'runs'}"]))
     with pytest.raises(FedrexError, match="device-mix: unknown tier"):
         simulate(load_settings(None, ["device-mix=iphone=1", f"runs-dir={tmp_path / 'runs'}"]))
+    # a start model whose weights changed since they were written (checked without torch, before Ray)
+    import shutil
+
+    from models.artifact import resolve_artifact
+
+    changed = tmp_path / "changed-start"
+    shutil.copytree(resolve_artifact("sst2-student"), changed)
+    weights = bytearray((changed / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (changed / "model.safetensors").write_bytes(bytes(weights))
+    with pytest.raises(FedrexError, match="model.safetensors is not the file that was written"):
+        simulate(load_settings(None, [f"artifact={changed}", f"runs-dir={tmp_path / 'runs'}"]))
+    assert not list((tmp_path / "runs").glob(".flower*"))  # refused before Flower started
 
 
 def test_flwr_run_dot_runs_the_flower_app(tmp_path):

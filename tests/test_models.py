@@ -224,11 +224,12 @@ def _flip_last_byte(path):
 def test_a_weight_file_changed_after_it_was_written_is_refused(quick_artifact, tmp_path):
     """config.json records each weight file's SHA-256 at write time (the shipped artifact's too);
     one flipped bit in the weights, which safetensors alone would load, is refused; so is a
-    truncated file, with the same message."""
+    truncated file, with the same message; and `fedrex simulate`'s torch-free check before the
+    start (``check_artifact``) refuses each the same way."""
     import hashlib
     import shutil
 
-    from models.artifact import INT8_FILE, load_weights
+    from models.artifact import INT8_FILE, check_artifact, load_weights
 
     shipped = resolve_artifact("sst2-student")
     for folder in (quick_artifact, shipped):
@@ -237,6 +238,7 @@ def test_a_weight_file_changed_after_it_was_written_is_refused(quick_artifact, t
         assert set(recorded) == {"model.safetensors", INT8_FILE}
     changed = tmp_path / "changed"
     shutil.copytree(quick_artifact, changed)
+    assert check_artifact(changed) == read_config(quick_artifact)
     _flip_last_byte(changed / INT8_FILE)
     assert load_weights(changed / INT8_FILE)  # still a valid safetensors file...
     with pytest.raises(FedrexError, match="SHA-256 differs from the one recorded in .*config.json"):
@@ -251,6 +253,17 @@ def test_a_weight_file_changed_after_it_was_written_is_refused(quick_artifact, t
     (changed / "config.json").write_text(json.dumps(card))
     with pytest.raises(FedrexError, match="config.json records no SHA-256 for model.int8.safetensors"):
         load_artifact(changed, int8=True)
+    # the check reads what a run starts from (the float weights) and the config's own agreement
+    (changed / "model.safetensors").write_bytes((quick_artifact / "model.safetensors").read_bytes())
+    assert check_artifact(changed)["num_labels"] == 2
+    card["network"]["num_labels"] = 3
+    (changed / "config.json").write_text(json.dumps(card))
+    with pytest.raises(FedrexError, match="does not match its num_labels"):
+        check_artifact(changed)
+    del card["sha256"]["model.safetensors"]
+    (changed / "config.json").write_text(json.dumps(card))
+    with pytest.raises(FedrexError, match="config.json records no SHA-256 for model.safetensors"):
+        check_artifact(changed)
 
 
 class _Exploit:
