@@ -91,6 +91,12 @@ def _parsed(path: Path, data: bytes, load) -> dict:
         raise FedrexError(f"{path} is not a valid safetensors file ({type(exc).__name__}); re-create it") from None
 
 
+def _recorded_weights(folder: Path, config: dict, name: str, load) -> dict:
+    """An artifact's weight file ``name``, checked against the digest its config.json records."""
+    path = Path(folder) / name
+    return _parsed(path, _recorded_bytes(path, config.get("sha256", {}).get(name), f"{folder}/config.json"), load)
+
+
 def load_weights(path: Path, sha256: str | None = None, recorded_in: str = "") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; with ``sha256`` (what ``save_weights`` returned, kept in
     ``recorded_in``), a file whose bytes changed since is refused before it is parsed. A file read
@@ -110,8 +116,7 @@ def check_artifact(folder: Path) -> dict:
     from safetensors.numpy import load
 
     config = read_config(folder)
-    path = Path(folder) / FLOAT_FILE
-    _parsed(path, _recorded_bytes(path, config.get("sha256", {}).get(FLOAT_FILE), f"{folder}/config.json"), load)
+    _recorded_weights(folder, config, FLOAT_FILE, load)
     network = config.get("network")
     if not isinstance(network, dict) or network.get("num_labels") != config.get("num_labels"):
         raise FedrexError(f"{folder}/config.json: its network ({network!r}) does not match its num_labels "
@@ -181,8 +186,9 @@ def load_artifact(folder: Path, int8: bool = False) -> tuple[torch.nn.Module, di
 
     config = read_config(folder)
     model = build_network(config["network"])
-    name = INT8_FILE if int8 else FLOAT_FILE
-    state = load_weights(Path(folder) / name, config.get("sha256", {}).get(name), f"{folder}/config.json")
+    from safetensors.torch import load
+
+    state = _recorded_weights(folder, config, INT8_FILE if int8 else FLOAT_FILE, load)
     if int8:
         state = dequantize_state(state)
     try:

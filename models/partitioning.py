@@ -132,14 +132,12 @@ class FederatedData:
         return dataset
 
     def _build_partitioner(self):
-        partitioners = flwr_partitioners()
-        DirichletPartitioner, IidPartitioner = partitioners.DirichletPartitioner, partitioners.IidPartitioner
-        NaturalIdPartitioner = partitioners.NaturalIdPartitioner
+        flwr = flwr_partitioners()
         cfg = self.config
         if cfg.kind == "natural":
-            partitioner = NaturalIdPartitioner(partition_by=USER)
+            partitioner = flwr.NaturalIdPartitioner(partition_by=USER)
         elif cfg.kind == "dirichlet":
-            partitioner = DirichletPartitioner(
+            partitioner = flwr.DirichletPartitioner(
                 num_partitions=cfg.num_partitions, partition_by=LABEL, alpha=cfg.alpha,
                 min_partition_size=max(cfg.min_samples, 2 if len(self.dataset) >= 2 * cfg.num_partitions else 1),
                 self_balancing=False, shuffle=True, seed=cfg.seed,
@@ -147,7 +145,7 @@ class FederatedData:
         elif cfg.kind == "bootstrap":
             partitioner = BootstrapPartitioner(cfg.num_partitions, cfg.bootstrap_rows, cfg.seed)
         else:
-            partitioner = IidPartitioner(num_partitions=cfg.num_partitions)
+            partitioner = flwr.IidPartitioner(num_partitions=cfg.num_partitions)
         partitioner.dataset = self.dataset
         return partitioner
 
