@@ -6,7 +6,7 @@ ERASER comprehensiveness is a drop in probability, p(y|x) - p(y|x without the ra
 model that answers less confidently scores lower even when its rationales rank the same tokens
 (agreement with the round-0 maps stays high). The check: on the same held-out rows of every user
 (the first ``--rows`` of each), for the start model and for the final global model (its checkpoint)
-of each faithfulness run, of DP and of DP's per-sample clipping alone: the mean confidence,
+of each faithfulness run, of DP, of DP's per-sample clipping alone and of ASCC hardening: the mean confidence,
 comprehensiveness of the model's own IG maps, of random maps, and comprehensiveness after temperature scaling the final model to the start model's
 mean confidence (the maps' ranking does not change with the temperature: IG is linear in the
 logit). If the tempered score is back at the start's, the fall is the model's confidence, not its
@@ -34,7 +34,7 @@ from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attribution import eraser_scores, integrated_gradients, random_attributions  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.training import predict_logits  # noqa: E402
-from personalization import DATASETS, DP_CLIPPING_ONLY, DP_ROW, FAITHFULNESS, run_id_of  # noqa: E402
+from personalization import ASCC, DATASETS, DP_CLIPPING_ONLY, DP_ROW, FAITHFULNESS, run_id_of  # noqa: E402
 from references import start_tokenizer, user_splits  # noqa: E402
 from server.app import global_model  # noqa: E402
 from simulations.simulate import load_settings  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> int:
         rows = {"start model (round 0)": measure(start, data, None)}
         target = rows["start model (round 0)"]["confidence"]
         mode = settings.mode
-        for name in [*(f"{mode}, {name}" for name, _ in FAITHFULNESS), DP_ROW, DP_CLIPPING_ONLY]:
+        for name in [*(f"{mode}, {name}" for name, _ in FAITHFULNESS), DP_ROW, DP_CLIPPING_ONLY, f"{mode}, {ASCC}"]:
             checkpoint = sorted((Path(args.runs_dir) / run_id_of(dataset, name) / "checkpoints").glob(
                 "round-*.safetensors"))
             if not checkpoint:

@@ -66,7 +66,8 @@ MODES = ["finetune", "prior", "prior-shift", "mix", "select", "ditto", "fedper"]
 SEEDED = {"rt_critics": [RunSettings().mode, "fedper", "select"],
           "sent140_users": [RunSettings().mode, "prior-shift", "prior-shift + balanced loss + start-kd 1.0"]}
 # the hardening rows run again with seeds 1 and 2: what hardening buys is judged against them
-SEEDED_HARDENING = ("no hardening", "+ perturbed text", "start trained on WordNet copies (sst2-student-copies)")
+ASCC = "ASCC (adversary in the synonyms' hull)"
+SEEDED_HARDENING = ("no hardening", "+ perturbed text", "start trained on WordNet copies (sst2-student-copies)", ASCC)
 # every method run attacks every held-out row with both recipes (10 per user are too few to compare)
 ATTACKS = ("char", "synonym")
 # a round that attacks every held-out row of 118 critics can take longer than the default round
@@ -77,6 +78,10 @@ HARDENING = [  # (row name, change from the defaults): what each defence buys, o
     ("no hardening", ["adv-weight=0"]),
     ("+ perturbed text", ["perturb-share=0.5"]),
     ("perturbed text instead of PGD", ["perturb-share=0.5", "adv-weight=0"]),
+    # SAFER-style heavier copies: half of every perturbed row's words edited, 2.5x the attacks' budget
+    ("+ perturbed text, half the words", ["perturb-share=0.5", "perturb-words=0.5"]),
+    # ASCC: the adversary mixes each token's vector with its WordNet synonyms' instead of a ball
+    (ASCC, ["adv-space=synonyms"]),
     ("undefended start (no normaliser)", ["normalizer=false"]),
     # the start itself trained on WordNet substitution copies (`fedrex train-on-copies`: same
     # network, normaliser and package size): what a start robust to synonym swaps gives the rounds
@@ -93,6 +98,10 @@ COMBINATIONS = [  # (row name, change from the defaults): what works on its own,
     ("prior-shift + start-kd 3.0", ["mode=prior-shift", "start-kd=3.0"]),
     # the one lever that kept the tweets' called-positive share honest on every seed (*levers*)
     ("prior-shift + balanced loss + start-kd 1.0", ["mode=prior-shift", "balanced-loss=true", "start-kd=1.0"]),
+    # ASCC's robustness with the start's answers kept on the client's rows (its rationales fall without)
+    ("ASCC + start-kd 1.0", ["adv-space=synonyms", "start-kd=1.0"]),
+    # ... or with its deletion behaviour and maps kept instead (the start-anchored explanation terms)
+    ("ASCC + expl 1.0 + erasure 1.0", ["adv-space=synonyms", "expl-weight=1.0", "expl-erasure=1.0"]),
 ]
 DP_ROW = f"{RunSettings().mode} +DP (noise 1.0)"
 DP_CLIPPING_ONLY = f"{RunSettings().mode} +DP clipping only (noise 0.0001, not private)"
@@ -140,6 +149,11 @@ LEVERS = [
                                                  "balanced-loss=true"]),
     ("balanced loss", ["balanced-loss=true"]),
     ("balanced loss + start-kd 1", ["balanced-loss=true", "start-kd=1.0"]),
+    # between the light start-kd that keeps the share honest and start-kd 10 that keeps the maps
+    ("balanced loss + start-kd 2", ["balanced-loss=true", "start-kd=2.0"]),
+    ("balanced loss + start-kd 3", ["balanced-loss=true", "start-kd=3.0"]),
+    # start-kd 10 keeps the start's answers; the start-anchored terms its maps and deletion behaviour
+    ("start-kd 10 + expl 1.0 + erasure 1.0", ["start-kd=10.0", "expl-weight=1.0", "expl-erasure=1.0"]),
 ]
 LEVER_SEEDS = (0, 1, 2, 3, 4)  # seeds 3 and 4 tell whether a lever holding on 2 of 3 seeds is the rule
 
@@ -439,29 +453,29 @@ def hardening_seeds_table(dataset: str, rows: list[dict]) -> str:
 
 
 def levers_table(dataset: str, rows: list[dict]) -> str:
-    """Per lever, each seed's global model (pooled accuracy against round 0's, share called positive
-    against the truth, comprehensiveness against round 0's) and prior-shift's personal mean."""
+    """Per lever, each seed's global model (pooled and per-user mean accuracy against round 0's,
+    share called positive against the truth, comprehensiveness against round 0's) and
+    prior-shift's personal mean."""
     body = []
-    measured = [seed for seed in LEVER_SEEDS if any(r["name"].endswith(f"(seed {seed})") for r in rows)]
-    for name, _ in LEVERS:
-        runs = [next((r for r in rows if r["name"] == f"lever: {name} (seed {seed})"), None) for seed in measured]
-        runs = [r for r in runs if r is not None]
-        if len(runs) < len(measured):  # a lever short of a seed would misalign its columns
+    for name, _ in LEVERS:  # each lever with the seeds it was run with, named in its row
+        seeds = [seed for seed in LEVER_SEEDS if any(r["name"] == f"lever: {name} (seed {seed})" for r in rows)]
+        runs = [next(r for r in rows if r["name"] == f"lever: {name} (seed {seed})") for seed in seeds]
+        if not runs:
             continue
 
         def each(key, digits=3):
             return " / ".join(fmt(r.get(key), digits) for r in runs)
 
-        body.append([name + marks_of(runs), fmt(runs[0]["r0_global_pooled"]),
-                     each("final_global_pooled"),
+        body.append([name + marks_of(runs), "/".join(map(str, seeds)), fmt(runs[0]["r0_global_pooled"]),
+                     each("final_global_pooled"), fmt(runs[0]["r0_global_mean"]), each("final_global_mean"),
                      f"{each('final_global_pred_positive', 2)} ({fmt(runs[0].get('final_true_positive'), 2)})",
                      fmt(runs[0].get("r0_global_comprehensiveness")), each("final_global_comprehensiveness"),
                      each("final_personal_mean"), each("share_harmed", 2)])
-    seeds = "/".join(str(s) for s in measured)
-    head = ["lever (prior-shift, every user's explanations)", "global pooled, round 0",
-            f"global pooled, last round (seed {seeds})", "called positive (true)", "comprehensiveness, round 0",
+    head = ["lever (prior-shift, every user's explanations)", "seeds", "global pooled, round 0",
+            "global pooled, last round (each seed)", "global per-user mean, round 0", "global per-user mean, last round",
+            "called positive (true)", "comprehensiveness, round 0",
             "global comprehensiveness, last round", "personal mean (prior-shift)", "harmed"]
-    return (f"### {dataset}: levers on the global model, seeds {seeds}\n\n"
+    return (f"### {dataset}: levers on the global model\n\n"
             + markdown_table(pd.DataFrame(body, columns=head)) + footnote(rows))
 
 

@@ -40,9 +40,10 @@ OPTIONAL_PACKAGES = (
     ("captum", "fidelity", "fidelity-examples > 0 (explanation fidelity)",
      lambda s, runtime: runtime == "torch" and s.fidelity_examples > 0),
     ("opacus", "dp", "dp=true (DP-SGD)", lambda s, runtime: runtime == "torch" and s.dp),
-    ("nltk", "synonyms", "the synonym attacks or synonym perturbations", lambda s, runtime: runtime == "torch"
+    ("nltk", "synonyms", "the synonym attacks, synonym perturbations or adv-space synonyms", lambda s, runtime: runtime == "torch"
      and ((s.attack_examples > 0 and any(a.startswith("synonym") for a in s.attacks()))
-          or (s.perturb_share > 0 and "synonym" in s.perturbations()))),
+          or (s.perturb_share > 0 and "synonym" in s.perturbations())
+          or (s.adv_weight > 0 and s.adv_space == "synonyms"))),
 )
 
 

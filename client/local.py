@@ -13,6 +13,7 @@ personal models) stays where it is.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -74,9 +75,16 @@ def erase_top(ids: np.ndarray, attr: np.ndarray, fraction: float) -> np.ndarray:
     return np.delete(ids, top_tokens(attr, ids, fraction)[0])
 
 
+@lru_cache(maxsize=4)
+def _synonym_candidates(tokenizer):
+    from models.robust.synonym_hull import SynonymCandidates  # imports WordNet: only runs that search synonyms
+
+    return SynonymCandidates(tokenizer)
+
+
 def local_fit(model, data: EncodedData, settings: RunSettings, objective: ObjectiveConfig, seed: int,
               epochs: float, lr: float, extra_loss=None, trainable=None, privacy=None,
-              optimizer: str = "adamw", augment=None) -> dict:
+              optimizer: str = "adamw", augment=None, candidates=None) -> dict:
     """``fit`` restricted to the ``trainable`` parameters (all when None). Seeds torch first:
     dropout draws from the global generator, whose state would otherwise depend on whatever the
     same Ray actor ran before."""
@@ -87,7 +95,8 @@ def local_fit(model, data: EncodedData, settings: RunSettings, objective: Object
     try:
         return fit(model, data, objective, epochs=epochs, max_steps=settings.local_max_steps,
                    batch_size=settings.batch_size, lr=lr, seed=seed, extra_loss=extra_loss,
-                   balanced=settings.balanced_loss, optimizer=optimizer, privacy=privacy, augment=augment)
+                   balanced=settings.balanced_loss, optimizer=optimizer, privacy=privacy, augment=augment,
+                   candidates=candidates)
     finally:
         for param in model.parameters():
             param.requires_grad_(True)
@@ -130,7 +139,7 @@ class ClientTrainer:
         return self._count(local_fit(model, data, self.settings, objective, seed, self.settings.local_epochs,
                                      self.settings.lr, extra_loss=proximal_term(model, self.anchor, self.proximal_mu),
                                      trainable=trainable, privacy=privacy, optimizer=self.settings.client_optimizer,
-                                     augment=self.perturbed_text(seed)))
+                                     augment=self.perturbed_text(seed), candidates=self.synonym_candidates()))
 
     def explanation_reference(self, model):
         """The model whose maps the explanation term keeps: the start (``expl-anchor=start``) or
@@ -145,6 +154,16 @@ class ClientTrainer:
                               "but the round's message carries none")
         return self.start_model
 
+    def synonym_candidates(self):
+        """What the ADV term's adversary mixes each token with under ``adv-space=synonyms``: the
+        synonyms the client's own tokenizer reads as one token (remembered per tokenizer, so an
+        actor or a device looks each word up once per process)."""
+        if self.settings.adv_weight <= 0 or self.settings.adv_space != "synonyms":
+            return None
+        if self.tokenizer is None:
+            raise FedrexError("adv-space synonyms needs the client's tokenizer")
+        return _synonym_candidates(self.tokenizer)
+
     def perturbed_text(self, seed: int):
         """Perturbed-text hardening of the shared weights (``perturb-share``): each local epoch a
         seeded share of the rows is replaced by a copy with the attacks' own edits, labels kept;
@@ -156,7 +175,8 @@ class ClientTrainer:
         from models.augment import PerturbedText
 
         return PerturbedText(self.tokenizer, row_share=self.settings.perturb_share,
-                             word_share=self.settings.attack_budget, kinds=self.settings.perturbations(), seed=seed)
+                             word_share=self.settings.perturb_words or self.settings.attack_budget,
+                             kinds=self.settings.perturbations(), seed=seed)
 
     def head(self, model, data: EncodedData, seed: int) -> dict:
         """Mode ``head``: the linear head trained in numpy on the frozen body's features, the same

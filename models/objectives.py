@@ -17,6 +17,9 @@ every term works for every network through the shared embed/classify interface:
   perturbation that pushes the student away from the teacher's clean prediction; the student
   is then trained to match the teacher's clean prediction on the perturbed input (ARD-style KL)
   plus CE on the true label. Without a teacher (client hardening) the attack and the loss use CE.
+  Handed each token's substitution candidates, the adversary searches the convex hull of the
+  token's and its candidates' vectors instead of a ball (ASCC; ``hull_embedding``): the directions
+  a word-substitution attack can actually move a token in.
   Whether the teacher is used depends only on whether teacher logits are present, not on the KD
   weight: a "w/o KD" ablation removes the KD term and nothing else.
 """
@@ -110,15 +113,58 @@ def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch
     return delta.detach()
 
 
+# ASCC's search: signed steps on the mixing logits. From uniform weights, two steps of 2 put about
+# 98% of a token's weight on the option the loss's gradient favours when its sign holds for both:
+# close to the hull's vertices, the texts a swap attack can actually write
+HULL_STEP = 2.0
+
+
+def hull_embedding(model, ids: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                   teacher_logits: torch.Tensor | None, steps: int, temperature: float = 1.0) -> torch.Tensor:
+    """ASCC's adversarial input: each token's vector replaced by a convex combination of its own and
+    its substitution candidates' vectors (``candidates`` [B, L, K] ids, -1 where absent: padding and
+    tokens without synonyms keep their own vector), the weights climbing the attack loss from
+    uniform in ``steps`` signed steps. The weights are detached; the vectors are not, so training
+    on it moves the candidates' embeddings too (toward answers a swap cannot change)."""
+    valid = torch.cat([torch.ones_like(ids, dtype=torch.bool).unsqueeze(-1),
+                       (candidates >= 0) & mask.unsqueeze(-1)], dim=-1)  # [B, L, K + 1]
+    options = model.embed(torch.cat([ids.unsqueeze(-1), candidates.clamp_min(0)], dim=-1))  # [B, L, K + 1, D]
+    base = options.detach()
+    logits_of_mix = torch.zeros(valid.shape, dtype=base.dtype)
+    was_training = model.training
+    for _ in range(steps):
+        logits_of_mix.requires_grad_(True)
+        weights = torch.softmax(logits_of_mix.masked_fill(~valid, float("-inf")), dim=-1)
+        logits = model.classify((weights.unsqueeze(-1) * base).sum(-2), mask)
+        if teacher_logits is not None:
+            loss = kd_loss(logits, teacher_logits, temperature)
+        else:
+            loss = F.cross_entropy(logits, labels)
+        (grad,) = torch.autograd.grad(loss, logits_of_mix)
+        logits_of_mix = (logits_of_mix + HULL_STEP * grad.sign()).detach()
+    model.train(was_training)
+    weights = torch.softmax(logits_of_mix.masked_fill(~valid, float("-inf")), dim=-1)
+    return (weights.unsqueeze(-1) * options).sum(-2)
+
+
 def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
-             attack_guard=contextlib.nullcontext, logit_adjust: torch.Tensor | None = None) -> torch.Tensor:
+             attack_guard=contextlib.nullcontext, logit_adjust: torch.Tensor | None = None,
+             ids: torch.Tensor | None = None, candidates=None) -> torch.Tensor:
     """``attack_guard``: a context the PGD search runs in (DP switches Opacus' hooks off there).
     ``logit_adjust``: the balanced loss's log prior, added to the cross-entropy's logits here as in
-    the clean term (without it the adversarial term alone teaches the client's label prior)."""
-    with attack_guard():
-        delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
-                                 config.temperature)
-    logits = model.classify(emb + delta, mask)
+    the clean term (without it the adversarial term alone teaches the client's label prior).
+    ``candidates`` (``models.robust.synonym_hull.SynonymCandidates``): what a swap can turn each
+    of the batch's tokens (``ids``) into; given, the adversary searches their hull, not a ball."""
+    if candidates is not None:
+        with attack_guard():
+            adversarial = hull_embedding(model, ids, candidates(ids), mask, labels, teacher_logits,
+                                         config.adv_steps, config.temperature)
+    else:
+        with attack_guard():
+            delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
+                                     config.temperature)
+        adversarial = emb + delta
+    logits = model.classify(adversarial, mask)
     loss = F.cross_entropy(logits if logit_adjust is None else logits + logit_adjust, labels)
     if teacher_logits is not None:
         loss = loss + kd_loss(logits, teacher_logits, config.temperature)
@@ -126,7 +172,7 @@ def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
 
 
 def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool = True,
-                   logit_adjust: torch.Tensor | None = None, attack_guard=contextlib.nullcontext):
+                   logit_adjust: torch.Tensor | None = None, attack_guard=contextlib.nullcontext, candidates=None):
     """Total loss for one batch and its parts (floats) for logging. ``logit_adjust`` (a [C] log
     prior) is added to the logits of both loss terms against the labels, clean and adversarial
     (logit-adjusted loss); the distillation terms match answers, not labels, and keep plain logits,
@@ -153,6 +199,7 @@ def objective_loss(model, batch: Batch, config: ObjectiveConfig, use_adv: bool =
         er = erasure_loss(model, batch.erased_ids, batch.erased_probs)
         total, parts["erasure"] = total + config.erasure * er, er.item()
     if config.adv > 0 and use_adv:
-        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits, config, attack_guard, logit_adjust)
+        adv = adv_loss(model, emb, mask, batch.labels, batch.teacher_logits, config, attack_guard, logit_adjust,
+                       batch.ids, candidates)
         total, parts["adv"] = total + config.adv * adv, adv.item()
     return total, parts

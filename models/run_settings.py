@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from models.errors import FedrexError
 from models.personalization import MODES
 from models.protocol import EVALUATE_BETWEEN, EXPL_ANCHORS, FAULTS, PERTURBATIONS, POISONINGS, check_attacks
-from models.training_config import OPTIMIZERS, ObjectiveConfig
+from models.training_config import ADV_SPACES, OPTIMIZERS, ObjectiveConfig
 
 
 def new_run_id() -> str:
@@ -106,6 +106,10 @@ class RunSettings:
     adv_ratio: float = 0.5
     adv_epsilon: float = 0.1
     adv_steps: int = 2
+    # where the hardening's adversary searches (models.training_config.ADV_SPACES): "ball", PGD in
+    # an L2 ball around each token's vector; "synonyms", ASCC in the convex hull of the vectors of
+    # each word and its WordNet synonyms (models.robust.synonym_hull)
+    adv_space: str = "ball"
     expl_weight: float = 0.0
     expl_erasure: float = 0.0  # erasure-consistency term (models.objectives.erasure_loss), same anchor
     expl_anchor: str = "start"  # whose saliency maps the explanation term keeps (models.protocol.EXPL_ANCHORS)
@@ -116,6 +120,9 @@ class RunSettings:
     # replaced by a copy with the attacks' own edits (models.augment), drawn fresh every round
     perturb_share: float = 0.0
     perturb_kinds: str = "char,synonym"  # comma-separated transformations of models.augment
+    # share of a perturbed row's words edited (stopwords aside); 0: the attacks' own word budget.
+    # More than the budget trains on heavier copies than any attack makes (SAFER-style)
+    perturb_words: float = 0.0
     # differential privacy (Opacus DP-SGD on the update that leaves the device)
     dp: bool = False
     noise_multiplier: float = 1.0
@@ -276,6 +283,10 @@ class RunSettings:
             (0 < self.attack_budget <= 1, f"attack-budget must be in (0, 1], got {self.attack_budget}"),
             (self.attack_examples >= 0 and self.fidelity_examples >= 0, "attack/fidelity examples must be >= 0"),
             (0 <= self.perturb_share <= 1, f"perturb-share must be in [0, 1], got {self.perturb_share}"),
+            (0 <= self.perturb_words <= 1, f"perturb-words must be in [0, 1], got {self.perturb_words}"),
+            (self.adv_space in ADV_SPACES, f"adv-space must be one of {', '.join(ADV_SPACES)}, got {self.adv_space!r}"),
+            (not (self.dp and self.adv_weight > 0 and self.adv_space == "synonyms"),
+             "dp with adv-space synonyms is not supported (Opacus clips one embedding lookup per token)"),
             (not (self.dp and self.perturb_share > 0),
              "dp with perturb-share > 0 is not supported (DP-SGD samples fixed rows; perturbed rows change every epoch)"),
             (self.perturb_share == 0 or (self.perturbations() and set(self.perturbations()) <= set(PERTURBATIONS)),

@@ -27,7 +27,8 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
         max_steps: int | None = None, batch_size: int = 32, lr: float = 2e-3, weight_decay: float = 0.0,
         seed: int = 0, extra_loss: Callable[[], torch.Tensor] | None = None, grad_clip: float | None = 1.0,
         balanced: bool = False, optimizer: str = "adamw", privacy=None, progress: str | None = None,
-        log_every: int = 50, augment: Callable[[EncodedData, int], EncodedData] | None = None) -> dict:
+        log_every: int = 50, augment: Callable[[EncodedData, int], EncodedData] | None = None,
+        candidates=None) -> dict:
     """Train ``model`` in place. Returns {"steps", "samples" (rows processed: the work a device
     does, which the virtual clock charges), "seconds", "loss": mean total, parts...}.
 
@@ -41,7 +42,8 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     batch touches whatever the gradient's size, and averaging such sign steps over clients pushes
     the shared model toward the majority label). ``progress`` names the run in progress lines.
     ``augment(data, epoch)`` returns the rows to train on in that epoch (``models.augment``:
-    perturbed text drawn fresh each epoch).
+    perturbed text drawn fresh each epoch). ``candidates``: each token's substitution candidates
+    (``models.robust.synonym_hull``): the ADV term's adversary searches their hull, not a ball.
     """
     objective.validate()
     if len(data) == 0:
@@ -80,7 +82,7 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
         else:
             use_adv = objective.adv > 0 and rng.random() < objective.adv_ratio
             loss, parts = objective_loss(model, batch, objective, use_adv=use_adv, logit_adjust=adjust,
-                                         attack_guard=guard)
+                                         attack_guard=guard, candidates=candidates)
             if extra_loss is not None:
                 extra = extra_loss()
                 loss, parts["prox"] = loss + extra, extra.item()

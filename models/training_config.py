@@ -9,6 +9,11 @@ from dataclasses import asdict, dataclass
 from models.errors import FedrexError
 
 OPTIMIZERS = ("adamw", "sgd")  # of the shared weights, fresh every round (models.training.fit)
+# where the ADV term's adversary searches (models.objectives): an L2 ball around each token's
+# vector (PGD), or the convex hull of the vectors of the token and its WordNet synonyms (ASCC: the
+# training loop is handed each token's candidates; not part of ObjectiveConfig, whose fields name
+# the compression benchmark's rows)
+ADV_SPACES = ("ball", "synonyms")
 
 
 @dataclass

@@ -187,6 +187,9 @@ def test_every_mode_trains_and_keeps_its_personal_part_at_home(critics, mode_nam
     ({"dp": True, "expl_weight": 1.0}, "not supported"),
     ({"mode": "head", "adv_weight": 0.0, "start_kd": 1.0}, "mode head does not support expl-weight, expl-erasure or start-kd"),
     ({"dp": True, "start_kd": 1.0}, "dp with start-kd"),
+    ({"perturb_share": 0.5, "perturb_words": 1.5}, "perturb-words must be in"),
+    ({"adv_space": "hull"}, "adv-space must be one of"),
+    ({"dp": True, "adv_space": "synonyms"}, "dp with adv-space synonyms"),
 ])
 def test_unsupported_combinations_are_rejected_before_anything_starts(pairs, message):
     with pytest.raises(FedrexError, match=message):
