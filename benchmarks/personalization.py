@@ -102,6 +102,8 @@ COMBINATIONS = [  # (row name, change from the defaults): what works on its own,
     ("ASCC + start-kd 1.0", ["adv-space=synonyms", "start-kd=1.0"]),
     # ... or with its deletion behaviour and maps kept instead (the start-anchored explanation terms)
     ("ASCC + expl 1.0 + erasure 1.0", ["adv-space=synonyms", "expl-weight=1.0", "expl-erasure=1.0"]),
+    # ... or simply at half its weight: where robustness and explanations meet
+    ("ASCC at adv-weight 0.25", ["adv-space=synonyms", "adv-weight=0.25"]),
 ]
 DP_ROW = f"{RunSettings().mode} +DP (noise 1.0)"
 DP_CLIPPING_ONLY = f"{RunSettings().mode} +DP clipping only (noise 0.0001, not private)"

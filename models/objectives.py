@@ -113,9 +113,9 @@ def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch
     return delta.detach()
 
 
-# ASCC's search: signed steps on the mixing logits. From uniform weights, two steps of 2 put about
-# 98% of a token's weight on the option the loss's gradient favours when its sign holds for both:
-# close to the hull's vertices, the texts a swap attack can actually write
+# ASCC's search: signed steps on the mixing logits. From uniform weights, two steps of 2 put over
+# 99% of a token's weight on the option the loss's gradient favours when its sign holds for both
+# (one option against eight: 99.7%): close to the hull's vertices, the texts a swap attack can write
 HULL_STEP = 2.0
 
 
@@ -130,7 +130,7 @@ def hull_embedding(model, ids: torch.Tensor, candidates: torch.Tensor, mask: tor
                        (candidates >= 0) & mask.unsqueeze(-1)], dim=-1)  # [B, L, K + 1]
     options = model.embed(torch.cat([ids.unsqueeze(-1), candidates.clamp_min(0)], dim=-1))  # [B, L, K + 1, D]
     base = options.detach()
-    logits_of_mix = torch.zeros(valid.shape, dtype=base.dtype)
+    logits_of_mix = base.new_zeros(valid.shape)
     was_training = model.training
     for _ in range(steps):
         logits_of_mix.requires_grad_(True)

@@ -90,17 +90,24 @@ def measure_ms_per_sample(model, settings, steps: int = 4) -> dict[str, float]:
         data.teacher_attr, data.attr_labels = [rng.random(length).astype(np.float32) for _ in range(rows)], data.labels
         data.erased_ids, data.erased_probs = [i[: length // 2] for i in ids], np.full((rows, classes), 1 / classes, np.float32)
         objective = settings.objective()
+        candidates = None
+        if objective.adv > 0 and settings.adv_space == "synonyms":  # ASCC mixes each token with its synonyms
+            from models.robust.synonym_hull import SynonymCandidates
+            from models.tokenizer import WordPieceTokenizer
 
-        def per_sample(config) -> float:
-            fit(model, data, config, max_steps=1, batch_size=settings.batch_size, lr=0.0)  # warm-up
+            candidates = SynonymCandidates(WordPieceTokenizer(settings.max_length))
+
+        def per_sample(config, candidates=None) -> float:  # the warm-up also looks the tokens' synonyms up
+            fit(model, data, config, max_steps=1, batch_size=settings.batch_size, lr=0.0, candidates=candidates)
             start = time.perf_counter()
-            result = fit(model, data, config, max_steps=steps, batch_size=settings.batch_size, lr=0.0)
+            result = fit(model, data, config, max_steps=steps, batch_size=settings.batch_size, lr=0.0,
+                         candidates=candidates)
             return 1000 * (time.perf_counter() - start) / max(1, result["samples"])
 
         clean = per_sample(dataclasses.replace(objective, adv=0.0))
         train = clean
         if objective.adv > 0 and objective.adv_ratio > 0:
-            adversarial = per_sample(dataclasses.replace(objective, adv_ratio=1.0))
+            adversarial = per_sample(dataclasses.replace(objective, adv_ratio=1.0), candidates)
             train = (1 - objective.adv_ratio) * clean + objective.adv_ratio * adversarial
         predict_logits(model, data, settings.batch_size)  # warm-up
         start = time.perf_counter()

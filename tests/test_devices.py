@@ -488,7 +488,9 @@ def test_a_reply_for_several_users_counts_each_user_once_and_fails_the_ones_it_l
 def test_the_reference_cost_mixes_clean_and_adversarial_steps_in_the_training_share(monkeypatch):
     """Clean steps cost 0.66 ms per sample and adversarial ones 1.46 (the issue's figures, on a
     scripted clock): at adv-ratio 0.5 a sample costs 1.06 whatever a few steps' draws would pick;
-    without hardening 0.66. Mode head's forward-only rows are charged at the forward pass's share."""
+    without hardening 0.66; ASCC's steps (adv-space=synonyms: timed with the synonym candidates
+    handed to the loop, 2.26 here) 1.46. Mode head's forward-only rows are charged at the forward
+    pass's share."""
     import models.training
     import server.fleet as fleet_module
     from models.networks import VocabMap, build_network
@@ -496,9 +498,10 @@ def test_the_reference_cost_mixes_clean_and_adversarial_steps_in_the_training_sh
 
     clock = [0.0]
 
-    def scripted_fit(model, data, config, max_steps, batch_size, lr):
+    def scripted_fit(model, data, config, max_steps, batch_size, lr, candidates=None):
         adversarial = config.adv > 0 and config.adv_ratio == 1.0
-        clock[0] += max_steps * batch_size * (1.46 if adversarial else 0.66) / 1000
+        cost = (2.26 if candidates is not None else 1.46) if adversarial else 0.66
+        clock[0] += max_steps * batch_size * cost / 1000
         return {"samples": max_steps * batch_size}
 
     monkeypatch.setattr(models.training, "fit", scripted_fit)
@@ -506,6 +509,8 @@ def test_the_reference_cost_mixes_clean_and_adversarial_steps_in_the_training_sh
     model = build_network({"kind": "student", "num_labels": 2, "dim": 8, "hidden": 8}, VocabMap.identity())
     assert measure_ms_per_sample(model, RunSettings(adv_weight=0.5, adv_ratio=0.5))["train"] == pytest.approx(1.06)
     assert measure_ms_per_sample(model, RunSettings(adv_weight=0.0))["train"] == pytest.approx(0.66)
+    ascc = RunSettings(adv_weight=0.5, adv_ratio=0.5, adv_space="synonyms")
+    assert measure_ms_per_sample(model, ascc)["train"] == pytest.approx(1.46)
     fleet = Fleet({}, RunSettings(), ms_per_sample=2.0, ms_per_forward=0.5)
     assert fleet.work(0, 200) == pytest.approx(50.0) and fleet.work(30, 0) == 30.0
 
