@@ -43,7 +43,7 @@ OPTIONAL_PACKAGES = (
     ("nltk", "synonyms", "the synonym attacks, synonym perturbations or adv-space synonyms", lambda s, runtime: runtime == "torch"
      and ((s.attack_examples > 0 and any(a.startswith("synonym") for a in s.attacks()))
           or (s.perturb_share > 0 and "synonym" in s.perturbations())
-          or (s.adv_weight > 0 and s.adv_space == "synonyms"))),
+          or s.searches_synonym_hull())),
 )
 
 

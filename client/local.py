@@ -158,7 +158,7 @@ class ClientTrainer:
         """What the ADV term's adversary mixes each token with under ``adv-space=synonyms``: the
         synonyms the client's own tokenizer reads as one token (remembered per tokenizer, so an
         actor or a device looks each word up once per process)."""
-        if self.settings.adv_weight <= 0 or self.settings.adv_space != "synonyms":
+        if not self.settings.searches_synonym_hull():
             return None
         if self.tokenizer is None:
             raise FedrexError("adv-space synonyms needs the client's tokenizer")

@@ -95,7 +95,6 @@ def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch
     step = 2.5 * radius / steps
     valid = mask.unsqueeze(-1).to(base.dtype)
     delta = torch.zeros_like(base)
-    was_training = model.training
     for _ in range(steps):
         delta.requires_grad_(True)
         logits = model.classify(base + delta, mask)
@@ -109,7 +108,6 @@ def pgd_perturbation(model, emb: torch.Tensor, mask: torch.Tensor, labels: torch
             delta = delta + step * direction * valid
             norms = delta.norm(dim=-1, keepdim=True)
             delta = delta * torch.clamp(radius / norms.clamp_min(1e-12), max=1.0)
-    model.train(was_training)
     return delta.detach()
 
 
@@ -131,7 +129,6 @@ def hull_embedding(model, ids: torch.Tensor, candidates: torch.Tensor, mask: tor
     options = model.embed(torch.cat([ids.unsqueeze(-1), candidates.clamp_min(0)], dim=-1))  # [B, L, K + 1, D]
     base = options.detach()
     logits_of_mix = base.new_zeros(valid.shape)
-    was_training = model.training
     for _ in range(steps):
         logits_of_mix.requires_grad_(True)
         weights = torch.softmax(logits_of_mix.masked_fill(~valid, float("-inf")), dim=-1)
@@ -142,7 +139,6 @@ def hull_embedding(model, ids: torch.Tensor, candidates: torch.Tensor, mask: tor
             loss = F.cross_entropy(logits, labels)
         (grad,) = torch.autograd.grad(loss, logits_of_mix)
         logits_of_mix = (logits_of_mix + HULL_STEP * grad.sign()).detach()
-    model.train(was_training)
     weights = torch.softmax(logits_of_mix.masked_fill(~valid, float("-inf")), dim=-1)
     return (weights.unsqueeze(-1) * options).sum(-2)
 
@@ -155,15 +151,13 @@ def adv_loss(model, emb, mask, labels, teacher_logits, config: ObjectiveConfig,
     the clean term (without it the adversarial term alone teaches the client's label prior).
     ``candidates`` (``models.robust.synonym_hull.SynonymCandidates``): what a swap can turn each
     of the batch's tokens (``ids``) into; given, the adversary searches their hull, not a ball."""
-    if candidates is not None:
-        with attack_guard():
+    with attack_guard():
+        if candidates is not None:
             adversarial = hull_embedding(model, ids, candidates(ids), mask, labels, teacher_logits,
                                          config.adv_steps, config.temperature)
-    else:
-        with attack_guard():
-            delta = pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon, config.adv_steps,
-                                     config.temperature)
-        adversarial = emb + delta
+        else:
+            adversarial = emb + pgd_perturbation(model, emb, mask, labels, teacher_logits, config.adv_epsilon,
+                                                 config.adv_steps, config.temperature)
     logits = model.classify(adversarial, mask)
     loss = F.cross_entropy(logits if logit_adjust is None else logits + logit_adjust, labels)
     if teacher_logits is not None:

@@ -208,6 +208,11 @@ class RunSettings:
             raise FedrexError(f"fault-rates: each rate must be in [0, 1] and they must sum to <= 1, got {self.fault_rates!r}")
         return rates
 
+    def searches_synonym_hull(self) -> bool:
+        """Whether the hardening's adversary mixes each token with its synonyms (ASCC): it needs
+        WordNet and each batch's candidates (``models.robust.synonym_hull``)."""
+        return self.adv_weight > 0 and self.adv_space == "synonyms"
+
     def perturbations(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.perturb_kinds.split(",") if k.strip())
 
@@ -285,7 +290,7 @@ class RunSettings:
             (0 <= self.perturb_share <= 1, f"perturb-share must be in [0, 1], got {self.perturb_share}"),
             (0 <= self.perturb_words <= 1, f"perturb-words must be in [0, 1], got {self.perturb_words}"),
             (self.adv_space in ADV_SPACES, f"adv-space must be one of {', '.join(ADV_SPACES)}, got {self.adv_space!r}"),
-            (not (self.dp and self.adv_weight > 0 and self.adv_space == "synonyms"),
+            (not (self.dp and self.searches_synonym_hull()),
              "dp with adv-space synonyms is not supported (Opacus clips one embedding lookup per token)"),
             (not (self.dp and self.perturb_share > 0),
              "dp with perturb-share > 0 is not supported (DP-SGD samples fixed rows; perturbed rows change every epoch)"),

@@ -91,7 +91,7 @@ def measure_ms_per_sample(model, settings, steps: int = 4) -> dict[str, float]:
         data.erased_ids, data.erased_probs = [i[: length // 2] for i in ids], np.full((rows, classes), 1 / classes, np.float32)
         objective = settings.objective()
         candidates = None
-        if objective.adv > 0 and settings.adv_space == "synonyms":  # ASCC mixes each token with its synonyms
+        if settings.searches_synonym_hull():  # ASCC mixes each token with its synonyms
             from models.robust.synonym_hull import SynonymCandidates
             from models.tokenizer import WordPieceTokenizer
 

@@ -8,14 +8,14 @@ normaliser included), kept where it becomes a single token: the token the model 
 attack swaps that word. A lemma the tokenizer splits into pieces has no single vector to mix and
 is left out; one outside the vocabulary is [UNK], as the model reads it. Word pieces ("##ing"),
 special tokens, stopwords and non-alphabetic tokens have none. At most 8 per token (WordNet's
-first), which bounds the search's cost; the attack may try more.
+first), which bounds the search's cost; the attack may try more. Looked up lazily, for the tokens
+a batch holds, and remembered: a client's rows hold a few hundred distinct words.
 
 Looked up by token, not by word: the first piece of a word the tokenizer splits ("wonderful" in
 "wonderful ##ly") gets the candidates of that piece read as a word ("fantastic ##ly"), texts the
 attack does not write (it swaps "wonderfully" whole). The hull is then a little wider than the
 attack's reach: 10.8% of the positions with candidates on 2,000 critics' rows (measured in review).
-Narrowing it to whole words is left; every ASCC number in the README was measured with this rule. Looked up lazily, for the tokens a batch
-holds, and remembered: a client's rows hold a few hundred distinct words.
+Narrowing it to whole words is left; every ASCC number in the README was measured with this rule.
 """
 
 from __future__ import annotations
