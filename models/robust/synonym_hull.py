@@ -14,7 +14,7 @@ a batch holds, and remembered: a client's rows hold a few hundred distinct words
 Looked up by token, not by word: the first piece of a word the tokenizer splits ("wonderful" in
 "wonderful ##ly") gets the candidates of that piece read as a word ("fantastic ##ly"), texts the
 attack does not write (it swaps "wonderfully" whole). The hull is then a little wider than the
-attack's reach: 10.8% of the positions with candidates on 2,000 critics' rows (measured in review).
+attack's reach: 10.8% of the positions with candidates on 2,000 critics' rows (counted ad hoc in review).
 Narrowing it to whole words is left; every ASCC number in the README was measured with this rule.
 """
 
