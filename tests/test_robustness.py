@@ -206,8 +206,7 @@ def test_without_kd_the_adversarial_term_keeps_its_teacher_target(sst2):
 
 def test_synonym_candidates_are_the_attacks_swaps_read_as_one_token(tok):
     """ASCC's search space: a word's WordNet synonyms that the tokenizer reads as one token, in
-    WordNet's order; stopwords, word pieces, the first piece of a split word and special tokens
-    get none; -1 pads the table."""
+    WordNet's order; stopwords, word pieces and special tokens get none; -1 pads the table."""
     from models.robust.synonym_hull import NONE, SynonymCandidates
 
     candidates = SynonymCandidates(tok, max_candidates=8)
@@ -224,12 +223,12 @@ def test_synonym_candidates_are_the_attacks_swaps_read_as_one_token(tok):
             if token in STOPWORDS or token.startswith("##") or token.startswith("["):
                 assert (found == NONE).all(), token
     assert any(t.startswith("##") for t in tok.tokens(ids[1]))  # the loop above met word pieces
-    # candidates belong to whole words: "wonderful" alone has synonyms, its first piece in
-    # "wonderful ##ly" none (the attack swaps "wonderfully" whole, never writing "fantastic ##ly")
+    # by token: the first piece of "wonderful ##ly" gets the candidates of "wonderful", which stand
+    # in for the attack's swaps of "wonderfully" (the rule measured against whole words: synonym_hull)
     split = torch.tensor(tok.encode(["wonderful film", "wonderfully"]))
     assert tok.tokens(split[1])[1:3] == ["wonderful", "##ly"] and candidates.of(int(split[1, 1]))
     split_table = candidates(split)
-    assert (split_table[0, 1] >= 0).any() and (split_table[1, 1] == NONE).all()
+    assert torch.equal(split_table[1, 1], split_table[0, 1]) and (split_table[1, 2] == NONE).all()
 
 
 def test_the_hull_adversary_mixes_only_a_tokens_own_options_and_raises_the_loss(sst2, tok):
