@@ -46,6 +46,11 @@ VARIANTS = [  # (row name, network, objective weights, other config changes): on
     ("student w/o KD", "student", {**OURS, "kd": 0.0}, ABLATION),
     ("student + perturbed-text training", "student", OURS, {"augment": 0.5}),
     ("student + adversarial-text training", "student", OURS, {"adv_text": 500}),
+    # the ADV term's adversary in the convex hull of each word's WordNet synonyms (ASCC), not a ball
+    ("student + ASCC (adversary in the synonyms' hull)", "student", OURS, {"adv_space": "synonyms"}),
+    # ... and a stronger search of it: 5 hull steps (2 above) on every batch (half above)
+    ("student + ASCC with 5 steps on every batch", "student", {**OURS, "adv_steps": 5, "adv_ratio": 1.0},
+     {"adv_space": "synonyms"}),
     ("FastGRNN", "fastgrnn", PLAIN, {}),
     ("PRADO", "prado", PLAIN, {}),
     ("FastGRNN + our objectives", "fastgrnn", OURS, ABLATION),
@@ -133,7 +138,9 @@ def main() -> int:
     if stale:  # measured with older attack recipes: not comparable with rows measured now
         print(f"[bench] dropping {len(stale)} rows measured with older attack recipes", file=sys.stderr)
         done = [r for r in done if r.get("attacks_version") == RECIPES_VERSION]
-    known = {r["key"] for r in done}
+    # a kept row's identity is its config as this code reads it (row_config: a field added since
+    # takes its default, which keeps the old behaviour), not the key stored when it was measured
+    known = {row_key(r["name"], row_config(r)) for r in done}
     rows = list(done)
 
     def save() -> None:  # every row so far, after each one: an interrupted run keeps what it finished

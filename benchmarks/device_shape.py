@@ -8,7 +8,9 @@ SuperNode from the device environment pinned to one core (`taskset -c 0`) inside
 cgroup, holding one critic's reviews in a CSV file, for a few rounds of `flwr run` (the torch
 device: the default mode; the ONNX device: mode head, the one it takes part in). Measures the
 SuperNode's peak memory (PSS of its process tree, polled, as benchmarks/simulation.py does) and
-the cgroup's peak, and seconds per round.
+the cgroup's peak, and seconds per round. With Flower's DEBUG log (timestamps) and the ClientApp's
+own marks (``client/timeline.py``), it also profiles every message: where its time goes from the
+server's push to the reply's upload, step by step (``message_profile``).
 
     python benchmarks/device_shape.py [--venvs /tmp/fedrex-device] [--rounds 3]
 
@@ -22,18 +24,23 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from client.timeline import PREFIX  # noqa: E402
+from models.datasets import data_dir  # noqa: E402
 from simulations.localhost import free_port, tree_pss_mb, wait_for  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -47,8 +54,13 @@ def log(message: str) -> None:
     print(f"[device-shape] {message}", file=sys.stderr, flush=True)
 
 
-# the device installs: extra -> (run-config of the run it takes part in)
-DEVICES = {"client": "", "onnx": 'mode="head" adv-weight=0'}
+# How often a SuperNode's SuperExec asks for a ClientApp task to start (Flower's default: 1 s), as
+# FedREX's devices are told to run: a message waits for it before its process starts.
+TASK_POLL_S = 0.1
+# the devices: name -> (their install's extra, run-config of the run they take part in, task poll s;
+# None: Flower's default)
+DEVICES = {"client": ("client", "", TASK_POLL_S), "onnx": ("onnx", 'mode="head" adv-weight=0', TASK_POLL_S),
+           "client, Flower's 1 s task poll": ("client", "", None)}
 
 
 def build_venv(venv: Path, extra: str) -> None:
@@ -114,9 +126,90 @@ def make_cgroup() -> bool:
         log(f"no memory cgroup ({err}): the 1 GB limit is not enforced")
         return False
 
+def _marked(step: str) -> re.Pattern:
+    """The ClientApp's mark of ``step`` (client/timeline.py), in a message of any kind."""
+    return re.compile(re.escape(PREFIX) + r" \w+: " + re.escape(step))
 
-def run_device(venv: Path, rounds: int, work: Path, run_config: str) -> dict:
-    reviews = pd.read_parquet(ROOT.parent / "shared" / "data" / "rt_critics" / "reviews.parquet")
+
+# A message's steps, each named by the line of the SuperNode's log that ends it (its ClientApp
+# processes log there too), in the order they happen; the first starts at the server's push.
+STEPS = (
+    (re.compile(r"Receiving: (\w+) message"), "waiting for the SuperNode's next poll (every 3 s when it found nothing)"),
+    (re.compile(r"Received successfully"), "the SuperNode pulls the message"),
+    (re.compile(r"Start `flwr-clientapp` process"),
+     "SuperExec's task poll, the `flwr-clientapp` process starting, Flower's imports"),
+    (re.compile(r"Loading ClientApp"), "task input pulled, the app (FAB) installed"),
+    (_marked("entered the handler"), "client.app imported"),
+    (_marked("rows read and encoded"), "the user's rows read and encoded"),
+    (_marked("runtime imported"), "the runtime imported (torch or onnxruntime, and its client)"),
+    (_marked("model received"), "the model received, personal state restored"),
+    (_marked("trained"), "training"),
+    (_marked("personal state saved"), "personal state saved"),
+    (_marked("global model measured"), "the global model measured"),
+    (_marked("personal model fitted"), "the personal model fitted and measured"),
+    (_marked("reply built"), "the reply built (and work the runtime does not mark)"),
+    (re.compile(r"Runtime\.PushMessages"), "the reply handed to the SuperNode"),
+    (re.compile(r"Sent successfully"), "the SuperNode's reply poll (0.5 s) and upload"),
+)
+SERVER_TURN = "the server's turn: reply pulled (every 0.1 s), round recorded, next message pushed"
+LOG_LINE = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):\s+(.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def log_events(path: Path, source: str) -> list[tuple[float, str, str]]:
+    """(epoch seconds, source, text) of every timestamped line of a Flower log (FLWR_LOG_LEVEL=DEBUG)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        found = LOG_LINE.match(ANSI.sub("", line))
+        if found:
+            when = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            events.append((when, source, found.group(2)))
+    return events
+
+
+def message_profile(node_log: Path, link_log: Path) -> dict:
+    """Per message kind (train, evaluate), the median seconds of each step of ``STEPS`` over the
+    run's messages, from the server pushing it (the SuperLink's last ``Runtime.PushMessages``
+    before the SuperNode receives it) to the SuperNode's upload of the reply, then the server's turn
+    until it pushes the next message. A step a runtime does not mark is part of the next one."""
+    events = sorted(log_events(node_log, "node") + log_events(link_log, "link"), key=lambda e: e[0])
+    pushes = [when for when, source, text in events if source == "link" and text.startswith("Runtime.PushMessages")]
+    per_kind: dict[str, list[dict]] = {}
+    i = 0
+    while i < len(events):
+        when, source, text = events[i]
+        start = STEPS[0][0].search(text) if source == "node" else None
+        earlier = [p for p in pushes if p <= when]
+        if not start or not earlier:
+            i += 1
+            continue
+        steps, last, next_step = {STEPS[0][1]: when - earlier[-1]}, when, 1
+        i += 1
+        while i < len(events) and next_step < len(STEPS):
+            when, source, text = events[i]
+            i += 1
+            if source != "node":
+                continue
+            if STEPS[0][0].search(text):
+                i -= 1  # the next message began before this one's reply was seen: leave it incomplete
+                break
+            found = next((k for k in range(next_step, len(STEPS)) if STEPS[k][0].search(text)), None)
+            if found is not None:
+                steps[STEPS[found][1]], last, next_step = when - last, when, found + 1
+        if next_step == len(STEPS):  # the reply left the device
+            later = [p for p in pushes if p > last]
+            if later:
+                steps[SERVER_TURN] = later[0] - last
+            per_kind.setdefault(start.group(1), []).append(steps)
+    return {kind: {"messages": len(messages),
+                   "median_s": {name: float(np.median([m[name] for m in messages if name in m]))
+                                for name in [*(label for _, label in STEPS), SERVER_TURN]
+                                if any(name in m for m in messages)}}
+            for kind, messages in per_kind.items() if kind != "query"}
+
+
+def run_device(venv: Path, rounds: int, work: Path, run_config: str, task_poll: float | None) -> dict:
+    reviews = pd.read_parquet((data_dir() or ROOT.parent / "shared" / "data") / "rt_critics" / "reviews.parquet")
     critic = reviews["user_id"].value_counts().index[0]
     data_file = work / "device.csv"
     rows = reviews[reviews["user_id"] == critic].head(200)[["text", "label"]]
@@ -126,10 +219,12 @@ def run_device(venv: Path, rounds: int, work: Path, run_config: str) -> dict:
     (home / "config.toml").write_text(f'[superlink]\ndefault = "pi"\n\n[superlink.pi]\naddress = "127.0.0.1:{port}"\n'
                                       "insecure = true\n")
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOG_LEVEL": "DEBUG"}  # timestamps on every line: what message_profile reads
     server_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     device_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-                  "FLWR_HOME": str(work / "device-home")}
+                  "FLWR_HOME": str(work / "device-home"),
+                  **({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(task_poll)} if task_poll is not None else {})}
     limited = make_cgroup()
     enter = f"echo $$ > {CGROUP}/cgroup.procs && " if limited else ""
     node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{work / "state"}"'
@@ -193,7 +288,8 @@ def run_device(venv: Path, rounds: int, work: Path, run_config: str) -> dict:
     train = clients[(clients["model"] == "train") & (clients["metric"] == "train_seconds")].set_index("round")["value"]
     acc = clients[(clients["metric"] == "acc")].pivot_table(index="round", columns="model", values="value")
     return {"critic": str(critic), "rows": len(rows), "rounds": rounds, "run_config": run_config,
-            "flwr_run_wall_s": wall,
+            "task_poll_s": task_poll, "flwr_run_wall_s": wall,
+            "message_profile": message_profile(node_log, link_log),
             "peak_pss_mb": peak["pss"], "cgroup": cgroup,
             "round_seconds": {int(k): float(v) for k, v in seconds.items()},
             "train_seconds": {int(k): float(v) for k, v in train.items()},
@@ -230,13 +326,15 @@ def onnx_agreement() -> dict:
 def markdown(result: dict) -> str:
     devices, full = result["devices"], result["full"]
     names = list(devices)
-    head = "| measure | " + " | ".join(f"`.[{n}]` device" for n in names) + " |"
+    head = "| measure | " + " | ".join(f"`{n}` device" if n in ("client", "onnx") else n for n in names) + " |"
     lines = [head, "|---|" + "---|" * len(names)]
 
     def row(label: str, cell) -> None:
         lines.append(f"| {label} | " + " | ".join(cell(devices[n]) for n in names) + " |")
 
     row("runs", lambda d: d["device"]["run_config"] or "the default mode (finetune)")
+    row("SuperExec task poll", lambda d: f"{d['device']['task_poll_s']} s" if d["device"].get("task_poll_s")
+        else "1 s (Flower's default)")
     row("site-packages", lambda d: f"{d['size']['site_packages_mb']:.0f} MB (full simulator {full['site_packages_mb']:.0f} MB)")
     row("largest", lambda d: ", ".join(f"{k} {v:.0f} MB" for k, v in list(d["size"]["largest_mb"].items())[:4]))
     row("not installed", lambda d: ", ".join(m for m, present in d["left_out"].items() if not present))
@@ -263,7 +361,29 @@ def markdown(result: dict) -> str:
     if agree:
         lines.append(f"| the model on all {agree['sentences']} SST-2 dev sentences: torch accuracy; ONNX int8 body + "
                      f"numpy head accuracy, agreement with torch | {agree['torch_acc']:.3f} | {agree['onnx_acc']:.3f}, "
-                     f"{agree['agreement']:.3f} |")
+                     f"{agree['agreement']:.3f} |" + " |" * (len(names) - 2))
+    return "\n".join(lines) + "\n\n" + profile_table(devices)
+
+
+def profile_table(devices: dict) -> str:
+    """Median seconds of each step of a message (``message_profile``), per device and message kind."""
+    columns = [(name, kind) for name, d in devices.items() for kind in ("train", "evaluate")
+               if kind in d["device"].get("message_profile", {})]
+    if not columns:
+        return ""
+    steps = [label for _, label in STEPS] + [SERVER_TURN]
+    lines = ["Where a message's time goes (median seconds over the run's messages of each kind: a training "
+             "message every round, an evaluation at round 0 and at the last round, which attack the held-out "
+             "rows; a step a runtime does not mark is part of the next one):", "",
+             "| step | " + " | ".join(f"{name}: {kind} ({devices[name]['device']['message_profile'][kind]['messages']})"
+                                      for name, kind in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for step in steps:
+        cells = [devices[name]["device"]["message_profile"][kind]["median_s"].get(step) for name, kind in columns]
+        if any(c is not None for c in cells):
+            lines.append(f"| {step} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+    totals = [sum(devices[name]["device"]["message_profile"][kind]["median_s"].values()) for name, kind in columns]
+    lines.append("| all steps (sum of medians) | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
     return "\n".join(lines)
 
 
@@ -288,15 +408,15 @@ def main() -> int:
         return 0
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (the SuperNode pinned to one)",
               "full": sizes(Path(sys.prefix)), "devices": {}, "onnx_agreement": onnx_agreement()}
-    for extra, run_config in DEVICES.items():
-        venv, work = Path(f"{args.venvs}-{extra}"), Path(args.work) / extra
+    for name, (extra, run_config, task_poll) in DEVICES.items():
+        venv, work = Path(f"{args.venvs}-{extra}"), Path(args.work) / re.sub(r"\W+", "-", name)
         build_venv(venv, extra)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         size = sizes(venv)
-        log(f".[{extra}] install {size['site_packages_mb']:.0f} MB; running {args.rounds} rounds on one core")
-        result["devices"][extra] = {"size": size, "left_out": importable(venv, LEFT_OUT + ("torch",)),
-                                    "device": run_device(venv, args.rounds, work, run_config)}
+        log(f"{name}: .[{extra}] install {size['site_packages_mb']:.0f} MB; running {args.rounds} rounds on one core")
+        result["devices"][name] = {"size": size, "left_out": importable(venv, LEFT_OUT + ("torch",)),
+                                   "device": run_device(venv, args.rounds, work, run_config, task_poll)}
     write_results(result, args.rounds)
     return 0
 

@@ -25,6 +25,7 @@ from client.data import data_profile, federation, load_local_data, round_seed
 from client.device import profile_for
 from client.faults import before_training, corrupted, drawn_fault
 from client.poisoned import poison_of, poisoned_local, poisoned_reply
+from client.timeline import mark
 from models.errors import FedrexError
 from models.protocol import ARRAYS, CONFIG, DETAILS, DEVICE, USERS, METRICS, NORMALIZER, NUM_EXAMPLES
 from models.run_settings import RunSettings
@@ -65,8 +66,11 @@ def _setup(msg: Message, context: Context):
     round_number = int(config.get("global-round", config.get("server-round", 0)))
     run_dir = state_folder(context.node_config, config)
     normalizer = config.get(NORMALIZER)  # the start model's word normaliser, when the run defends with it
+    kind = msg.metadata.message_type
+    mark(kind, "entered the handler (client.app imported)")
     local = load_local_data(context.node_config, settings, network["num_labels"] if network else 2,
                             bytes(normalizer) if normalizer else None)
+    mark(kind, "rows read and encoded")
     profile = profile_for(settings, local.partition_id, context.node_config)
     check_packages(settings, profile.runtime)
     return settings, config, network, round_number, run_dir, local, profile
@@ -182,25 +186,32 @@ def train(msg: Message, context: Context) -> Message:
     if profile.runtime == "onnx":
         from client import onnx_client
 
+        mark("train", "runtime imported (onnxruntime)")
         sent, metrics = onnx_client.train(msg, settings, local, round_seed(settings, round_number, local.partition_id))
     else:
         from client import torch_client
 
+        mark("train", "runtime imported (torch)")
         sent, metrics = torch_client.train(msg, context, settings, config, network, round_number, run_dir, local)
         if poison is not None:
             received = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
             sent = poisoned_reply(poison, settings, received, sent)
     metrics.update(partition_id=local.partition_id, n_train=len(local.train))
-    return _reply(msg, metrics, len(local.train), ArrayRecord(corrupted(fault, sent)))
+    reply = _reply(msg, metrics, len(local.train), ArrayRecord(corrupted(fault, sent)))
+    mark("train", "reply built")
+    return reply
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     users = named_users(msg, context)
     if users is None:
-        return _reply(msg, *_evaluate_user(msg, context))
-    measured = [_evaluate_user(msg, _user_context(context, pid)) for pid in users]
-    return _reply(msg, [details for details, _ in measured], sum(count for _, count in measured))
+        reply = _reply(msg, *_evaluate_user(msg, context))
+    else:
+        measured = [_evaluate_user(msg, _user_context(context, pid)) for pid in users]
+        reply = _reply(msg, [details for details, _ in measured], sum(count for _, count in measured))
+    mark("evaluate", "reply built")
+    return reply
 
 
 def _user_context(context: Context, partition_id: int) -> Context:
@@ -219,10 +230,12 @@ def _evaluate_user(msg: Message, context: Context) -> tuple[dict, int]:
     if profile.runtime == "onnx":
         from client import onnx_client
 
+        mark("evaluate", "runtime imported (onnxruntime)")
         metrics = {**data_profile(local), **(onnx_client.evaluate(msg, settings, local) if len(local.test) else {})}
     else:
         from client import torch_client
 
+        mark("evaluate", "runtime imported (torch)")
         metrics = torch_client.evaluate(msg, context, settings, network, round_number, run_dir, local)
     if settings.malicious_fraction > 0:  # the user's role, so analyses can keep to the benign users
         metrics["malicious"] = float(poison_of(settings, simulated_node(context.node_config), local.partition_id)

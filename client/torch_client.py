@@ -14,6 +14,7 @@ from client.data import measurement_seed, round_seed
 from client.evaluate import client_profile, full_attr_list, model_metrics, start_attributions
 from client.local import personal_model, train_round
 from client.state import restore
+from client.timeline import mark
 from models.errors import FedrexError
 from models.networks import build_network
 from models.personalization import get_mode
@@ -64,12 +65,15 @@ def train(msg: Message, context, settings, config, network, round_number, run_di
     build = lambda: build_network(network)  # noqa: E731
     received = received_model(msg, network, get_mode(settings.mode))
     state = restore(context, run_dir, local.partition_id, round_number, dropped_round(msg))
+    mark("train", "model received and personal state restored")
     sent, metrics = train_round(build, received, local.train, settings, state, round_number, local.partition_id,
                                 float(config.get("proximal-mu", 0.0)), local.tokenizer,
                                 start_model(msg, build, received))
+    mark("train", "trained")
     state.to_context(context)
     if run_dir is not None:
         state.save(run_dir, local.partition_id, round_number)
+    mark("train", "personal state saved")
     return sent, metrics
 
 
@@ -82,6 +86,7 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
     build = lambda: build_network(network)  # noqa: E731
     global_state = received_model(msg, network, get_mode(settings.mode))
     state = restore(context, run_dir, local.partition_id, round_number + 1, dropped_round(msg))
+    mark("evaluate", "model received and personal state restored")
     metrics = client_profile(local, state, settings)
     if len(local.test) > 0:
         tokenizer = local.tokenizer
@@ -94,10 +99,12 @@ def evaluate(msg: Message, context, settings, network, round_number, run_dir, lo
         start_attr = start_attributions(start, local, settings, rows_seed) if start is not None else None
         global_metrics, global_attr = model_metrics(global_model, local, settings, tokenizer, rows_seed,
                                                     start_attr=start_attr)
+        mark("evaluate", "global model measured")
         reference = (full_attr_list(global_attr, len(local.test), settings.fidelity_examples, rows_seed)
                      if global_attr is not None else None)
         personal = personal_model(build, global_state, state, settings, local.train, seed)
         personal_metrics, _ = model_metrics(personal, local, settings, tokenizer, rows_seed, reference, start_attr)
+        mark("evaluate", "personal model fitted and measured")
         if settings.poison_kind == "backdoor":  # with no malicious user: how often the trigger flips alone
             from client.poisoned import backdoor_success
 

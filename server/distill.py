@@ -30,9 +30,11 @@ from models.networks import VocabMap, build_network, count_parameters, pca_init_
 from models.normalizer import WordNormalizer
 from models.augment import AdversarialText, PerturbedText, chain
 from models.objectives import ObjectiveConfig
+from models.robust.synonym_hull import SynonymCandidates
 from models.protocol import check_attacks
 from models.tokenizer import WordPieceTokenizer
 from models.training import accuracy, fit, predict_logits, seed_everything
+from models.training_config import ADV_SPACES
 
 
 @dataclass
@@ -74,6 +76,10 @@ class DistillConfig:
     augment: float = 0.0  # share of training rows replaced by perturbed text each epoch (0 = off)
     adv_text: int = 0  # rows attacked (char recipe) against the current model each epoch, trained on (0 = off)
     normalizer: bool = False  # also evaluate behind the word normaliser (models.normalizer), shipped with the model
+    # where the ADV term's adversary searches (models.training_config.ADV_SPACES): "ball" (embedding
+    # PGD) or "synonyms" (ASCC: each token's vector mixed with its WordNet synonyms', the `synonym`
+    # attack's swaps; models.robust.synonym_hull)
+    adv_space: str = "ball"
 
     @classmethod
     def quick(cls, **overrides) -> "DistillConfig":
@@ -90,6 +96,10 @@ class DistillConfig:
             raise FedrexError(f"augment (share of perturbed rows) must be in [0, 1], got {self.augment}")
         if self.adv_text < 0:
             raise FedrexError(f"adv_text (rows attacked per epoch) must be >= 0, got {self.adv_text}")
+        if self.adv_space not in ADV_SPACES:
+            raise FedrexError(f"adv_space must be one of {ADV_SPACES}, got {self.adv_space!r}")
+        if self.adv_space != "ball" and self.objective.adv <= 0:
+            raise FedrexError(f"adv_space {self.adv_space!r} shapes the ADV term, which this objective leaves out (adv 0)")
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -284,7 +294,8 @@ def distill(cfg: DistillConfig, out: Path | None = None, teacher_only: bool = Fa
                     AdversarialText(model, tokenizer, rows=cfg.adv_text, budget=cfg.attack_budget, seed=cfg.seed)
                     if cfg.adv_text > 0 else None)
     card["train"] = fit(model, student_train, cfg.objective, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        seed=cfg.seed, progress=cfg.network, log_every=200, augment=augment)
+                        seed=cfg.seed, progress=cfg.network, log_every=200, augment=augment,
+                        candidates=SynonymCandidates(tokenizer) if cfg.adv_space == "synonyms" else None)
     card.update(evaluate(model, cfg, evaluation, tokenizer, teacher_eval_attr, candidates))
     if normalizer is not None:
         card["normalized"] = evaluate_normalized(model, cfg, evaluation, normalizer)

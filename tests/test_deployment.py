@@ -34,7 +34,8 @@ class Cluster:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
                                           f'address = "127.0.0.1:{self.port}"\n{connection}\n')
         self.env = {**os.environ, "PATH": str(BIN) + os.pathsep + os.environ["PATH"], "FLWR_HOME": str(home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_LOG_LEVEL": "DEBUG"}  # timestamped logs, which the message profile reads
 
     def start(self, name: str, *args: str) -> Path:
         log = self.tmp_path / f"{name}.log"
@@ -104,6 +105,20 @@ def test_superlink_and_supernodes_run_the_app_on_device_files(tmp_path):
             [(("deployed", "client_state"), "round-0001.safetensors"), (("deployed", "client_state"), "round-0002.safetensors")]
     has_personal = frame[(frame["metric"] == "has_personal") & (frame["round"] == 2)]
     assert (has_personal["value"] == 1.0).all() and len(has_personal) == 2
+    # the device's log holds every step of its messages, Flower's and the ClientApp's own marks
+    # (client/timeline.py), in order: the profile benchmarks/device_shape.py reports
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from device_shape import SERVER_TURN, STEPS, message_profile
+
+    profile = message_profile(tmp_path / "supernode0.log", link_log)
+    assert {kind: p["messages"] for kind, p in profile.items()} == {"train": 2, "evaluate": 3}
+    evaluate_only = {"the global model measured", "the personal model fitted and measured"}
+    train_only = {"training", "personal state saved"}
+    for kind, others in (("train", evaluate_only), ("evaluate", train_only)):
+        steps = profile[kind]["median_s"]
+        assert set(steps) == {label for _, label in STEPS} - others | {SERVER_TURN}, (kind, steps)
+        assert all(seconds >= 0 for seconds in steps.values()), steps
+    assert profile["train"]["median_s"]["training"] > 0
 
 
 def test_tls_and_supernode_auth_admit_registered_devices_and_refuse_the_rest(tmp_path):

@@ -231,6 +231,19 @@ def test_synonym_candidates_are_the_attacks_swaps_read_as_one_token(tok):
     assert torch.equal(split_table[1, 1], split_table[0, 1]) and (split_table[1, 2] == NONE).all()
 
 
+def test_distillation_searches_the_synonyms_hull_only_when_asked_and_with_an_adv_term():
+    from dataclasses import replace
+
+    from server.distill import DistillConfig
+
+    config = DistillConfig.quick()
+    replace(config, adv_space="synonyms").validate()
+    with pytest.raises(FedrexError, match="adv_space must be one of"):
+        replace(config, adv_space="hull").validate()
+    with pytest.raises(FedrexError, match="leaves out"):
+        replace(config, adv_space="synonyms", objective=replace(config.objective, adv=0.0)).validate()
+
+
 def test_the_hull_adversary_mixes_only_a_tokens_own_options_and_raises_the_loss(sst2, tok):
     """hull_embedding: a token without candidates, or whose only candidate is itself, keeps its
     own vector; with real synonyms the mix raises the loss, and the ADV term searches it when handed them."""
