@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -139,7 +139,7 @@ def main() -> int:
         print(f"[bench] dropping {len(stale)} rows measured with older attack recipes", file=sys.stderr)
         done = [r for r in done if r.get("attacks_version") == RECIPES_VERSION]
     # a kept row's identity is its config as this code reads it (row_config: a field added since
-    # takes its default, which keeps the old behaviour), not the key stored when it was measured
+    # takes the value the row ran with), not the key stored when it was measured
     known = {row_key(r["name"], row_config(r)) for r in done}
     rows = list(done)
 
@@ -181,9 +181,22 @@ def main() -> int:
     return 0
 
 
+# Fields the configs gained after rows were measured, with the value every row measured before
+# them ran with (not the field's default, which may change later): a kept row without one reads
+# as that value; a row missing any other field is refused.
+ADDED_FIELDS = {"adv_space": "ball"}
+ADDED_OBJECTIVE_FIELDS = {"erasure": 0.0}
+
+
 def row_config(row: dict) -> DistillConfig:
-    return DistillConfig(**{**row["config"], "objective": ObjectiveConfig(**row["config"]["objective"]),
-                            "attacks": tuple(row["config"]["attacks"])})
+    config = {**ADDED_FIELDS, **row["config"]}
+    objective = {**ADDED_OBJECTIVE_FIELDS, **config["objective"]}
+    missing = ({f.name for f in fields(DistillConfig)} - set(config)) | ({f.name for f in fields(ObjectiveConfig)}
+                                                                         - set(objective))
+    if missing:
+        raise SystemExit(f"row {row.get('name')!r} ({row.get('dataset')}) has no {sorted(missing)} in its config: "
+                         "say in ADDED_FIELDS what rows measured before the field ran with")
+    return DistillConfig(**{**config, "objective": ObjectiveConfig(**objective), "attacks": tuple(config["attacks"])})
 
 
 def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save, only: list[str],

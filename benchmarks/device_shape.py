@@ -141,7 +141,7 @@ STEPS = (
     (re.compile(r"Loading ClientApp"), "task input pulled, the app (FAB) installed"),
     (_marked("entered the handler"), "client.app imported"),
     (_marked("rows read and encoded"), "the user's rows read and encoded"),
-    (_marked("runtime imported"), "the runtime imported (torch or onnxruntime, and its client)"),
+    (_marked("runtime imported"), "the runtime's client imported (torch with it; onnxruntime loads with the model, later)"),
     (_marked("model received"), "the model received, personal state restored"),
     (_marked("trained"), "training"),
     (_marked("personal state saved"), "personal state saved"),
@@ -171,7 +171,10 @@ def message_profile(node_log: Path, link_log: Path) -> dict:
     """Per message kind (train, evaluate), the median seconds of each step of ``STEPS`` over the
     run's messages, from the server pushing it (the SuperLink's last ``Runtime.PushMessages``
     before the SuperNode receives it) to the SuperNode's upload of the reply, then the server's turn
-    until it pushes the next message. A step a runtime does not mark is part of the next one."""
+    until it pushes the next message (for the messages another one follows). A step a runtime does
+    not mark is part of the next one. For a run with one SuperNode (with several, the last push
+    before a message may be another node's); a ClientApp that fails still sends Flower's error
+    reply, which this counts as a message (the benchmark refuses runs with failed clients)."""
     events = sorted(log_events(node_log, "node") + log_events(link_log, "link"), key=lambda e: e[0])
     pushes = [when for when, source, text in events if source == "link" and text.startswith("Runtime.PushMessages")]
     per_kind: dict[str, list[dict]] = {}
@@ -225,6 +228,8 @@ def run_device(venv: Path, rounds: int, work: Path, run_config: str, task_poll: 
     device_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
                   "FLWR_HOME": str(work / "device-home"),
                   **({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(task_poll)} if task_poll is not None else {})}
+    if task_poll is None:  # Flower's default, whatever the calling shell says
+        device_env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
     limited = make_cgroup()
     enter = f"echo $$ > {CGROUP}/cgroup.procs && " if limited else ""
     node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{work / "state"}"'
@@ -278,6 +283,10 @@ def run_device(venv: Path, rounds: int, work: Path, run_config: str, task_poll: 
                   "limit_hits": int((CGROUP / "memory.failcnt").read_text()),
                   "oom_kills": int(oom.get("oom_kill", -1))}
         remove_cgroup()
+    profile = message_profile(node_log, link_log)
+    if {kind: p["messages"] for kind, p in profile.items()} != {"train": rounds, "evaluate": 2}:
+        raise RuntimeError(f"the logs hold {({k: p['messages'] for k, p in profile.items()})} whole messages, not "
+                           f"{rounds} train and 2 evaluate: see {node_log} (FLWR_LOG_LEVEL=DEBUG?)")
     run_dir = work / "runs" / "pi"
     per_round = pd.read_parquet(run_dir / "rounds.parquet")
     seconds = per_round[(per_round["model"] == "round") & (per_round["metric"] == "seconds")].set_index("round")["value"]
@@ -289,7 +298,7 @@ def run_device(venv: Path, rounds: int, work: Path, run_config: str, task_poll: 
     acc = clients[(clients["metric"] == "acc")].pivot_table(index="round", columns="model", values="value")
     return {"critic": str(critic), "rows": len(rows), "rounds": rounds, "run_config": run_config,
             "task_poll_s": task_poll, "flwr_run_wall_s": wall,
-            "message_profile": message_profile(node_log, link_log),
+            "message_profile": profile,
             "peak_pss_mb": peak["pss"], "cgroup": cgroup,
             "round_seconds": {int(k): float(v) for k, v in seconds.items()},
             "train_seconds": {int(k): float(v) for k, v in train.items()},

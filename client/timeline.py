@@ -2,7 +2,9 @@
 ClientApp's work ("[fedrex] train: rows read and encoded"), which ``FLWR_LOG_LEVEL=DEBUG`` prints
 with a timestamp beside Flower's own steps (the SuperNode receiving the message, the
 ``flwr-clientapp`` process starting, the app loading, the reply leaving). At any other level a mark
-costs one level check. ``benchmarks/device_shape.py`` reads them into its per-message profile."""
+costs one level check. ``benchmarks/device_shape.py`` reads them into its per-message profile.
+On a device a message is one user's; a simulated pool node's evaluation for several users marks
+each user's steps in turn."""
 
 from __future__ import annotations
 

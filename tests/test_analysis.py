@@ -316,8 +316,9 @@ def test_a_run_stopped_after_a_clean_round_reports_the_robustness_it_last_measur
 
 
 def test_a_compression_row_measured_before_a_config_field_existed_is_still_known():
-    """benchmarks/compression.py keeps a row whose stored config predates a field (it reads as that
-    field's default, which keeps the old behaviour) and measures a row that sets the field anew."""
+    """benchmarks/compression.py keeps a row whose stored config predates a field (it reads as the
+    value rows ran with before it, ADDED_FIELDS), measures a row that sets the field anew, and
+    refuses a row missing a field it has no such value for."""
     import sys
     from dataclasses import replace
     from pathlib import Path
@@ -332,3 +333,6 @@ def test_a_compression_row_measured_before_a_config_field_existed_is_still_known
     row = {"name": "FedREX student", "config": stored}
     assert row_key("FedREX student", row_config(row)) == row_key("FedREX student", config)
     assert row_key("FedREX student", replace(config, adv_space="synonyms")) != row_key("FedREX student", config)
+    del stored["epochs"]
+    with pytest.raises(SystemExit, match="epochs"):
+        row_config(row)
