@@ -21,6 +21,7 @@ Writes results/device_shape.json and results/device_shape.md. Needs root for the
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -126,6 +127,7 @@ def make_cgroup() -> bool:
         log(f"no memory cgroup ({err}): the 1 GB limit is not enforced")
         return False
 
+
 def _marked(step: str) -> re.Pattern:
     """The ClientApp's mark of ``step`` (client/timeline.py), in a message of any kind."""
     return re.compile(re.escape(PREFIX) + r" \w+: " + re.escape(step))
@@ -182,11 +184,11 @@ def message_profile(node_log: Path, link_log: Path) -> dict:
     while i < len(events):
         when, source, text = events[i]
         start = STEPS[0][0].search(text) if source == "node" else None
-        earlier = [p for p in pushes if p <= when]
-        if not start or not earlier:
+        pushed_before = bisect.bisect_right(pushes, when)  # pushes at or before ``when``
+        if not start or not pushed_before:
             i += 1
             continue
-        steps, last, next_step = {STEPS[0][1]: when - earlier[-1]}, when, 1
+        steps, last, next_step = {STEPS[0][1]: when - pushes[pushed_before - 1]}, when, 1
         i += 1
         while i < len(events) and next_step < len(STEPS):
             when, source, text = events[i]
@@ -200,9 +202,9 @@ def message_profile(node_log: Path, link_log: Path) -> dict:
             if found is not None:
                 steps[STEPS[found][1]], last, next_step = when - last, when, found + 1
         if next_step == len(STEPS):  # the reply left the device
-            later = [p for p in pushes if p > last]
-            if later:
-                steps[SERVER_TURN] = later[0] - last
+            pushed_after = bisect.bisect_right(pushes, last)
+            if pushed_after < len(pushes):
+                steps[SERVER_TURN] = pushes[pushed_after] - last
             per_kind.setdefault(start.group(1), []).append(steps)
     return {kind: {"messages": len(messages),
                    "median_s": {name: float(np.median([m[name] for m in messages if name in m]))
@@ -226,10 +228,11 @@ def run_device(venv: Path, rounds: int, work: Path, run_config: str, task_poll: 
            "FLWR_LOG_LEVEL": "DEBUG"}  # timestamps on every line: what message_profile reads
     server_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     device_env = {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-                  "FLWR_HOME": str(work / "device-home"),
-                  **({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(task_poll)} if task_poll is not None else {})}
+                  "FLWR_HOME": str(work / "device-home")}
     if task_poll is None:  # Flower's default, whatever the calling shell says
         device_env.pop("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", None)
+    else:
+        device_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(task_poll)
     limited = make_cgroup()
     enter = f"echo $$ > {CGROUP}/cgroup.procs && " if limited else ""
     node_config = f'data-file="{data_file}" client-id="{critic}" state-dir="{work / "state"}"'

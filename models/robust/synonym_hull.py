@@ -20,8 +20,7 @@ piece follows) was measured, seeds 0-2 of both datasets (results/ascc_whole_word
 by benchmarks/personalization.py at the commit that tried it): the global model kept less under
 `char` and `synonym` on both datasets and every seed (three-seed means 0.8 / 0.9 points less on
 critics, 0.9 / 1.1 on tweets), for 2.0 and 0.7 points more comprehensiveness and the same clean
-accuracy (within 0.3). The wider rule is kept, for robustness, the
-purpose of ASCC.
+accuracy (within 0.3). The wider rule is kept, for robustness, the purpose of ASCC.
 """
 
 from __future__ import annotations
