@@ -30,7 +30,13 @@ PLOTTING = "flwr_datasets.visualization"
 
 
 def _load_plotting(attribute: str):
-    """The real ``flwr_datasets.visualization``, imported the first time anything asks for it."""
+    """The real ``flwr_datasets.visualization``, imported the first time anything asks for one of
+    its names, or for what importing from a package reads (``__path__``, ``__all__``). A probe of
+    another dunder is not such a read: ``inspect.getmodule`` asks every module in ``sys.modules``
+    for ``__file__``, and torch's optimizers import torch._dynamo, which calls it, so without this
+    every process that trains would import the plots (1 s, ~60 MB)."""
+    if attribute.startswith("__") and attribute.endswith("__") and attribute not in ("__path__", "__all__"):
+        raise AttributeError(f"module {PLOTTING!r} (not yet imported) has no attribute {attribute!r}")
     if sys.modules.get(PLOTTING) is _plotting_stub:
         sys.modules.pop(PLOTTING, None)  # another thread may have got here first
     module = importlib.import_module(PLOTTING)

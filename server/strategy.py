@@ -318,12 +318,14 @@ class RecordingMixin:
         ``update-clip`` scales an update down to at most that multiple of the round's median norm
         (``update_scale`` row: 1 when untouched); ``aggregate-weights=uniform`` weighs every
         reply the same instead of by its rows."""
-        updates = [_numpy(m.content.array_records[ARRAYS]) for m in usable]
-        norms = [update_norm(update) for update in updates]
+        # one reply's arrays at a time: a round's updates held together as numpy copies cost the
+        # ServerApp another copy of every reply (100 replies of a 2.3 MB model: 230 MB)
+        norms = [update_norm(_numpy(m.content.array_records[ARRAYS])) for m in usable]
         bound = self.settings.update_clip * float(np.median(norms)) if usable and self.settings.update_clip else math.inf
-        for msg, update, norm in zip(usable, updates, norms):
+        for msg, norm in zip(usable, norms):
             scale = 1.0 if norm <= bound else bound / norm
             if scale < 1.0:
+                update = _numpy(msg.content.array_records[ARRAYS])
                 msg.content[ARRAYS] = _record({k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating)
                                                else v for k, v in update.items()})
             if self.settings.aggregate_weights == "uniform":

@@ -66,22 +66,30 @@ def test_sent140_keeps_single_label_users():
 def test_cutting_a_dataset_leaves_flwr_datasets_plotting_libraries_out():
     """flwr_datasets' package imports seaborn, scipy and matplotlib for its plots (1.5 s and about
     90 MB in every process that cuts a dataset: the command, the ServerApp, every actor): cutting
-    rt_critics into its users imports none of them, and flwr_datasets' plots still load when asked."""
+    rt_critics into its users imports none of them, nor does a torch optimizer's step afterwards
+    (it imports torch._dynamo, which asks every loaded module for its ``__file__``), and
+    flwr_datasets' plots still load when asked, a submodule of theirs too."""
+    cached_text_dataset("rt_critics", "train")  # built here: a first build imports scipy on its own
     code = ("import sys\n"
             "from client.data import federation\n"
             "from models.run_settings import RunSettings\n"
             "fed = federation(RunSettings())\n"
             "print(fed.num_partitions, len(fed.client(0).train))\n"
+            "import torch\n"
+            "torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).step()\n"
             "print(sorted(m for m in ('seaborn', 'scipy', 'matplotlib') if m in sys.modules))\n"
             "import flwr_datasets\n"
             "from flwr_datasets.visualization import plot_label_distributions\n"
             "print(callable(plot_label_distributions), callable(flwr_datasets.visualization.plot_comparison_label_distribution),"
-            " 'seaborn' in sys.modules)\n")
+            " 'seaborn' in sys.modules)\n"
+            "import flwr_datasets.visualization.bar_plot as bar_plot\n"
+            "print(callable(bar_plot._plot_bar))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    clients, heavy, plots = result.stdout.splitlines()
+    clients, heavy, plots, submodule = result.stdout.splitlines()
     assert clients.split()[0] == "118" and int(clients.split()[1]) > 0
     assert heavy == "[]"
     assert plots == "True True True"
+    assert submodule == "True"
 
 
 def test_min_samples_filter_drops_small_users():
