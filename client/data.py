@@ -11,9 +11,11 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from client import row_cache
 from models.datasets import cached_text_dataset, read_user_file
 from models.encoded import EncodedData
 from models.errors import FedrexError
@@ -66,15 +68,28 @@ def _encode(client: ClientData, num_labels: int, tokenizer: WordPieceTokenizer) 
 
 @lru_cache(maxsize=4)
 def _device_file(path: str, client_id: str, partition_id: int, settings: RunSettings, num_labels: int,
-                 normalizer: bytes | None) -> LocalData:
+                 normalizer: bytes | None, state_dir: str | None = None) -> LocalData:
     """The user's own file, read with pyarrow alone (no datasets library on a device), split
-    train/test by the run's seed."""
+    train/test by the run's seed; with a state folder, encoded once and kept there
+    (``client.row_cache``: every message is a new process on a device)."""
+    tokenizer = client_tokenizer(settings.max_length, normalizer)
+    folder = Path(state_dir) / row_cache.FOLDER if state_dir else None
+    if folder is not None:
+        key = row_cache.rows_key(path, settings.max_length, settings.test_fraction, settings.seed, num_labels,
+                                 normalizer)
+        kept = row_cache.load_rows(folder, key)
+        if kept is not None:
+            train, test, labels_count = kept
+            return LocalData(partition_id, client_id, train, test, labels_count, tokenizer)
     texts, labels, found_labels = read_user_file(path)
     config = PartitionConfig(kind="iid", num_partitions=1, test_fraction=settings.test_fraction, seed=settings.seed)
     train_idx, test_idx = split_indices(texts, config, 0)
     rows = lambda idx: {"text": [texts[i] for i in idx], "label": labels[idx]}  # noqa: E731  (what _encode reads)
-    return _encode(ClientData(partition_id, client_id, rows(train_idx), rows(test_idx)),
-                   max(num_labels, found_labels), client_tokenizer(settings.max_length, normalizer))
+    local = _encode(ClientData(partition_id, client_id, rows(train_idx), rows(test_idx)),
+                    max(num_labels, found_labels), tokenizer)
+    if folder is not None:
+        row_cache.save_rows(folder, key, local.train, local.test, local.num_labels)
+    return local
 
 
 def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 2,
@@ -85,8 +100,9 @@ def load_local_data(node_config: dict, settings: RunSettings, num_labels: int = 
         client_id = str(node_config.get("client-id", "device"))
         # The server keys clients by partition id; a device without one gets a stable id from its name.
         partition_id = int(node_config.get("partition-id", zlib.crc32(client_id.encode()) % 2**31))
+        state_dir = str(node_config["state-dir"]) if "state-dir" in node_config else None
         return _device_file(str(node_config["data-file"]), client_id, partition_id, settings,
-                            num_labels, normalizer)
+                            num_labels, normalizer, state_dir)
     if "partition-id" not in node_config:
         raise FedrexError("this node has neither a partition-id (simulation) nor a data-file (device) in its node config")
     return _encoded(settings, int(node_config["partition-id"]), normalizer)

@@ -11,11 +11,13 @@ when that client asks for them, so 3,000 registered clients cost 3,000 index lis
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -31,11 +33,11 @@ PLOTTING = "flwr_datasets.visualization"
 
 def _load_plotting(attribute: str):
     """The real ``flwr_datasets.visualization``, imported the first time anything asks for one of
-    its names, or for what importing from a package reads (``__path__``, ``__all__``). A probe of
-    another dunder is not such a read: ``inspect.getmodule`` asks every module in ``sys.modules``
-    for ``__file__``, and torch's optimizers import torch._dynamo, which calls it, so without this
-    every process that trains would import the plots (1 s, ~60 MB)."""
-    if attribute.startswith("__") and attribute.endswith("__") and attribute not in ("__path__", "__all__"):
+    its names, or for ``__all__`` (``from ... import *``). A probe of another dunder is not such a
+    read: ``inspect.getmodule`` asks every module in ``sys.modules`` for ``__file__``, and torch's
+    optimizers import torch._dynamo, which calls it, so without this every process that trains
+    would import the plots (1 s, ~60 MB)."""
+    if attribute.startswith("__") and attribute.endswith("__") and attribute != "__all__":
         raise AttributeError(f"module {PLOTTING!r} (not yet imported) has no attribute {attribute!r}")
     if sys.modules.get(PLOTTING) is _plotting_stub:
         sys.modules.pop(PLOTTING, None)  # another thread may have got here first
@@ -57,6 +59,11 @@ def flwr_partitioners():
     never draws. A stand-in takes the plotting package's place while the package loads and imports
     the real one the first time anything reads from it."""
     if "flwr_datasets" not in sys.modules:
+        # the real package's folder, found without importing anything: a submodule imported while
+        # the stand-in is in place loads alone, and once (reading __path__ would load the package,
+        # which imports its submodules, and then the import system would load that one again)
+        package = importlib.util.find_spec("flwr_datasets")
+        _plotting_stub.__path__ = [str(Path(folder) / "visualization") for folder in package.submodule_search_locations]
         sys.modules.setdefault(PLOTTING, _plotting_stub)
     from flwr_datasets import partitioner
 

@@ -223,6 +223,49 @@ def test_a_users_file_reads_without_the_datasets_library_and_bad_files_say_why(t
         read_user_file(tmp_path / "latin.csv")
 
 
+def test_a_devices_rows_are_encoded_once_and_kept_exactly_until_what_decides_them_changes(tmp_path):
+    """A device is a new process at every message: its rows, encoded once, are read back from its
+    state folder with every id, label and text exact, without building the normaliser's index;
+    a changed file, another normaliser or a damaged entry encodes them again."""
+    from client.data import _device_file
+    from client.row_cache import FOLDER, KEEP
+    from models.tokenizer import client_tokenizer
+
+    texts = ["a grate film, realy", 'the "acting" was dul\nand long', "unforgettable \u00e9l\u00e1n", "bad", "ok", "fine"]
+    path = tmp_path / "me.parquet"
+    pd.DataFrame({"text": texts, "label": [1, 0, 1, 0, 1, 1]}).to_parquet(path)
+    blob = (Path(__file__).resolve().parents[1] / "models/artifacts/sst2-student-copies/normalizer.txt.gz").read_bytes()
+    state, settings = str(tmp_path / "state"), RunSettings()
+
+    def load(normalizer=blob):
+        client_tokenizer.cache_clear()  # a new process: a new normaliser
+        return _device_file.__wrapped__(str(path), "me", 7, settings, 2, normalizer, state)
+
+    def same(a, b):
+        return (a.partition_id, a.client_id, a.num_labels) == (b.partition_id, b.client_id, b.num_labels) and all(
+            x.texts == y.texts and x.labels.dtype == y.labels.dtype and np.array_equal(x.labels, y.labels)
+            and len(x.ids) == len(y.ids) and all(u.dtype == v.dtype and np.array_equal(u, v) for u, v in zip(x.ids, y.ids))
+            for x, y in ((a.train, b.train), (a.test, b.test)))
+
+    fresh = load()
+    assert "_index" in fresh.tokenizer.normalizer.__dict__  # the typos were corrected: the index was built
+    kept = list((tmp_path / "state" / FOLDER).glob("*.npz"))
+    assert len(kept) == 1
+    again = load()
+    assert same(fresh, again)
+    assert "_index" not in again.tokenizer.normalizer.__dict__  # read back: nothing to correct
+    assert not same(fresh, load(normalizer=None))  # another normaliser: encoded again, differently
+    kept[0].write_bytes(kept[0].read_bytes()[:100])  # damaged: encoded again, the same rows
+    assert same(fresh, load()) and "_index" in client_tokenizer(settings.max_length, blob).normalizer.__dict__
+    pd.DataFrame({"text": ["a grate film"] + texts[1:], "label": [1, 0, 1, 0, 1, 1]}).to_parquet(path)
+    changed = load()
+    assert sorted(changed.train.texts + changed.test.texts) == sorted(["a grate film"] + texts[1:])
+    for length in (16, 24, 32, 48):
+        client_tokenizer.cache_clear()
+        _device_file.__wrapped__(str(path), "me", 7, settings.replace(max_length=length), 2, blob, state)
+    assert len(list((tmp_path / "state" / FOLDER).glob("*.npz"))) == KEEP
+
+
 @pytest.mark.slow
 def test_a_round_the_rules_abandon_returns_the_model_bit_for_bit(tmp_path, capfd):
     """Nobody meets a 1 ms deadline: every round is abandoned and the global model after it is
