@@ -73,10 +73,11 @@ def _device_file(path: str, client_id: str, partition_id: int, settings: RunSett
     train/test by the run's seed; with a state folder, encoded once and kept there
     (``client.row_cache``: every message is a new process on a device)."""
     tokenizer = client_tokenizer(settings.max_length, normalizer)
-    folder = Path(state_dir) / row_cache.FOLDER if state_dir else None
+    # a missing file is read_user_file's one clear error, not a failed stat while making the key
+    folder = Path(state_dir) / row_cache.FOLDER if state_dir and Path(path).is_file() else None
     if folder is not None:
         key = row_cache.rows_key(path, settings.max_length, settings.test_fraction, settings.seed, num_labels,
-                                 normalizer)
+                                 normalizer, tokenizer)
         kept = row_cache.load_rows(folder, key)
         if kept is not None:
             train, test, labels_count = kept

@@ -131,6 +131,11 @@ class WordPieceTokenizer:
     def tokens(self, ids) -> list[str]:
         return [self._tok.id_to_token(int(i)) for i in ids]
 
+    def serialized(self) -> str:
+        """The underlying tokenizer as JSON (vocabulary, lower-casing, truncation): what identifies
+        it, e.g. in the key of a device's kept rows (``client.row_cache``)."""
+        return self._tok.to_str()
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 

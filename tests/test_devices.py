@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -260,10 +261,21 @@ def test_a_devices_rows_are_encoded_once_and_kept_exactly_until_what_decides_the
     pd.DataFrame({"text": ["a grate film"] + texts[1:], "label": [1, 0, 1, 0, 1, 1]}).to_parquet(path)
     changed = load()
     assert sorted(changed.train.texts + changed.test.texts) == sorted(["a grate film"] + texts[1:])
+    stamp = path.stat()  # labels flipped in place: the same size, and a copy may keep the old time
+    pd.DataFrame({"text": ["a grate film"] + texts[1:], "label": [0, 1, 0, 1, 0, 0]}).to_parquet(path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size
+    flipped = load()
+    assert np.array_equal(flipped.train.labels, 1 - changed.train.labels)
     for length in (16, 24, 32, 48):
         client_tokenizer.cache_clear()
         _device_file.__wrapped__(str(path), "me", 7, settings.replace(max_length=length), 2, blob, state)
     assert len(list((tmp_path / "state" / FOLDER).glob("*.npz"))) == KEEP
+    with pytest.raises(FedrexError, match="does not exist"):  # a missing file: the same clear error as without a cache
+        _device_file.__wrapped__(str(tmp_path / "gone.csv"), "me", 7, settings, 2, blob, state)
+    (tmp_path / "a-file").write_text("")  # a state folder that cannot hold the rows costs the saving, not the message
+    client_tokenizer.cache_clear()
+    assert same(flipped, _device_file.__wrapped__(str(path), "me", 7, settings, 2, blob, str(tmp_path / "a-file")))
 
 
 @pytest.mark.slow
