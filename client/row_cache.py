@@ -26,6 +26,7 @@ import numpy as np
 from models.encoded import EncodedData
 from models.errors import FedrexError
 from models.files import atomic_write_bytes
+from models.tokenizer import WordPieceTokenizer
 
 FOLDER = "encoded-rows"
 KEEP = 4  # entries kept per folder: a device switching between a few runs' settings re-encodes nothing
@@ -56,19 +57,15 @@ def code_digest() -> str:
 
 
 def rows_key(path: str, max_length: int, test_fraction: float, seed: int, num_labels: int,
-             normalizer: bytes | None, tokenizer) -> str:
+             normalizer: bytes | None, tokenizer: WordPieceTokenizer) -> str:
     """The entry's name: a digest of everything that decides the rows (the module docstring). The
     file's content, not its modification time, which a copy can keep across an edit."""
     identity = {"file": str(Path(path).resolve()), "content": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                 "max_length": max_length, "test_fraction": test_fraction, "seed": seed, "num_labels": num_labels,
                 "normalizer": hashlib.sha256(normalizer).hexdigest() if normalizer else "",
-                "tokenizer": _tokenizer_digest(tokenizer), "code": code_digest()}
+                # its own serialisation (vocabulary, lower-casing, truncation): 6 ms
+                "tokenizer": hashlib.sha256(tokenizer.serialized().encode()).hexdigest(), "code": code_digest()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _tokenizer_digest(tokenizer) -> str:
-    """The WordPiece tokenizer's own serialisation: vocabulary, lower-casing, truncation (6 ms)."""
-    return hashlib.sha256(tokenizer.serialized().encode()).hexdigest()
 
 
 def load_rows(folder: Path, key: str) -> tuple[EncodedData, EncodedData, int] | None:

@@ -63,8 +63,9 @@ def flwr_partitioners():
         # the stand-in is in place loads alone, and once (reading __path__ would load the package,
         # which imports its submodules, and then the import system would load that one again)
         package = importlib.util.find_spec("flwr_datasets")
-        _plotting_stub.__path__ = [str(Path(folder) / "visualization") for folder in package.submodule_search_locations]
-        sys.modules.setdefault(PLOTTING, _plotting_stub)
+        if package is not None:  # not installed: the import below says so
+            _plotting_stub.__path__ = [str(Path(folder) / "visualization") for folder in package.submodule_search_locations]
+            sys.modules.setdefault(PLOTTING, _plotting_stub)
     from flwr_datasets import partitioner
 
     return partitioner
