@@ -9,6 +9,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the README's two workers share the machine's cores: torch's OpenMP threads (and those of every
+    # process a test starts) one per worker, as two-thread pools spin against each other (a training
+    # test took 5x as long beside a simulation)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
@@ -23,6 +28,19 @@ def _find_data_dir() -> Path:
 
 
 DATA_DIR = _find_data_dir()
+
+
+# The README runs the tests on two pytest-xdist workers, each module whole on one worker (its module
+# fixtures built once), modules in collection order (--dist loadfile --no-loadscope-reorder). These
+# run Flower or train for minutes: collected first, longest first, they start at once and the other
+# modules fill in around them, so both workers end together.
+LONGEST_FIRST = ("test_federated.py", "test_flower_app.py", "test_deployment.py", "test_devices.py", "test_models.py",
+                 "test_analysis.py", "test_robustness.py", "test_learning.py", "test_onnx_client.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)
