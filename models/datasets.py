@@ -440,6 +440,10 @@ def _source_fingerprint(name: str, split: str, local_root: Path | None) -> list:
         paths.append(local_root / REGISTRY[name].local_files[split])
     elif Path(name).suffix.lower() in LOCAL_FORMATS:
         paths.append(Path(name))
-    stats = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.exists()]
+    # the change time too: a copy or a tool can put back a file's size and modification time after an
+    # edit, never its change time (the kernel sets it at every write); hashing the content instead
+    # would cost every process that loads a dataset a read of the whole file
+    stats = [[str(p.resolve()), s.st_size, s.st_mtime_ns, s.st_ctime_ns] for p in paths if p.exists()
+             for s in [p.stat()]]
     disjoint = REGISTRY[name].disjoint_from if name in REGISTRY else None
     return [name, split, stats, _source_fingerprint(*disjoint, local_root) if disjoint else None]

@@ -300,6 +300,15 @@ def test_cache_entry_is_refreshed_when_the_file_changes(tmp_path):
     path.write_text("text,label\na,1\nb,0\nc,1\n")
     second, _ = cached_text_dataset(str(path))
     assert len(first) == 2 and len(second) == 3
+    # an edit that keeps the size, with the modification time put back (as `cp -p` or a restore does)
+    import os
+
+    before = path.stat()
+    path.write_text("text,label\na,0\nb,1\nc,0\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    third, _ = cached_text_dataset(str(path))
+    assert list(third["label"]) == [0, 1, 0]
 
 
 def run_cli(*args):
