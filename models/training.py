@@ -4,6 +4,7 @@ fine-tuning both call ``fit``."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import time
 from typing import Callable
@@ -16,6 +17,37 @@ from models.errors import FedrexError
 from models.linear_head import log_label_prior
 from models.objectives import ObjectiveConfig, objective_loss
 from models.training_config import OPTIMIZERS
+
+
+def _without_compiler_guards(optimizer_class: type) -> type:
+    """``optimizer_class`` with its ``step``, ``zero_grad`` and ``add_param_group`` called as they
+    are, not through the guards torch wraps them in for its compiler: the first guard to run imports
+    ``torch._dynamo`` (1.6 s of CPU, 68 MiB and 820 modules on the 2-core machine; more on a phone)
+    in a process that compiles nothing, which every simulated client and every device message that
+    trains or fits a personal model paid. The arithmetic is torch's own, bit for bit
+    (tests/test_learning.py); ``step`` runs under no_grad, as torch's wrapper runs a
+    non-differentiable optimizer's."""
+    step = inspect.unwrap(optimizer_class.step)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+
+    class Unguarded(optimizer_class):
+        def step(self, closure=None):
+            with torch.no_grad():
+                return step(self, closure)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            return zero_grad(self, set_to_none)
+
+        def add_param_group(self, param_group: dict) -> None:
+            return add_param_group(self, param_group)
+
+    Unguarded.__name__ = Unguarded.__qualname__ = optimizer_class.__name__
+    return Unguarded
+
+
+AdamW = _without_compiler_guards(torch.optim.AdamW)
+SGD = _without_compiler_guards(torch.optim.SGD)
 
 
 def seed_everything(seed: int) -> None:
@@ -51,8 +83,8 @@ def fit(model, data: EncodedData, objective: ObjectiveConfig, *, epochs: float =
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer not in OPTIMIZERS:
         raise FedrexError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
-                 else torch.optim.SGD(params, lr=lr, weight_decay=weight_decay))
+    optimizer = (AdamW(params, lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+                 else SGD(params, lr=lr, weight_decay=weight_decay))
     adjust = label_log_prior(data.labels, _num_labels(model)) if balanced else None
     steps_per_epoch = max(1, -(-len(data) // batch_size))
     total_steps = max(1, int(round(epochs * steps_per_epoch)))

@@ -350,6 +350,43 @@ def test_a_loss_part_is_averaged_over_the_steps_that_computed_it(critics):
     assert some["ce"] == pytest.approx(every["ce"], rel=0.25)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_steps_torchs_optimizer_bit_for_bit_without_importing_its_compiler(critics, monkeypatch, optimizer):
+    """``fit``'s optimizers skip the compiler guards torch wraps around them (importing
+    torch._dynamo costs a device 1.6 s and 68 MiB at its first step): the weights after adversarial
+    steps with clipping and weight decay are torch's own optimizer's, bit for bit, and a process
+    that trains never imports the compiler, where torch's own optimizer does."""
+    import subprocess
+    import sys
+
+    import models.training as training
+
+    def trained(optimizer_classes) -> dict:
+        for name, cls in optimizer_classes.items():
+            monkeypatch.setattr(training, name, cls)
+        model, _ = network("student", critics)
+        training.fit(model, critics[0], training.ObjectiveConfig(adv=0.5), max_steps=6, batch_size=8, lr=3e-3,
+                     weight_decay=0.01, seed=0, optimizer=optimizer)
+        return model.state_dict()
+
+    start = network("student", critics)[0].state_dict()
+    ours = trained({"AdamW": training.AdamW, "SGD": training.SGD})
+    torchs = trained({"AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD})
+    assert all(ours[k].dtype == torchs[k].dtype and torch.equal(ours[k], torchs[k]) for k in ours)
+    assert not torch.equal(ours["head.weight"], start["head.weight"])  # it learnt: the comparison says something
+    name = {"adamw": "AdamW", "sgd": "SGD"}[optimizer]
+    script = ("import sys, torch; from {module} import {name} as Optimizer; m = torch.nn.Linear(3, 2); "
+              "o = Optimizer(m.parameters(), lr=0.1); m(torch.ones(1, 3)).sum().backward(); o.step(); o.zero_grad(); "
+              "print('torch._dynamo' in sys.modules)")
+    imported = {}
+    for module in ("models.training", "torch.optim"):
+        out = subprocess.run([sys.executable, "-c", script.format(module=module, name=name)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        imported[module] = out.stdout.strip()
+    assert imported == {"models.training": "False", "torch.optim": "True"}
+
+
 def _fixed_updates(scale_last: float = 1.0) -> tuple[dict, list[dict]]:
     """A zero start and CLIENTS seeded updates, the last one multiplied by ``scale_last``."""
     start = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
