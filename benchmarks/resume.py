@@ -95,14 +95,22 @@ def state_files(run_dir: Path) -> dict[str, Path]:
     return {str(p.relative_to(folder)): p for p in sorted(folder.glob("p*/round-*"))}
 
 
-def compare_states(whole: Path, resumed: Path, lost_users: set[str]) -> dict:
+def charged(user: str, round_number: int, lost_users: set[str], kill_round: int) -> bool:
+    """Whether a ledger of this user and round counts the lost round: a user with state of the
+    lost round, from that round on."""
+    return user in lost_users and round_number >= kill_round
+
+
+def compare_states(whole: Path, resumed: Path, lost_users: set[str], kill_round: int) -> dict:
     """Every user's saved state of both runs, file by file; ``lost_users``: the folders that held
-    state of the lost round when the run was killed."""
+    state of the lost round when the run was killed. A ledger file the lost round charges must hold
+    exactly one entry more than the uninterrupted run's (the entries are (noise, rate, steps) and
+    alike, so which one is extra cannot be told); every other ledger file must be equal."""
     ours, theirs = state_files(resumed), state_files(whole)
     out = {"users_with_state": len({name.split("/")[0] for name in theirs}), "state_files": len(theirs),
            "same_file_names": sorted(ours) == sorted(theirs), "weights_files": 0, "weights_files_equal": 0,
-           "ledger_files": 0, "ledger_files_equal": 0, "ledger_files_charged_for_the_lost_round": 0,
-           "ledger_files_otherwise_different": 0}
+           "ledger_files": 0, "ledger_files_equal": 0, "ledger_files_to_charge": 0, "ledger_files_charged": 0,
+           "ledger_files_wrong": 0}
     for name in sorted(set(ours) & set(theirs)):
         if name.endswith(".safetensors"):
             a, b = load_weights(ours[name]), load_weights(theirs[name])
@@ -113,23 +121,41 @@ def compare_states(whole: Path, resumed: Path, lost_users: set[str]) -> dict:
             a, b = (json.loads(p.read_text()) for p in (ours[name], theirs[name]))
             out["ledger_files"] += 1
             ledger_a, ledger_b = a.pop("dp_history"), b.pop("dp_history")
-            a.pop("train_seconds"), b.pop("train_seconds")
-            if a != b:
-                out["ledger_files_otherwise_different"] += 1
-            elif ledger_a == ledger_b:
+            a.pop("train_seconds"), b.pop("train_seconds")  # a measurement, not state
+            user, round_number = name.split("/")[0], int(name.split("-")[-1].split(".")[0])
+            if charged(user, round_number, lost_users, kill_round):
+                out["ledger_files_to_charge"] += 1
+                if a == b and len(ledger_a) == len(ledger_b) + 1 and any(
+                        ledger_a[:i] + ledger_a[i + 1:] == ledger_b for i in range(len(ledger_a))):
+                    out["ledger_files_charged"] += 1
+                else:
+                    out["ledger_files_wrong"] += 1
+            elif a == b and ledger_a == ledger_b:
                 out["ledger_files_equal"] += 1
-            elif name.split("/")[0] in lost_users and any(
-                    ledger_a[:i] + ledger_a[i + 1:] == ledger_b for i in range(len(ledger_a))):
-                out["ledger_files_charged_for_the_lost_round"] += 1  # one entry more: the lost round's
             else:
-                out["ledger_files_otherwise_different"] += 1
+                out["ledger_files_wrong"] += 1
     return out
 
 
 def tidy(run_dir: Path) -> pd.DataFrame:
     frame = pd.read_parquet(run_dir / "clients.parquet")
-    frame = frame[~frame["metric"].isin(TIMINGS) & (frame["metric"] != "epsilon")]
+    frame = frame[~frame["metric"].isin(TIMINGS)]
     return frame.drop(columns="run_id").sort_values(["round", "partition_id", "model", "metric"]).reset_index(drop=True)
+
+
+def compare_rows(whole: pd.DataFrame, resumed: pd.DataFrame, lost_users: set[str], kill_round: int) -> dict:
+    """Every per-client row equal, but epsilon where the lost round charges the user: higher there."""
+    if not whole.drop(columns="value").equals(resumed.drop(columns="value")):
+        return {"rows_same_keys": False, "rows_equal_but_charged_epsilon": False, "epsilon_rows_charged": 0,
+                "epsilon_rows_charged_higher": 0}
+    is_charged = (whole["metric"] == "epsilon") & pd.Series(
+        [charged(f"p{pid:05d}", r, lost_users, kill_round) for pid, r in zip(whole["partition_id"], whole["round"])],
+        index=whole.index)
+    return {"rows_same_keys": True,
+            "rows_equal_but_charged_epsilon": bool(whole[~is_charged]["value"].equals(resumed[~is_charged]["value"])),
+            "epsilon_rows_charged": int(is_charged.sum()),
+            "epsilon_rows_charged_higher": int((resumed[is_charged]["value"].to_numpy()
+                                                > whole[is_charged]["value"].to_numpy()).sum())}
 
 
 def main() -> int:
@@ -171,10 +197,11 @@ def main() -> int:
           file=sys.stderr, flush=True)
     resume_s = finish(simulate(["--resume", str(killed)], workdir / "resume.log"), workdir / "resume.log")
 
-    states = compare_states(workdir / "whole", killed, lost_users)
+    states = compare_states(workdir / "whole", killed, lost_users, args.kill_round)
     final = f"checkpoints/round-{args.rounds:04d}.safetensors"
     a, b = load_weights(killed / final), load_weights(workdir / "whole" / final)
-    rows_whole, rows_resumed = tidy(workdir / "whole"), tidy(killed)
+    rows_whole = tidy(workdir / "whole")
+    rows = compare_rows(rows_whole, tidy(killed), lost_users, args.kill_round)
     trained = rows_whole[(rows_whole["model"] == "train") & (rows_whole["metric"] == "n_train")]
     result = {
         "users": args.users, "per_round": args.per_round, "rounds": args.rounds, "kill_round": args.kill_round,
@@ -184,12 +211,18 @@ def main() -> int:
         "uninterrupted_s": round(whole_s, 1), "killed_after_s": round(killed_after_s, 1), "resume_s": round(resume_s, 1),
         **states,
         "final_weights_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
-        "rows_equal": rows_whole.equals(rows_resumed),
+        **rows,
     }
+    # the kill landed inside the round (nothing of it committed, some users held its state), every
+    # user has all its files back, every weight is equal, and exactly the ledgers and epsilons the
+    # lost round charges differ, each by that round
     result["every_sampled_user_restored"] = bool(
-        result["final_weights_equal"] and result["rows_equal"] and states["same_file_names"]
-        and states["users_with_state"] == result["sampled_users"]
-        and states["weights_files_equal"] == states["weights_files"] and states["ledger_files_otherwise_different"] == 0)
+        committed == args.kill_round - 1 and lost_users and result["final_weights_equal"]
+        and states["same_file_names"] and states["users_with_state"] == result["sampled_users"]
+        and states["weights_files_equal"] == states["weights_files"] and states["ledger_files_wrong"] == 0
+        and states["ledger_files_charged"] == states["ledger_files_to_charge"] >= len(lost_users)
+        and rows["rows_equal_but_charged_epsilon"]
+        and rows["epsilon_rows_charged_higher"] == rows["epsilon_rows_charged"] > 0)
     out = Path(args.out)
     atomic_write_json(out / "resume.json", {"machine": {"cpus": os.cpu_count()}, "result": result})
     table = markdown_table(pd.DataFrame([[k, json.dumps(v) if isinstance(v, dict) else str(v)]

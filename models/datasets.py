@@ -392,8 +392,8 @@ def cached_text_dataset(
 ):
     """``load_text_dataset`` with its canonical result saved to disk once and memory-mapped after.
 
-    The key covers the source (and, for files, their size and mtime) and the column mapping, so an
-    edited file or other columns give a fresh entry. Writes go to a temporary folder renamed into
+    The key covers the source (and, for files, their size, modification and change times) and the
+    column mapping, so an edited file or other columns give a fresh entry. Writes go to a temporary folder renamed into
     place, so a crash never leaves a half-written entry that a later run would trust.
     """
     import hashlib

@@ -9,6 +9,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray started without an address joins the cluster a `ray start` or a test's ray.cluster_utils.Cluster
+# last wrote to /tmp/ray/ray_current_cluster: with tests on two workers, Flower's own `flwr run .` could
+# join the two-node cluster another test runs. "local": always a Ray of its own (a test that wants a
+# cluster names its address)
+os.environ.setdefault("RAY_ADDRESS", "local")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # the README's two workers share the machine's cores: torch's OpenMP threads (and those of every
     # process a test starts) one per worker, as two-thread pools spin against each other (a training

@@ -83,7 +83,7 @@ def test_a_server_that_dies_mid_run_fails_loudly_and_a_resume_gives_the_uninterr
 
 
 # a mode that keeps personal weights on the device, under DP (a ledger per user): what a resume must restore
-STATEFUL = ("mode=ditto", "dp=true", "dp-reproducible-noise=true", "attack-examples=0", "fidelity-examples=0")
+STATEFUL = ("mode=ditto", "dp=true", "dp-reproducible-noise=true", "attack-examples=2", "fidelity-examples=2")
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,8 @@ def test_a_simulation_on_a_two_node_ray_cluster_runs_clients_on_both_and_gives_t
 def test_users_evaluated_together_in_one_message_give_the_rows_of_one_message_each(stateful, tmp_path):
     """evaluate-batch=3: 8 users in messages of 3, 3 and 2, most evaluated on another user's node
     (their personal state, the Ditto model trained in an earlier round, read from the run dir), give
-    every row that the stateful run's one message per user gives, to the last digit."""
+    every row that the stateful run's one message per user gives, to the last digit: accuracy, the
+    attacks, the explanations' fidelity and agreement with the start and the global model."""
     together = run(tmp_path, "run-id=together", *STATEFUL, "num-rounds=2", "evaluate-batch=3")
     whole = tidy(stateful)
     pd.testing.assert_frame_equal(tidy(together), whole[whole["round"] <= 2].reset_index(drop=True))
@@ -326,6 +327,7 @@ def test_users_evaluated_together_in_one_message_give_the_rows_of_one_message_ea
         rounds = pd.read_parquet(folder / "rounds.parquet")
         counts = rounds[rounds["metric"].isin(["evaluate_messages", "evaluate_replied"]) & (rounds["round"] <= 2)]
         messages[folder.name] = counts.groupby(["round", "metric"])["value"].first().to_dict()
+    assert {"adv_acc.char", "comprehensiveness", "start_agreement_spearman"} <= set(whole["metric"])
     assert messages["together"] == {**{(r, "evaluate_messages"): 3.0 for r in (0, 1, 2)},
                                     **{(r, "evaluate_replied"): 8.0 for r in (0, 1, 2)}}
     # evaluate-batch=0 (auto) groups 8 users in messages of 1 or 2, never 3: the rows above came two ways
