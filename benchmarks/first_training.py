@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path(__file__).resolve().parents[1] / "results" / "first_training.json"
+OUT = ROOT / "results" / "first_training.json"
 
 CHILD = r"""
 import sys, time

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import load_weights  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
-from simulations.localhost import matching_pids  # noqa: E402
+from simulations.localhost import flag_value, matching_pids  # noqa: E402
 from simulations.watchdog import alive  # noqa: E402
 
 TIMINGS = ("train_seconds", "seconds")
@@ -75,10 +75,7 @@ def kill_during(process: subprocess.Popen, run_dir: Path, round_number: int, sav
     else:
         raise SystemExit(f"never saw round {round_number}'s training with {saved} users' saved state (exit {process.poll()})")
     home = str(run_dir.parent / ".flower" / run_dir.name)
-    ports = set()
-    for link in matching_pids("flower-superlink", home + "/"):
-        words = Path(f"/proc/{link}/cmdline").read_bytes().split(b"\0")
-        ports.add(words[words.index(b"--port") + 1].decode())
+    ports = {flag_value(link, "--port") for link in matching_pids("flower-superlink", home + "/")} - {None}
     simulations = set().union(*(matching_pids("flwr-simulation", f"\x00127.0.0.1:{p}\x00") for p in ports))
     os.killpg(process.pid, signal.SIGKILL)
     for pid in simulations:  # the ServerApp dies with the run, as in a power cut

@@ -59,6 +59,16 @@ def matching_pids(*words: str) -> set[int]:
     return found
 
 
+def flag_value(pid: int, flag: str) -> str | None:
+    """The word after ``flag`` on a process's command line (a SuperLink's ``--port``); None when it
+    has no such flag or has ended."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]  # each word ends in a NUL
+    except OSError:
+        return None
+    return words[words.index(flag.encode()) + 1].decode() if flag.encode() in words[:-1] else None
+
+
 def process_groups(*words: str) -> set[int]:
     """Process groups of the processes ``matching_pids(*words)`` (never the caller's own group)."""
     groups = set()

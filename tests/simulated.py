@@ -28,5 +28,3 @@ def tidy(run_dir: Path) -> pd.DataFrame:
     frame = pd.read_parquet(run_dir / "clients.parquet")
     timing = frame["metric"].isin(["train_seconds", "seconds"])
     return frame[~timing].drop(columns="run_id").sort_values(["round", "partition_id", "model", "metric"]).reset_index(drop=True)
-
-

@@ -117,7 +117,7 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     how = signal.SIGKILL if how is None else how
 
     from simulations.app_bundle import STAGED_APP_PREFIX
-    from simulations.localhost import group_members, matching_pids
+    from simulations.localhost import flag_value, group_members, matching_pids
     from simulations.watchdog import alive, simulation_groups
 
     progress, deadline, seen = folder / "progress.json", time.time() + 300, None
@@ -131,8 +131,8 @@ def _kill_during(process, folder: Path, round_number: int, phase: str, how: int 
     # SuperLink (FLWR_HOME under the runs folder), its port, and the groups of all it started (Ray's too)
     home = str(folder.parent / ".flower" / folder.name)
     (superlink,) = matching_pids("flower-superlink", home + "/")
-    args = Path(f"/proc/{superlink}/cmdline").read_bytes().split(b"\0")
-    port = args[args.index(b"--port") + 1].decode()
+    port = flag_value(superlink, "--port")
+    assert port, f"the SuperLink of {home} names no port"
     groups = simulation_groups(home, port)
     # and, found by name rather than by group (a check of the watchdog, not by it): the simulation
     # processes and the Ray session each one started (its folder ends in the starting process's id)
@@ -233,7 +233,7 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
     import subprocess
     import time
 
-    from simulations.localhost import matching_pids, parent_pids
+    from simulations.localhost import flag_value, matching_pids, parent_pids
     from simulations.watchdog import alive
 
     def start(run_id: str, rounds: int) -> subprocess.Popen:
@@ -253,11 +253,7 @@ def test_two_simulations_side_by_side_each_give_the_rows_they_give_alone(baselin
         """The simulation processes those SuperLinks started, and the Ray sessions they started."""
         found = set()
         for link in links:
-            try:
-                args = Path(f"/proc/{link}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            port = args[args.index(b"--port") + 1].decode() if b"--port" in args else None
+            port = flag_value(link, "--port")
             if port:
                 found |= matching_pids("flwr-simulation", f"\x00127.0.0.1:{port}\x00")
         return found | set().union(*(matching_pids("/tmp/ray/session_", f"_{pid}/") for pid in found))
