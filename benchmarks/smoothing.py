@@ -1,31 +1,40 @@
-"""Randomized smoothing over word substitutions in front of the shipped student (issue #18's second
-defence, after SAFER): what it buys under the substitution attacks, what it costs clean and on a
-device, on SST-2 dev.
+"""Randomized smoothing over word substitutions in front of a student behind its normaliser (issue
+#18's second defence, after SAFER): what it buys under the substitution attacks, what it costs
+clean and on a device; SST-2 dev with the shipped student, or the splits any other student was
+distilled on (``--artifact``: AG News's holdout with an AG News student).
 
-    python benchmarks/smoothing.py [--epochs 2] [--seed 0]
+    python benchmarks/smoothing.py [--artifact sst2-student] [--epochs 2] [--seed 0] [--only "symmetric|rate 0.25"]
 
-Every row is the packaged `sst2-student` behind its word normaliser (the defended device package,
-the reference) with one change: the smoothed classifier of ``models.robust.smoothing`` in front of
-it (16 copies per sentence, each word of the table swapped with probability ``rate`` for one of
-its substitutes), its table built from SST-2 train's words with WordNet's synonyms, MiniLM's
-embedding neighbours or both; and SAFER's own training: the student fine-tuned (``--epochs`` over SST-2
-train, cross-entropy plus distillation of the untouched student's answers, as
-``benchmarks/synonym_encoding.py`` fine-tunes) on a fresh perturbed copy of every sentence each
-epoch, then smoothed the same way (and once without the smoothing, to tell what the training buys
-alone). Attacks: `synonym` (PWWS), `embedding` (TextFooler-style, the
-attack a WordNet table was not built from) and `char`, on the compression benchmark's 200 dev
-sentences (seed 0, 20% word budget), querying the smoothed classifier (normaliser + copies + model;
-one query per sentence whatever its votes cost). "ms/sentence": one thread, batch 1 (one batch of
-the 16 copies), median of 100 dev sentences, float model; "package KB": the shipped device package
-(int8 weights, vocabulary, normaliser) plus the gzip'd table. Writes results/smoothing.{json,md}
-(rows so far in smoothing.partial.json while it runs).
+Every row is the student (by default the packaged `sst2-student`) behind its word normaliser (the
+defended device package, the reference) with one change: the smoothed classifier of
+``models.robust.smoothing`` in front of it (16 copies per sentence unless a row says, each word of
+the table swapped with probability ``rate`` for one of its substitutes), its table built from the
+training split's words with WordNet's synonyms, MiniLM's embedding neighbours or both (and closed
+under its relation: ``PerturbationTable.symmetric``, so that an attack's candidate is a word of
+the table whose substitutes hold the word it replaced); and SAFER's own training: the student
+fine-tuned (``--epochs`` over the training split, cross-entropy plus distillation of the untouched
+student's answers, as ``benchmarks/synonym_encoding.py`` fine-tunes) on a fresh perturbed copy of
+every sentence each epoch, then smoothed the same way (and once without the smoothing, to tell what
+the training buys alone). Attacks: `synonym` (PWWS), `embedding` (TextFooler-style, the attack a
+WordNet table was not built from) and `char`, on the compression benchmark's 200 evaluation
+sentences (seeded, 20% word budget), querying the smoothed classifier (normaliser + copies +
+model; one query per sentence whatever its votes cost). "ms/sentence": one thread, batch 1 (one
+batch of the copies), median of 100 evaluation sentences, float model (the device's own form:
+``benchmarks/smoothing_device.py``); "package KB": the student's device package (int8 weights,
+vocabulary, normaliser) plus the gzip'd table. Writes results/smoothing.{json,md}
+(smoothing_<dataset>.* for another dataset, ..._seed<N>.* for another seed; rows so far in a
+.partial.json while it runs);
+``--only`` measures the rows it names (and the reference where none is stored) and keeps the
+stored numbers of the others.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,30 +43,53 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.artifact import device_package  # noqa: E402
+from models.artifact import device_package, load_artifact, resolve_artifact  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import Victim  # noqa: E402
-from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
 from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
-from server.copies import answers, train_on_substitution_copies  # noqa: E402
-from synonym_encoding import defence_arguments, measure, shipped_student, table  # noqa: E402
+from server.copies import answers, artifact_splits, train_on_substitution_copies  # noqa: E402
+from server.distill import load_splits  # noqa: E402
+from synonym_encoding import defence_arguments, measure, table  # noqa: E402
 
 ATTACKS = ("synonym", "embedding", "char")
 VOTES = 16
-# (row, table source, rate, whether the model is SAFER-trained on copies at that rate, whether the
-# smoothed classifier answers: the row without it tells what the training buys alone)
-ROWS = [("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False, True),
-        ("smoothing, WordNet table, rate 0.5", "wordnet", 0.5, False, True),
-        ("smoothing, embedding table, rate 0.5", "embedding", 0.5, False, True),
-        ("smoothing, WordNet table, rate 0.5, trained on copies at 0.5", "wordnet", 0.5, True, True),
-        ("smoothing, WordNet table, rate 0.75, trained on copies at 0.75", "wordnet", 0.75, True, True),
-        ("no smoothing, trained on WordNet copies at 0.75 (the training alone)", "wordnet", 0.75, True, False),
-        ("smoothing, embedding table, rate 0.75, trained on copies at 0.75", "embedding", 0.75, True, True),
-        ("smoothing, WordNet + embedding table, rate 0.75, trained on copies at 0.75", "wordnet+embedding", 0.75,
-         True, True)]
+class Row(NamedTuple):
+    """One change to the shipped package: the table's source, whether the table is closed under its
+    relation (``PerturbationTable.symmetric``), the swap rate, whether the model is SAFER-trained on
+    copies at that rate, whether the smoothed classifier answers (the row without it tells what the
+    training buys alone) and over how many copies."""
+
+    name: str
+    source: str
+    rate: float
+    trained: bool
+    smoothed: bool = True
+    symmetric: bool = False
+    votes: int = VOTES
+
+
+ROWS = [Row("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
+        Row("smoothing, WordNet table, rate 0.5", "wordnet", 0.5, False),
+        Row("smoothing, embedding table, rate 0.5", "embedding", 0.5, False),
+        Row("smoothing, WordNet table, rate 0.5, trained on copies at 0.5", "wordnet", 0.5, True),
+        Row("smoothing, WordNet table, rate 0.75, trained on copies at 0.75", "wordnet", 0.75, True),
+        Row("no smoothing, trained on WordNet copies at 0.75 (the training alone)", "wordnet", 0.75, True, False),
+        Row("smoothing, embedding table, rate 0.75, trained on copies at 0.75", "embedding", 0.75, True),
+        Row("smoothing, WordNet + embedding table, rate 0.75, trained on copies at 0.75", "wordnet+embedding", 0.75, True),
+        Row("smoothing, symmetric WordNet table, rate 0.75, trained on copies at 0.75", "wordnet", 0.75, True,
+            symmetric=True),
+        Row("no smoothing, trained on symmetric WordNet copies at 0.75 (the training alone)", "wordnet", 0.75, True,
+            False, symmetric=True),
+        Row("smoothing, symmetric WordNet table, rate 0.75 (the smoothing alone)", "wordnet", 0.75, False,
+            symmetric=True),
+        Row("smoothing, symmetric WordNet table, rate 0.75, trained on copies at 0.75, 8 votes", "wordnet", 0.75, True,
+            symmetric=True, votes=8),
+        Row("smoothing, symmetric WordNet + embedding table, rate 0.75, trained on copies at 0.75", "wordnet+embedding",
+            0.75, True, symmetric=True)]
+REFERENCE = "student + normaliser (the shipped package, reference)"
 
 
 def ms_per_sentence(victim: Victim, texts: list[str]) -> float:
@@ -82,48 +114,70 @@ def measure_with_cost(name: str, victim: Victim, data: EncodedData, seed: int, e
 
 
 def main() -> int:
-    args = defence_arguments(__doc__)
-    folder, model = shipped_student()
+    args = defence_arguments(__doc__, only=True, artifact=True)
+    torch.set_num_threads(2)
+    folder = resolve_artifact(args.artifact)
+    model, config = load_artifact(folder)
     package_kb = device_package(folder)["total"] / 1024
-    tokenizer = WordPieceTokenizer(64, normalizer=WordNormalizer.load(folder))
-    train, _ = cached_text_dataset("sst2", "train")
-    dev, _ = cached_text_dataset("sst2", "validation")
+    tokenizer = WordPieceTokenizer(config["max_length"], normalizer=WordNormalizer.load(folder))
+    splits = artifact_splits(folder)
+    train, dev, _ = load_splits(splits)
     texts, labels = list(train["text"]), np.asarray(train["label"])
     data = EncodedData.from_texts(list(dev["text"]), np.asarray(dev["label"]), tokenizer)
     vocabulary = sorted(word_counts(texts))
     targets = answers(model, tokenizer, texts)  # the untouched student's answers on unperturbed text: KD targets
     out = Path(args.out)
+    stem = "smoothing" + ("" if splits.dataset == "sst2" else f"_{splits.dataset}") + (f"_seed{args.seed}" if args.seed else "")
+    wanted = [w for w in args.only.split("|") if w]  # row names hold commas
+    stored = {}
+    if wanted and (out / f"{stem}.json").exists():  # the rows not asked for keep their stored numbers
+        kept = json.loads((out / f"{stem}.json").read_text())
+        if (kept["epochs"], kept["seed"], kept["votes"]) != (args.epochs, args.seed, VOTES):
+            raise SystemExit(f"{out / stem}.json was measured with epochs {kept['epochs']}, seed {kept['seed']} "
+                             f"and {kept['votes']} votes: run every row (no --only) to change them")
+        stored = {r["row"]: r for r in kept["rows"]}
     rows: list[dict] = []
 
     def save(final: bool = False) -> None:
-        name = "smoothing.json" if final else "smoothing.partial.json"
-        atomic_write_json(out / name, {"epochs": args.epochs, "seed": args.seed, "votes": VOTES, "rows": rows})
+        name = f"{stem}.json" if final else f"{stem}.partial.json"
+        atomic_write_json(out / name, {"artifact": args.artifact, "dataset": splits.dataset, "epochs": args.epochs,
+                                       "seed": args.seed, "votes": VOTES, "rows": rows})
         if final:
-            (out / "smoothing.partial.json").unlink(missing_ok=True)
+            (out / f"{stem}.partial.json").unlink(missing_ok=True)
 
-    rows.append(measure_with_cost("student + normaliser (the shipped package, reference)", Victim(model, tokenizer), data,
-                        args.seed, {"package KB": package_kb}))
+    def asked(name: str) -> bool:
+        return not wanted or any(w in name for w in wanted)
+
+    if asked(REFERENCE) or REFERENCE not in stored:
+        rows.append(measure_with_cost(REFERENCE, Victim(model, tokenizer), data, args.seed, {"package KB": package_kb}))
+    else:
+        rows.append(stored[REFERENCE])
     save()
-    tables, tuned = {}, {}  # by source; trained models by (source, rate)
-    for name, source, rate, trained, smoothed in ROWS:
-        if source not in tables:
-            tables[source] = PerturbationTable.build(vocabulary, source)
-        perturbation = tables[source]
-        if trained and (source, rate) not in tuned:  # a fresh copy of every sentence each epoch, one shuffled pass
-            tuned[source, rate] = train_on_substitution_copies(model, tokenizer, texts, labels, targets, perturbation,
-                                                               rate, args.epochs, args.seed)
-        served = tuned[source, rate] if trained else model
+    tables, tuned = {}, {}  # by (source, symmetric); trained models by (source, symmetric, rate)
+    for name, source, rate, trained, smoothed, symmetric, votes in ROWS:
+        if not asked(name):  # kept as stored, or left out where nothing is stored (a new --out)
+            rows.extend([stored[name]] if name in stored else [])
+            continue
+        if (source, symmetric) not in tables:
+            built = PerturbationTable.build(vocabulary, source)
+            tables[source, symmetric] = built.symmetric() if symmetric else built
+        perturbation = tables[source, symmetric]
+        if trained and (source, symmetric, rate) not in tuned:  # a fresh copy of every sentence each epoch
+            tuned[source, symmetric, rate] = train_on_substitution_copies(model, tokenizer, texts, labels, targets,
+                                                                          perturbation, rate, args.epochs, args.seed)
+        served = tuned[source, symmetric, rate] if trained else model
         if smoothed:
-            victim = SmoothedVictim(served, tokenizer, perturbation, VOTES, rate, seed=args.seed)
+            victim = SmoothedVictim(served, tokenizer, perturbation, votes, rate, seed=args.seed)
             table_kb = len(perturbation.to_bytes()) / 1024
-            facts = {"table words": len(perturbation.table), "table KB": table_kb, "package KB": package_kb + table_kb}
+            facts = {"votes": votes, "table words": len(perturbation.table), "table KB": table_kb,
+                     "package KB": package_kb + table_kb}
         else:
             victim, facts = Victim(served, tokenizer), {"package KB": package_kb}
         rows.append(measure_with_cost(name, victim, data, args.seed, facts))
         save()
     save(final=True)
     md = table(rows, COLUMNS, FORMATS)
-    atomic_write_bytes(out / "smoothing.md", (md + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", (md + "\n").encode())
     print(md)
     return 0
 

@@ -58,13 +58,21 @@ def measure(name: str, victim: Victim, data: EncodedData, attacks: tuple[str, ..
     return row
 
 
-def defence_arguments(doc: str) -> argparse.Namespace:
+def defence_arguments(doc: str, only: bool = False, artifact: bool = False) -> argparse.Namespace:
     """What a benchmark of a defence in front of the shipped student takes: --epochs of its
-    fine-tuning, --seed, --out."""
+    fine-tuning, --seed, --out (with ``only``, --only: the rows to measure again; with
+    ``artifact``, --artifact: the student to defend instead of the shipped one)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "results"))
+    if artifact:
+        parser.add_argument("--artifact", default="sst2-student", help="the student behind its normaliser: a "
+                            "packaged name or an artifact folder (rows on the splits it was distilled on)")
+    if only:
+        parser.add_argument("--only", default="", help="measure only the rows whose names contain one of these "
+                            "|-separated texts (row names hold commas) and keep the others' stored numbers (their epochs and seed must "
+                            "be the ones asked for)")
     return parser.parse_args()
 
 

@@ -9,7 +9,7 @@ cross-entropy on the labels plus distillation of the parent's own answers on the
 sentence, so the copies teach invariance and the parent's answers keep what it knew. Network,
 tokenizer, normaliser and package size stay the parent's.
 
-    fedrex train-on-copies --artifact sst2-student --out FOLDER [--source wordnet --rate 0.75 --epochs 2]
+    fedrex train-on-copies --artifact sst2-student --out FOLDER [--source wordnet --rate 0.75 --epochs 2] [--symmetric]
 
 Measured on SST-2 dev (``benchmarks/smoothing.py``, row "the training alone"): 0.852 clean, 0.265
 under PWWS (the parent 0.842 / 0.135), 0.315 under the embedding-neighbour attack (unchanged: a
@@ -87,8 +87,23 @@ def train_on_substitution_copies(model, tokenizer, texts: list[str], labels: np.
                      targets.repeat(passes, 1), epochs / passes, seed)
 
 
+def artifact_splits(folder: Path):
+    """The splits an artifact was distilled on and evaluated with (a holdout carved out of train,
+    too), as the ``DistillConfig`` that ``server.distill.load_splits`` reads: its card's settings, or
+    the dataset its config names."""
+    from server.distill import DistillConfig
+
+    card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").exists() else {}
+    config = read_config(folder)
+    split_settings = card.get("config") or ({"dataset": config["dataset"]} if config.get("dataset") else {})
+    if not split_settings:
+        raise FedrexError(f"{folder} names no dataset it was trained on (no card, no dataset in its config)")
+    return DistillConfig(**{k: split_settings[k] for k in ("dataset", "train_split", "eval_split", "eval_fraction",
+                                                           "seed", "data_dir") if k in split_settings})
+
+
 def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: float = 0.75, epochs: int = 2,
-                    seed: int = 0, rows: int = 0, attack_samples: int = 200, log=None) -> dict:
+                    seed: int = 0, rows: int = 0, attack_samples: int = 200, log=None, symmetric: bool = False) -> dict:
     """Write ``out``: ``artifact`` fine-tuned for ``epochs`` passes over fresh substitution copies of
     the training split it was distilled on (the first ``rows`` only when > 0: a quick check), with
     its normaliser, and a card saying what it came from and what both models score on the parent's
@@ -98,7 +113,7 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     from models.encoded import EncodedData
     from models.evaluation import robustness
     from models.robust.smoothing import PerturbationTable, check_source
-    from server.distill import DistillConfig, load_splits
+    from server.distill import load_splits
 
     log = log or say
     check_source(source)
@@ -113,13 +128,8 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
         raise FedrexError(f"{out} already exists; an artifact is never overwritten: remove it or choose another --out")
     model, config = load_artifact(parent)
     parent_card = json.loads((parent / "card.json").read_text()) if (parent / "card.json").exists() else {}
-    # the splits the parent was distilled on and evaluated with (a holdout carved out of train, too)
     made = parent_card.get("config", {})
-    split_settings = made or ({"dataset": config["dataset"]} if config.get("dataset") else {})
-    if not split_settings:
-        raise FedrexError(f"{parent} names no dataset it was trained on (no card, no dataset in its config)")
-    splits = DistillConfig(**{k: split_settings[k] for k in ("dataset", "train_split", "eval_split", "eval_fraction",
-                                                             "seed", "data_dir") if k in split_settings})
+    splits = artifact_splits(parent)
     normalizer = WordNormalizer.load(parent) if (parent / NORMALIZER_FILE).exists() else None
     tokenizer = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     train, evaluation, _ = load_splits(splits)
@@ -131,8 +141,9 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     start = time.time()
     targets = answers(model, tokenizer, texts)
     table = PerturbationTable.build(sorted(word_counts(texts)), source)
+    table = table.symmetric() if symmetric else table
     log(f"[copies] {len(texts)} {splits.dataset} {splits.train_split} sentences, {len(table.table)} table words "
-        f"({source}), rate {rate}, {epochs} epochs, {torch.get_num_threads()} threads")
+        f"({source}{', symmetric' if symmetric else ''}), rate {rate}, {epochs} epochs, {torch.get_num_threads()} threads")
     tuned = train_on_substitution_copies(model, tokenizer, texts, labels, targets, table, rate, epochs, seed)
     log(f"[copies] trained in {time.time() - start:.0f}s")
     data = EncodedData.from_texts(list(evaluation["text"]), np.asarray(evaluation["label"]), tokenizer)
@@ -149,7 +160,7 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     if normalizer is not None:
         shutil.copyfile(parent / NORMALIZER_FILE, partial / NORMALIZER_FILE)
     card = {"parent": {"artifact": artifact, "sha256": read_config(parent).get("sha256", {})},
-            "recipe": {"kind": "substitution copies", "source": source, "rate": rate, "epochs": epochs,
+            "recipe": {"kind": "substitution copies", "source": source, "symmetric": symmetric, "rate": rate, "epochs": epochs,
                        "seed": seed, "train_split": splits.train_split, "rows": len(texts), "lr": LR,
                        "batch_size": BATCH_SIZE,
                        "loss": "cross-entropy + distillation of the parent's answers on unperturbed text"},
@@ -178,6 +189,6 @@ def say(message: str) -> None:
 
 def run(args) -> int:
     card = train_on_copies(args.artifact, Path(args.out), args.source, args.rate, args.epochs, args.seed,
-                           args.rows, args.attack_samples)
+                           args.rows, args.attack_samples, symmetric=args.symmetric)
     print(f"wrote {args.out} (package {card['device_package']['total'] / 1024:.0f} KB)")
     return 0

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     copies.add_argument("--source", default="wordnet",
                         help="where each word's substitutes come from: wordnet, embedding or wordnet+embedding")
     copies.add_argument("--rate", type=float, default=0.75, help="chance that a table word is swapped in a copy")
+    copies.add_argument("--symmetric", action="store_true",
+                        help="close the table under its relation: every substitute is a word of it whose "
+                             "substitutes hold the words listing it (what the smoothed package draws from)")
     copies.add_argument("--epochs", type=int, default=2, help="passes, each over fresh copies of every sentence")
     copies.add_argument("--seed", type=int, default=0)
     copies.add_argument("--rows", type=int, default=0, help="train on the first N rows only (0: all)")

@@ -449,12 +449,34 @@ def test_smoothing_averages_the_models_answers_over_seeded_copies_that_swap_only
         SmoothedVictim(model, tok, table, votes=0)
 
 
+def test_a_symmetric_table_holds_every_substitute_as_a_word_whose_substitutes_hold_the_words_listing_it():
+    """``PerturbationTable.symmetric``: an attack's candidate (a substitute) becomes a word of the
+    table, and its substitutes hold the word it replaced; a word keeps its own substitutes first, in
+    order; a stopword substitute stays out of the words; closing a closed table changes nothing."""
+    from models.robust.smoothing import PerturbationTable
+
+    table = PerturbationTable({"good": ("fine", "nice"), "great": ("fine", "big"), "film": ("movie", "the")})
+    closed = table.symmetric()
+    assert closed.table == {"good": ("fine", "nice"), "great": ("fine", "big"), "film": ("movie", "the"),
+                            "fine": ("good", "great"), "nice": ("good",), "big": ("great",), "movie": ("film",)}
+    assert closed.symmetric().table == closed.table
+    # the same closure whatever order the table was built in (a built table's order is a set's)
+    shuffled = PerturbationTable(dict(reversed(list(table.table.items())))).symmetric()
+    assert list(shuffled.table["fine"]) == ["good", "great"] and shuffled.table == closed.table
+    assert PerturbationTable.from_bytes(table.to_bytes()).symmetric().table == closed.table
+    built = PerturbationTable.build(["good", "movie"], "wordnet").symmetric()
+    assert all(word in built.get(s) for word, subs in built.table.items() for s in subs if s in built.table)
+    assert "good" in built.get("estimable") and "movie" in built.get("film")
+
+
 def test_a_table_swap_moves_the_smoothed_students_answer_less_than_the_students(sst2):
     """The mechanism smoothing rests on, on real SST-2 dev sentences and the shipped student
     behind its normaliser: swapping one word for a substitute the table holds moves the smoothed
     answer (16 copies at rate 0.5) less than it moves the model's, on average over the sentences
     (the attack's search climbs on exactly these moves): the copies of the two texts draw the same
-    swaps, so what differs is the substitution, averaged with the copies that replace the word anyway."""
+    swaps, so what differs is the substitution, averaged with the copies that replace the word anyway;
+    and less again with the table closed (``PerturbationTable.symmetric``), whose copies swap the
+    substitute as well."""
     from models.artifact import load_artifact
     from models.attacks import Victim
     from models.robust.smoothing import PerturbationTable, SmoothedVictim
@@ -480,6 +502,10 @@ def test_a_table_swap_moves_the_smoothed_students_answer_less_than_the_students(
     # 0.052 against 0.069 when written; copies seeded by the text itself (fresh draws for every
     # candidate) gave 0.076, more than the model alone
     assert smoothed < 0.85 * plain, (smoothed, plain)
+    # closed under its relation, the table swaps the substitute too, back to the word among others:
+    # the swap moves the answer less again (0.037 when written)
+    closed = moved(SmoothedVictim(model, tok, table.symmetric(), votes=16, rate=0.5))
+    assert closed < 0.85 * smoothed, (closed, smoothed)
 
 
 @pytest.mark.slow
@@ -580,7 +606,8 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
 
     parent = resolve_artifact("sst2-student")
     out = tmp_path / "copies"
-    card = train_on_copies("sst2-student", out, rate=0.75, epochs=1.0, rows=256, attack_samples=0, log=lambda _: None)
+    card = train_on_copies("sst2-student", out, rate=0.75, epochs=1.0, rows=256, attack_samples=0, log=lambda _: None,
+                           symmetric=True)
     model, config = load_artifact(out)
     parent_model, parent_config = load_artifact(parent)
     assert config["network"] == parent_config["network"]
@@ -591,6 +618,7 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
     assert json.loads((out / "card.json").read_text()) == card and not (tmp_path / "copies.partial").exists()
     assert card["parent"]["sha256"] == read_config(parent)["sha256"]
     assert card["recipe"]["rows"] == 256 and card["recipe"]["rate"] == 0.75 and card["recipe"]["train_split"] == "train"
+    assert card["recipe"]["symmetric"] is True
     assert 0.5 < card["evaluation"]["scores"]["trained"]["clean_acc"] <= 1 and card["evaluation"]["rows"] == 872
     with pytest.raises(FedrexError, match="already exists"):
         train_on_copies("sst2-student", out, rows=256, attack_samples=0, log=lambda _: None)

@@ -65,6 +65,25 @@ class PerturbationTable:
         return cls({w: tuple(dict.fromkeys(s.lower() for near in parts for s in near(w) if s.lower() != w))
                     for w in {w.lower() for w in words} if w not in STOPWORDS})
 
+    def symmetric(self) -> "PerturbationTable":
+        """The table closed under its own relation: every substitute becomes a word of the table
+        too, and each word's substitutes gain every word that lists it (stopwords stay out). Built
+        from a corpus's words, a table covers the attack's original words but not its candidates:
+        on SST-2 dev half of PWWS's WordNet candidates were no word of the WordNet table (their
+        copies never moved: a swap traded a word the copies drew over for one they kept), and
+        only 28% listed the word they replace. Closed, a candidate's copies draw from a set that
+        holds the word it replaced. A word's own substitutes come first, in their order; the words
+        listing it follow in alphabetical order, so a table and the same table read from its file
+        close to the same table."""
+        neighbours = {w: dict.fromkeys(s) for w, s in self.table.items()}
+        # in the words' order, not the table's: a built table's order is a set's, which differs between
+        # processes, and a substitute's position is what a copy's draw picks
+        for word, substitutes in sorted(self.table.items()):
+            for substitute in substitutes:
+                if substitute not in STOPWORDS:
+                    neighbours.setdefault(substitute, {})[word] = None
+        return PerturbationTable({w: tuple(n) for w, n in neighbours.items()})
+
     def get(self, word: str) -> tuple[str, ...]:
         return self.table.get(word.lower(), ())
 

@@ -1,0 +1,169 @@
+"""The smoothed classifier as a device would hold and run it (issue #18's third item): what its
+package weighs, what a sentence costs on one thread, and whether its exports answer as the model
+the attacks measured.
+
+    python benchmarks/smoothing_device.py [--artifact sst2-student-copies] [--source wordnet] [--rate 0.75]
+                                          [--symmetric] [--votes 16] [--seed 0]
+
+The student the smoothing rows measure best is SAFER-trained on the closed table; make it first:
+``fedrex train-on-copies --out FOLDER --symmetric --attack-samples 0``, then ``--artifact FOLDER
+--symmetric`` (the results name its recipe).
+
+The package: the artifact's device package (config, int8 weights, the gzip'd WordPiece vocabulary,
+the normaliser) plus the perturbation table (``models.robust.smoothing``, built from the words of
+the artifact's training split as ``fedrex train-on-copies`` builds it) in the file format a device
+reads (``models.robust.word_table``), as built: with ``--symmetric`` the device closes it when it
+loads it (``PerturbationTable.symmetric``, timed), which halves the bytes of a closed table. Latency: one thread, one sentence at a time, median and p90
+of 100 SST-2 dev sentences after a warm-up: the ``votes`` copies drawn, normalised and tokenised
+(Python), then the model on the batch of copies in deployable form (``models.export.deployable``:
+TorchScript of the int8 weights, frozen), and ONNX Runtime on the int8 ONNX export (one intra-op
+thread) on the same copies; the unsmoothed model at batch 1 for scale. Agreement: the smoothed
+answers on every SST-2 dev sentence of the float model (what ``benchmarks/smoothing.py`` attacks),
+the TorchScript int8 module and the ONNX int8 export, with each one's accuracy.
+Writes results/smoothing_device.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from analysis.report import markdown_table  # noqa: E402
+from models.artifact import device_package, load_artifact, resolve_artifact  # noqa: E402
+from models.datasets import cached_text_dataset  # noqa: E402
+from models.export import deployable, export_onnx_int8  # noqa: E402
+from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from models.normalizer import WordNormalizer, word_counts  # noqa: E402
+from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
+from models.tokenizer import WordPieceTokenizer  # noqa: E402
+
+
+class OnnxModel:
+    """An int8 ONNX export behind the call a ``Victim`` makes of a torch model (ids -> logits)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def eval(self):
+        return self
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"ids": ids.numpy().astype(np.int64)})[0])
+
+
+def timed(victim: SmoothedVictim, texts: list[str], warmup: int = 5) -> dict:
+    """Per sentence on one thread: the copies to padded ids (Python), the model on them, the whole."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    prepare, run, whole = [], [], []
+    try:
+        with torch.no_grad():
+            for i, text in enumerate(texts[:warmup] + texts):
+                start = time.perf_counter()
+                ids = torch.from_numpy(victim.tokenizer.encode(victim.copies(text)))
+                middle = time.perf_counter()
+                torch.softmax(victim.model(ids), -1).mean(0)
+                end = time.perf_counter()
+                if i >= warmup:
+                    prepare.append(1000 * (middle - start))
+                    run.append(1000 * (end - middle))
+                    whole.append(1000 * (end - start))
+    finally:
+        torch.set_num_threads(threads)
+    return {"copies ms": statistics.median(prepare), "model ms": statistics.median(run),
+            "ms/sentence": statistics.median(whole), "p90 ms": float(np.percentile(whole, 90))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", default="sst2-student-copies")
+    parser.add_argument("--source", default="wordnet")
+    parser.add_argument("--rate", type=float, default=0.75)
+    parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--votes", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folder = resolve_artifact(args.artifact)
+    tokenizer = WordPieceTokenizer(64, normalizer=WordNormalizer.load(folder))
+    train, _ = cached_text_dataset("sst2", "train")
+    dev, _ = cached_text_dataset("sst2", "validation")
+    built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), args.source)
+    # the device holds the table as built and closes it when it loads it: half the bytes of the closed table
+    blob = built.to_bytes()
+    loads = []
+    for _ in range(5):
+        start = time.perf_counter()
+        table = PerturbationTable.from_bytes(blob)
+        table = table.symmetric() if args.symmetric else table
+        loads.append(1000 * (time.perf_counter() - start))
+    assert table.table == (built.symmetric() if args.symmetric else built).table
+    table_bytes = len(blob)
+    package = device_package(folder)
+    texts, labels = list(dev["text"]), np.asarray(dev["label"])
+    float_model, _ = load_artifact(folder)
+    int8_model, _ = load_artifact(folder, int8=True)
+    example = torch.from_numpy(tokenizer.encode(texts[:4]))
+    scripted, form = deployable(int8_model, example)
+    models = {"float model (as attacked)": float_model.eval(), f"int8 weights, {form}": scripted}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx_int8(int8_model, Path(tmp) / "model.int8.onnx", example)
+        onnx_bytes = onnx_path.stat().st_size
+        models["int8 ONNX, ONNX Runtime"] = OnnxModel(onnx_path)
+        victims = {name: SmoothedVictim(m, tokenizer, table, args.votes, args.rate, seed=args.seed)
+                   for name, m in models.items()}
+        answers = {name: v.answer(texts).argmax(1) for name, v in victims.items()}
+        reference = answers["float model (as attacked)"]
+        rows = []
+        for name, victim in victims.items():
+            row = {"model": name, "clean_acc": float((answers[name] == labels).mean()),
+                   "agreement with the float model": float((answers[name] == reference).mean())}
+            if name != "float model (as attacked)":
+                row.update(timed(victim, texts[:100]))
+            rows.append(row)
+        plain = SmoothedVictim(scripted, tokenizer, table, 1, 0.0, seed=args.seed)  # one unperturbed copy
+        rows.append({"model": f"unsmoothed, int8 weights, {form} (batch 1, for scale)",
+                     "clean_acc": float((plain.answer(texts).argmax(1) == labels).mean()), **timed(plain, texts[:100])})
+    card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").exists() else {}
+    result = {"artifact": args.artifact, "artifact recipe": card.get("recipe"), "source": args.source, "symmetric": args.symmetric, "rate": args.rate,
+              "votes": args.votes, "seed": args.seed, "table words": len(table.table), "table bytes": table_bytes,
+              "closed table bytes": len(table.to_bytes()), "table load ms": statistics.median(loads),
+              "package": {**package, "smoothing table": table_bytes, "total": package["total"] + table_bytes},
+              "onnx int8 bytes": onnx_bytes, "rows": rows, "threads": 1}
+    out = Path(args.out)
+    atomic_write_json(out / "smoothing_device.json", result)
+    columns = ["model", "clean_acc", "agreement with the float model", "copies ms", "model ms", "ms/sentence", "p90 ms"]
+    frame = [{c: ("–" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" if "acc" in c or "agree" in c
+                  else f"{r[c]:.2f}") for c in columns} for r in rows]
+    import pandas as pd
+
+    md = markdown_table(pd.DataFrame(frame, columns=columns))
+    sizes = ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in result["package"].items())
+    md += (f"\n\nPackage ({args.artifact}, {args.source} table of {len(built.table)} words"
+           + (f", closed on loading to {len(table.table)} words in {result['table load ms']:.0f} ms (closed on "
+              f"disk it would take {result['closed table bytes'] / 1024:.0f} KB)" if args.symmetric else "")
+           + f"): {sizes}; {args.votes} votes at rate {args.rate}.\n")
+    atomic_write_bytes(out / "smoothing_device.md", md.encode())
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
