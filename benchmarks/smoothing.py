@@ -22,8 +22,8 @@ model; one query per sentence whatever its votes cost). "ms/sentence": one threa
 batch of the copies), median of 100 evaluation sentences, float model (the device's own form:
 ``benchmarks/smoothing_device.py``); "package KB": the student's device package (int8 weights,
 vocabulary, normaliser) plus the gzip'd table. Writes results/smoothing.{json,md}
-(smoothing_<dataset>.* for another dataset, ..._seed<N>.* for another seed; rows so far in a
-.partial.json while it runs);
+(smoothing_<artifact folder's name>.* for another student, ..._seed<N>.* for another seed; rows so
+far in a .partial.json while it runs);
 ``--only`` measures the rows it names (and the reference where none is stored) and keeps the
 stored numbers of the others.
 """
@@ -92,6 +92,11 @@ ROWS = [Row("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
 REFERENCE = "student + normaliser (the shipped package, reference)"
 
 
+def settings_of(name: str) -> dict | None:
+    """What a row of ``ROWS`` changes, as stored with its numbers (None for the reference)."""
+    return next(({k: v for k, v in row._asdict().items() if k != "name"} for row in ROWS if row.name == name), None)
+
+
 def ms_per_sentence(victim: Victim, texts: list[str]) -> float:
     """One thread, batch 1: the median of 100 sentences after a warm-up."""
     threads = torch.get_num_threads()
@@ -127,15 +132,23 @@ def main() -> int:
     vocabulary = sorted(word_counts(texts))
     targets = answers(model, tokenizer, texts)  # the untouched student's answers on unperturbed text: KD targets
     out = Path(args.out)
-    stem = "smoothing" + ("" if splits.dataset == "sst2" else f"_{splits.dataset}") + (f"_seed{args.seed}" if args.seed else "")
+    # a file per student and seed: rows of different students never share one
+    stem = ("smoothing" + ("" if args.artifact == "sst2-student" else f"_{Path(args.artifact).name}")
+            + (f"_seed{args.seed}" if args.seed else ""))
     wanted = [w for w in args.only.split("|") if w]  # row names hold commas
-    stored = {}
-    if wanted and (out / f"{stem}.json").exists():  # the rows not asked for keep their stored numbers
+    unknown = [w for w in wanted if not any(w in r.name for r in ROWS) and w not in REFERENCE]
+    if unknown:
+        raise SystemExit(f"--only {unknown} names no row; rows: {[r.name for r in ROWS]}")
+    stored, have_file = {}, (out / f"{stem}.json").exists()
+    if wanted and have_file:  # the rows not asked for keep their stored numbers
         kept = json.loads((out / f"{stem}.json").read_text())
-        if (kept["epochs"], kept["seed"], kept["votes"]) != (args.epochs, args.seed, VOTES):
-            raise SystemExit(f"{out / stem}.json was measured with epochs {kept['epochs']}, seed {kept['seed']} "
-                             f"and {kept['votes']} votes: run every row (no --only) to change them")
-        stored = {r["row"]: r for r in kept["rows"]}
+        made = (kept["epochs"], kept["seed"], kept["votes"], kept.get("artifact", "sst2-student"),
+                kept.get("dataset", "sst2"))
+        if made != (args.epochs, args.seed, VOTES, args.artifact, splits.dataset):
+            raise SystemExit(f"{out / stem}.json was measured with (epochs, seed, votes, artifact, dataset) {made}: "
+                             "run every row (no --only) to change them")
+        # a row is kept only as its settings stand today (rows stored before settings were recorded: as they ran)
+        stored = {r["row"]: r for r in kept["rows"] if r.get("settings") in (None, settings_of(r["row"]))}
     rows: list[dict] = []
 
     def save(final: bool = False) -> None:
@@ -155,9 +168,9 @@ def main() -> int:
     save()
     tables, tuned = {}, {}  # by (source, symmetric); trained models by (source, symmetric, rate)
     for name, source, rate, trained, smoothed, symmetric, votes in ROWS:
-        if not asked(name):  # kept as stored, or left out where nothing is stored (a new --out)
+        if not asked(name) and (name in stored or not have_file):  # kept as stored; a new file holds what was asked
             rows.extend([stored[name]] if name in stored else [])
-            continue
+            continue  # (a row missing from the stored file, or stored under other settings, is measured)
         if (source, symmetric) not in tables:
             built = PerturbationTable.build(vocabulary, source)
             tables[source, symmetric] = built.symmetric() if symmetric else built
@@ -173,7 +186,7 @@ def main() -> int:
                      "package KB": package_kb + table_kb}
         else:
             victim, facts = Victim(served, tokenizer), {"package KB": package_kb}
-        rows.append(measure_with_cost(name, victim, data, args.seed, facts))
+        rows.append(measure_with_cost(name, victim, data, args.seed, {**facts, "settings": settings_of(name)}))
         save()
     save(final=True)
     md = table(rows, COLUMNS, FORMATS)

@@ -14,11 +14,11 @@ the normaliser) plus the perturbation table (``models.robust.smoothing``, built 
 the artifact's training split as ``fedrex train-on-copies`` builds it) in the file format a device
 reads (``models.robust.word_table``), as built: with ``--symmetric`` the device closes it when it
 loads it (``PerturbationTable.symmetric``, timed), which halves the bytes of a closed table. Latency: one thread, one sentence at a time, median and p90
-of 100 SST-2 dev sentences after a warm-up: the ``votes`` copies drawn, normalised and tokenised
+of 100 evaluation sentences (SST-2 dev for an SST-2 student) after a warm-up: the ``votes`` copies drawn, normalised and tokenised
 (Python), then the model on the batch of copies in deployable form (``models.export.deployable``:
 TorchScript of the int8 weights, frozen), and ONNX Runtime on the int8 ONNX export (one intra-op
 thread) on the same copies; the unsmoothed model at batch 1 for scale. Agreement: the smoothed
-answers on every SST-2 dev sentence of the float model (what ``benchmarks/smoothing.py`` attacks),
+answers on every evaluation sentence of the float weights (what ``benchmarks/smoothing.py`` attacks),
 the TorchScript int8 module and the ONNX int8 export, with each one's accuracy.
 Writes results/smoothing_device.{json,md}.
 """
@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# one thread means the tokenizer's too: its batch encoding otherwise starts a thread pool
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,12 +47,13 @@ import torch  # noqa: E402
 
 from analysis.report import markdown_table  # noqa: E402
 from models.artifact import device_package, load_artifact, resolve_artifact  # noqa: E402
-from models.datasets import cached_text_dataset  # noqa: E402
 from models.export import deployable, export_onnx_int8  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
 from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
+from server.copies import artifact_splits  # noqa: E402
+from server.distill import load_splits  # noqa: E402
 
 
 class OnnxModel:
@@ -93,18 +99,29 @@ def timed(victim: SmoothedVictim, texts: list[str], warmup: int = 5) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", default="sst2-student-copies")
-    parser.add_argument("--source", default="wordnet")
-    parser.add_argument("--rate", type=float, default=0.75)
-    parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--source", help="the table's source (default: the artifact's recipe, else wordnet)")
+    parser.add_argument("--rate", type=float, help="swap rate (default: the artifact's recipe, else 0.75)")
+    parser.add_argument("--symmetric", action="store_true", default=None,
+                        help="close the table (default: as the artifact's recipe says)")
     parser.add_argument("--votes", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     folder = resolve_artifact(args.artifact)
-    tokenizer = WordPieceTokenizer(64, normalizer=WordNormalizer.load(folder))
-    train, _ = cached_text_dataset("sst2", "train")
-    dev, _ = cached_text_dataset("sst2", "validation")
+    card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").exists() else {}
+    recipe = card.get("recipe") or {}
+    # the smoothing the student was trained for: a setting that differs from its recipe is refused
+    for name, default in (("source", "wordnet"), ("rate", 0.75), ("symmetric", False)):
+        trained = recipe.get(name, False if name == "symmetric" and recipe else None)
+        if getattr(args, name) is not None and trained is not None and getattr(args, name) != trained:
+            raise SystemExit(f"--{name} {getattr(args, name)} but {args.artifact} was trained on copies with {name} "
+                             f"{trained}: measure the smoothing it was trained for")
+        setattr(args, name, getattr(args, name) if getattr(args, name) is not None else
+                trained if trained is not None else default)
+    _, config = load_artifact(folder)
+    tokenizer = WordPieceTokenizer(config["max_length"], normalizer=WordNormalizer.load(folder))
+    train, dev, _ = load_splits(artifact_splits(folder))
     built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), args.source)
     # the device holds the table as built and closes it when it loads it: half the bytes of the closed table
     blob = built.to_bytes()
@@ -114,7 +131,8 @@ def main() -> int:
         table = PerturbationTable.from_bytes(blob)
         table = table.symmetric() if args.symmetric else table
         loads.append(1000 * (time.perf_counter() - start))
-    assert table.table == (built.symmetric() if args.symmetric else built).table
+    if table.table != (built.symmetric() if args.symmetric else built).table:
+        raise SystemExit("the table read from its file and closed is not the table built: a bug")
     table_bytes = len(blob)
     package = device_package(folder)
     texts, labels = list(dev["text"]), np.asarray(dev["label"])
@@ -122,7 +140,7 @@ def main() -> int:
     int8_model, _ = load_artifact(folder, int8=True)
     example = torch.from_numpy(tokenizer.encode(texts[:4]))
     scripted, form = deployable(int8_model, example)
-    models = {"float model (as attacked)": float_model.eval(), f"int8 weights, {form}": scripted}
+    models = {"float weights": float_model.eval(), f"int8 weights, {form}": scripted}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx_int8(int8_model, Path(tmp) / "model.int8.onnx", example)
         onnx_bytes = onnx_path.stat().st_size
@@ -130,18 +148,17 @@ def main() -> int:
         victims = {name: SmoothedVictim(m, tokenizer, table, args.votes, args.rate, seed=args.seed)
                    for name, m in models.items()}
         answers = {name: v.answer(texts).argmax(1) for name, v in victims.items()}
-        reference = answers["float model (as attacked)"]
+        reference = answers["float weights"]
         rows = []
         for name, victim in victims.items():
             row = {"model": name, "clean_acc": float((answers[name] == labels).mean()),
-                   "agreement with the float model": float((answers[name] == reference).mean())}
-            if name != "float model (as attacked)":
+                   "agreement with the float weights": float((answers[name] == reference).mean())}
+            if name != "float weights":
                 row.update(timed(victim, texts[:100]))
             rows.append(row)
         plain = SmoothedVictim(scripted, tokenizer, table, 1, 0.0, seed=args.seed)  # one unperturbed copy
         rows.append({"model": f"unsmoothed, int8 weights, {form} (batch 1, for scale)",
                      "clean_acc": float((plain.answer(texts).argmax(1) == labels).mean()), **timed(plain, texts[:100])})
-    card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").exists() else {}
     result = {"artifact": args.artifact, "artifact recipe": card.get("recipe"), "source": args.source, "symmetric": args.symmetric, "rate": args.rate,
               "votes": args.votes, "seed": args.seed, "table words": len(table.table), "table bytes": table_bytes,
               "closed table bytes": len(table.to_bytes()), "table load ms": statistics.median(loads),
@@ -149,7 +166,7 @@ def main() -> int:
               "onnx int8 bytes": onnx_bytes, "rows": rows, "threads": 1}
     out = Path(args.out)
     atomic_write_json(out / "smoothing_device.json", result)
-    columns = ["model", "clean_acc", "agreement with the float model", "copies ms", "model ms", "ms/sentence", "p90 ms"]
+    columns = ["model", "clean_acc", "agreement with the float weights", "copies ms", "model ms", "ms/sentence", "p90 ms"]
     frame = [{c: ("–" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" if "acc" in c or "agree" in c
                   else f"{r[c]:.2f}") for c in columns} for r in rows]
     import pandas as pd
