@@ -20,7 +20,7 @@ TorchScript of the int8 weights, frozen), and ONNX Runtime on the int8 ONNX expo
 thread) on the same copies; the unsmoothed model at batch 1 for scale. Agreement: the smoothed
 answers on every evaluation sentence of the float weights (what ``benchmarks/smoothing.py`` attacks),
 the TorchScript int8 module and the ONNX int8 export, with each one's accuracy.
-Writes results/smoothing_device.{json,md}.
+Writes results/smoothing_device.{json,md} (..._votes<N>.* for another number of votes).
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ def main() -> int:
               "closed table bytes": len(table.to_bytes()), "table load ms": statistics.median(loads),
               "package": {**package, "smoothing table": table_bytes, "total": package["total"] + table_bytes},
               "onnx int8 bytes": onnx_bytes, "rows": rows, "threads": 1}
-    out = Path(args.out)
-    atomic_write_json(out / "smoothing_device.json", result)
+    out, stem = Path(args.out), "smoothing_device" + (f"_votes{args.votes}" if args.votes != 16 else "")
+    atomic_write_json(out / f"{stem}.json", result)
     columns = ["model", "clean_acc", "agreement with the float weights", "copies ms", "model ms", "ms/sentence", "p90 ms"]
     frame = [{c: ("–" if r.get(c) is None else r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" if "acc" in c or "agree" in c
                   else f"{r[c]:.2f}") for c in columns} for r in rows]
@@ -177,7 +177,7 @@ def main() -> int:
            + (f", closed on loading to {len(table.table)} words in {result['table load ms']:.0f} ms (closed on "
               f"disk it would take {result['closed table bytes'] / 1024:.0f} KB)" if args.symmetric else "")
            + f"): {sizes}; {args.votes} votes at rate {args.rate}.\n")
-    atomic_write_bytes(out / "smoothing_device.md", md.encode())
+    atomic_write_bytes(out / f"{stem}.md", md.encode())
     print(md)
     return 0
 
