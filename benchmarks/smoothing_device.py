@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analysis.report import markdown_table  # noqa: E402
 from models.artifact import device_package, load_artifact, resolve_artifact  # noqa: E402
 from models.export import deployable, export_onnx_int8  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
@@ -55,6 +54,7 @@ from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 from server.copies import artifact_splits  # noqa: E402
 from server.distill import load_splits  # noqa: E402
+from synonym_encoding import table as markdown_rows  # noqa: E402
 
 
 class OnnxModel:
@@ -126,7 +126,7 @@ def main() -> int:
                              f"{trained}: measure the smoothing it was trained for")
         setattr(args, name, getattr(args, name) if getattr(args, name) is not None else
                 trained if trained is not None else default)
-    _, config = load_artifact(folder)
+    float_model, config = load_artifact(folder)
     tokenizer = WordPieceTokenizer(config["max_length"], normalizer=WordNormalizer.load(folder))
     train, dev, _ = load_splits(artifact_splits(folder))
     built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), args.source)
@@ -143,7 +143,6 @@ def main() -> int:
     table_bytes = len(blob)
     package = device_package(folder)
     texts, labels = list(dev["text"]), np.asarray(dev["label"])
-    float_model, _ = load_artifact(folder)
     int8_model, _ = load_artifact(folder, int8=True)
     example = torch.from_numpy(tokenizer.encode(texts[:4]))
     scripted, form = deployable(int8_model, example)
@@ -175,12 +174,9 @@ def main() -> int:
     atomic_write_json(out / f"{stem}.json", result)
     columns = ["model", "clean_acc", "agreement with the float weights", "copies ms", "model ms", "ms/sentence",
                "ms/sentence by pass", "p90 ms"]
-    frame = [{c: ("–" if r.get(c) is None else r[c] if isinstance(r[c], str) else " / ".join(f"{v:.2f}" for v in r[c])
-                  if isinstance(r[c], list) else f"{r[c]:.3f}" if "acc" in c or "agree" in c
-                  else f"{r[c]:.2f}") for c in columns} for r in rows]
-    import pandas as pd
-
-    md = markdown_table(pd.DataFrame(frame, columns=columns))
+    passes = [{**r, "ms/sentence by pass": " / ".join(f"{v:.2f}" for v in r["ms/sentence by pass"])}
+              if "ms/sentence by pass" in r else r for r in rows]
+    md = markdown_rows(passes, columns, {**{c: "{:.2f}" for c in columns[3:]}, "ms/sentence by pass": "{}"})
     sizes = ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in result["package"].items())
     md += (f"\n\nPackage ({args.artifact}, {args.source} table of {len(built.table)} words"
            + (f", closed on loading to {len(table.table)} words in {result['table load ms']:.0f} ms (closed on "
