@@ -45,6 +45,11 @@ VARIANTS = [  # (row name, network, objective weights, other config changes): on
     ("student w/o ADV", "student", {**OURS, "adv": 0.0}, ABLATION),
     ("student w/o KD", "student", {**OURS, "kd": 0.0}, ABLATION),
     ("student + perturbed-text training", "student", OURS, {"augment": 0.5}),
+    # distilled from a teacher fine-tuned with half its rows perturbed each epoch (issue #18) ...
+    ("student from a perturbed-text teacher", "student", OURS, {"teacher_augment": 0.5}),
+    # ... and with perturbed-text training of its own as well: the combination
+    ("student + perturbed-text training + perturbed-text teacher", "student", OURS,
+     {"teacher_augment": 0.5, "augment": 0.5}),
     ("student + adversarial-text training", "student", OURS, {"adv_text": 500}),
     # the ADV term's adversary in the convex hull of each word's WordNet synonyms (ASCC), not a ball
     ("student + ASCC (adversary in the synonyms' hull)", "student", OURS, {"adv_space": "synonyms"}),
@@ -184,7 +189,7 @@ def main() -> int:
 # Fields the configs gained after rows were measured, with the value every row measured before
 # them ran with (not the field's default, which may change later): a kept row without one reads
 # as that value; a row missing any other field is refused.
-ADDED_FIELDS = {"adv_space": "ball"}
+ADDED_FIELDS = {"adv_space": "ball", "teacher_augment": 0.0}
 ADDED_OBJECTIVE_FIELDS = {"erasure": 0.0}
 
 
@@ -270,7 +275,7 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
     from models.normalizer import WordNormalizer
     from models.teacher import MiniLMTeacher
     from models.tokenizer import WordPieceTokenizer
-    from server.distill import DistillConfig, load_splits
+    from server.distill import load_splits
 
     normalizers: dict[str, WordNormalizer | None] = {}  # one per dataset: every row's file holds the same words
     samples: dict[str, list] = {}
@@ -283,10 +288,10 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
             ids = EncodedData.from_dataset(evaluation, WordPieceTokenizer(cfg.max_length)).ids
             samples[r["dataset"]] = [ids[i] for i in take(len(ids), 100, cfg.seed)]
             texts[r["dataset"]] = [evaluation["text"][int(i)] for i in take(len(ids), 200, cfg.seed)]
-        if r["name"] == "MiniLM teacher":
+        if r["name"] == "MiniLM teacher" and (Path(r["card"]["cache"]) / "teacher.safetensors").exists():
             model = MiniLMTeacher(labels[r["dataset"]])
             model.load_state_dict(load_weights(Path(r["card"]["cache"]) / "teacher.safetensors"))
-        elif (artifacts / r["key"] / "config.json").exists():
+        elif r["name"] != "MiniLM teacher" and (artifacts / r["key"] / "config.json").exists():
             model, _ = load_artifact(artifacts / r["key"], int8=True)
         else:
             continue

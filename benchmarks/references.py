@@ -174,10 +174,12 @@ def teacher_accuracy(settings, epochs: float = 1.0) -> dict[str, dict[str, float
     from models.tokenizer import WordPieceTokenizer
     from models.training import fit, predict_logits, seed_everything
     from server.app import start_folder
-    from server.distill import TEACHER_FIELDS, DistillConfig, get_teacher, load_splits, teacher_key
+    from server.distill import TEACHER_FIELDS, TEACHER_FIELDS_ADDED, DistillConfig, get_teacher, load_splits, teacher_key
 
     card = json.loads((start_folder(settings) / "card.json").read_text())
-    cfg = DistillConfig(**{k: card["config"][k] for k in TEACHER_FIELDS}, data_dir=settings.data_dir or None)
+    # a field the card predates takes the value its teacher had (TEACHER_FIELDS_ADDED)
+    cfg = DistillConfig(**{**TEACHER_FIELDS_ADDED, **{k: card["config"][k] for k in TEACHER_FIELDS if k in card["config"]}},
+                        data_dir=settings.data_dir or None)
     tokenizer = WordPieceTokenizer(cfg.max_length)
     train_ds, eval_ds, num_labels = load_splits(cfg)
     teacher, _ = get_teacher(cfg, EncodedData.from_dataset(train_ds, tokenizer), num_labels,

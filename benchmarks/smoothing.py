@@ -11,7 +11,8 @@ defended device package, the reference) with one change: the smoothed classifier
 the table swapped with probability ``rate`` for one of its substitutes), its table built from the
 training split's words with WordNet's synonyms, MiniLM's embedding neighbours or both (and closed
 under its relation: ``PerturbationTable.symmetric``, so that an attack's candidate is a word of
-the table whose substitutes hold the word it replaced); and SAFER's own training: the student
+the table whose substitutes hold the word it replaced; or closed over the normaliser's words only,
+``PerturbationTable.compact``, the form the device package ships); and SAFER's own training: the student
 fine-tuned (``--epochs`` over the training split, cross-entropy plus distillation of the untouched
 student's answers, as ``benchmarks/synonym_encoding.py`` fine-tunes) on a fresh perturbed copy of
 every sentence each epoch, then smoothed the same way (and once without the smoothing, to tell what
@@ -21,7 +22,8 @@ sentences (seeded, 20% word budget), querying the smoothed classifier (normalise
 model; one query per sentence whatever its votes cost). "ms/sentence": one thread, batch 1 (one
 batch of the copies), median of 100 evaluation sentences, float model (the device's own form:
 ``benchmarks/smoothing_device.py``); "package KB": the student's device package (int8 weights,
-vocabulary, normaliser) plus the gzip'd table. Writes results/smoothing.{json,md}
+vocabulary, normaliser) plus the table as the device stores it (gzip'd lines; the graph over
+the normaliser's words for a compact table). Writes results/smoothing.{json,md}
 (smoothing_<artifact folder's name>.* for another student, ..._seed<N>.* for another seed; rows so
 far in a .partial.json while it runs);
 ``--only`` measures the rows it names (and the reference where none is stored) and keeps the
@@ -48,7 +50,7 @@ from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import Victim  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
-from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
+from models.robust.smoothing import SmoothedVictim, smoothing_table  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 from server.copies import answers, artifact_splits, train_on_substitution_copies  # noqa: E402
 from server.distill import load_splits  # noqa: E402
@@ -60,7 +62,8 @@ class Row(NamedTuple):
     """One change to the shipped package: the table's source, whether the table is closed under its
     relation (``PerturbationTable.symmetric``), the swap rate, whether the model is SAFER-trained on
     copies at that rate, whether the smoothed classifier answers (the row without it tells what the
-    training buys alone) and over how many copies."""
+    training buys alone), over how many copies, and whether the closed table is ``compact`` (only
+    words the normaliser knows, substitutes in alphabetical order: the form the device ships)."""
 
     name: str
     source: str
@@ -69,6 +72,7 @@ class Row(NamedTuple):
     smoothed: bool = True
     symmetric: bool = False
     votes: int = VOTES
+    compact: bool = False
 
 
 ROWS = [Row("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
@@ -88,8 +92,22 @@ ROWS = [Row("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
         Row("smoothing, symmetric WordNet table, rate 0.75, trained on copies at 0.75, 8 votes", "wordnet", 0.75, True,
             symmetric=True, votes=8),
         Row("smoothing, symmetric WordNet + embedding table, rate 0.75, trained on copies at 0.75", "wordnet+embedding",
-            0.75, True, symmetric=True)]
+            0.75, True, symmetric=True),
+        # the closed table over the normaliser's words only, in the form the device package ships
+        Row("smoothing, compact WordNet table, rate 0.75, trained on copies at 0.75", "wordnet", 0.75, True,
+            symmetric=True, compact=True),
+        Row("smoothing, compact WordNet table, rate 0.75, trained on copies at 0.75, 8 votes", "wordnet", 0.75, True,
+            symmetric=True, votes=8, compact=True),
+        Row("no smoothing, trained on compact WordNet copies at 0.75 (the training alone)", "wordnet", 0.75, True,
+            False, symmetric=True, compact=True)]
+# settings rows gained after rows were stored, with the value those rows ran with
+ROW_FIELDS_ADDED = {"compact": False}
 REFERENCE = "student + normaliser (the shipped package, reference)"
+
+
+def reference_row(artifact: str) -> str:
+    """The reference row's name: the shipped package, or the student ``--artifact`` names."""
+    return REFERENCE if artifact == "sst2-student" else f"{Path(artifact).name} + normaliser (reference)"
 
 
 def settings_of(name: str) -> dict | None:
@@ -136,7 +154,8 @@ def main() -> int:
     stem = ("smoothing" + ("" if args.artifact == "sst2-student" else f"_{Path(args.artifact).name}")
             + (f"_seed{args.seed}" if args.seed else ""))
     wanted = [w for w in args.only.split("|") if w]  # row names hold commas
-    unknown = [w for w in wanted if not any(w in r.name for r in ROWS) and w not in REFERENCE]
+    reference = reference_row(args.artifact)
+    unknown = [w for w in wanted if not any(w in r.name for r in ROWS) and w not in reference]
     if unknown:
         raise SystemExit(f"--only {unknown} names no row; rows: {[r.name for r in ROWS]}")
     stored, have_file = {}, (out / f"{stem}.json").exists()
@@ -148,7 +167,8 @@ def main() -> int:
             raise SystemExit(f"{out / stem}.json was measured with (epochs, seed, votes, artifact, dataset) {made}: "
                              "run every row (no --only) to change them")
         # a row is kept only as its settings stand today (rows stored before settings were recorded: as they ran)
-        stored = {r["row"]: r for r in kept["rows"] if r.get("settings") in (None, settings_of(r["row"]))}
+        stored = {r["row"]: r for r in kept["rows"]
+                  if r.get("settings") is None or {**ROW_FIELDS_ADDED, **r["settings"]} == settings_of(r["row"])}
     rows: list[dict] = []
 
     def save(final: bool = False) -> None:
@@ -161,27 +181,29 @@ def main() -> int:
     def asked(name: str) -> bool:
         return not wanted or any(w in name for w in wanted)
 
-    if asked(REFERENCE) or REFERENCE not in stored:
-        rows.append(measure_with_cost(REFERENCE, Victim(model, tokenizer), data, args.seed, {"package KB": package_kb}))
+    if asked(reference) or reference not in stored:
+        rows.append(measure_with_cost(reference, Victim(model, tokenizer), data, args.seed, {"package KB": package_kb}))
     else:
-        rows.append(stored[REFERENCE])
+        rows.append(stored[reference])
     save()
-    tables, tuned = {}, {}  # by (source, symmetric); trained models by (source, symmetric, rate)
-    for name, source, rate, trained, smoothed, symmetric, votes in ROWS:
+    tables, tuned = {}, {}  # by (source, symmetric, compact); trained models by those and the rate
+    known = tokenizer.normalizer.known_words()
+    for name, source, rate, trained, smoothed, symmetric, votes, compact in ROWS:
         if not asked(name) and (name in stored or not have_file):  # kept as stored; a new file holds what was asked
             rows.extend([stored[name]] if name in stored else [])
             continue  # (a row missing from the stored file, or stored under other settings, is measured)
-        if (source, symmetric) not in tables:
-            built = PerturbationTable.build(vocabulary, source)
-            tables[source, symmetric] = built.symmetric() if symmetric else built
-        perturbation = tables[source, symmetric]
-        if trained and (source, symmetric, rate) not in tuned:  # a fresh copy of every sentence each epoch
-            tuned[source, symmetric, rate] = train_on_substitution_copies(model, tokenizer, texts, labels, targets,
-                                                                          perturbation, rate, args.epochs, args.seed)
-        served = tuned[source, symmetric, rate] if trained else model
+        form = (source, symmetric, compact)
+        if form not in tables:
+            tables[form] = smoothing_table(vocabulary, source, symmetric, known if compact else None)
+        perturbation = tables[form]
+        if trained and (*form, rate) not in tuned:  # a fresh copy of every sentence each epoch
+            tuned[(*form, rate)] = train_on_substitution_copies(model, tokenizer, texts, labels, targets, perturbation,
+                                                              rate, args.epochs, args.seed)
+        served = tuned[(*form, rate)] if trained else model
         if smoothed:
             victim = SmoothedVictim(served, tokenizer, perturbation, votes, rate, seed=args.seed)
-            table_kb = len(perturbation.to_bytes()) / 1024
+            # what the device stores: the compact graph over the normaliser's words, else the table's lines
+            table_kb = len(perturbation.to_graph_bytes(known) if compact else perturbation.to_bytes()) / 1024
             facts = {"votes": votes, "table words": len(perturbation.table), "table KB": table_kb,
                      "package KB": package_kb + table_kb}
         else:

@@ -3,25 +3,29 @@ package weighs, what a sentence costs on one thread, and whether its exports ans
 the attacks measured.
 
     python benchmarks/smoothing_device.py [--artifact sst2-student-copies] [--source wordnet] [--rate 0.75]
-                                          [--symmetric] [--votes 16] [--seed 0]
+                                          [--symmetric | --compact] [--votes 16] [--seed 0]
 
-The student the smoothing rows measure best is SAFER-trained on the closed table; make it first:
-``fedrex train-on-copies --out FOLDER --symmetric --attack-samples 0``, then ``--artifact FOLDER
---symmetric`` (the results name its recipe).
+Make the student first: ``fedrex train-on-copies --out FOLDER --compact --attack-samples 0`` (or
+``--symmetric``, the closed table), then ``--artifact FOLDER`` (the recipe on its card says which
+table it was trained on; another setting is refused).
 
 The package: the artifact's device package (config, int8 weights, the gzip'd WordPiece vocabulary,
 the normaliser) plus the perturbation table (``models.robust.smoothing``, built from the words of
-the artifact's training split as ``fedrex train-on-copies`` builds it) in the file format a device
-reads (``models.robust.word_table``), as built: with ``--symmetric`` the device closes it when it
-loads it (``PerturbationTable.symmetric``, timed), which halves the bytes of a closed table. Latency: one thread, one sentence at a time, median and p90
-of 100 evaluation sentences (SST-2 dev for an SST-2 student) after a warm-up: the ``votes`` copies drawn, normalised and tokenised
+the artifact's training split as ``fedrex train-on-copies`` builds it) in the form a device stores:
+a compact table (``PerturbationTable.compact``) as the graph of its word pairs over the
+normaliser's words (``to_graph_bytes``); a closed one as built (``models.robust.word_table``),
+which the device closes when it loads it (``PerturbationTable.symmetric``), half the bytes of the
+closed table. Reading it back is timed and must give the table the student was trained on.
+Latency: one thread, one sentence at a time, median and p90 of 100 evaluation sentences (SST-2 dev
+for an SST-2 student) after a warm-up: the ``votes`` copies drawn, normalised and tokenised
 (Python), then the model on the batch of copies in deployable form (``models.export.deployable``:
 TorchScript of the int8 weights, frozen), and ONNX Runtime on the int8 ONNX export (one intra-op
 thread) on the same copies; the unsmoothed model at batch 1 for scale; three passes, the median
-of each and of the three. Agreement: the smoothed
-answers on every evaluation sentence of the float weights (what ``benchmarks/smoothing.py`` attacks),
-the TorchScript int8 module and the ONNX int8 export, with each one's accuracy.
-Writes results/smoothing_device.{json,md} (..._votes<N>.* for another number of votes).
+of each and of the three. Agreement: the smoothed answers on every evaluation sentence of the
+float weights (what ``benchmarks/smoothing.py`` attacks), the TorchScript int8 module and the ONNX
+int8 export, with each one's accuracy.
+Writes results/smoothing_device.{json,md} (smoothing_device_compact.* for a compact table,
+..._votes<N>.* for another number of votes).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from models.artifact import device_package, load_artifact, resolve_artifact  # n
 from models.export import deployable, export_onnx_int8  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
-from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
+from models.robust.smoothing import PerturbationTable, SmoothedVictim, smoothing_table  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 from server.copies import artifact_splits  # noqa: E402
 from server.distill import load_splits  # noqa: E402
@@ -110,6 +114,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, help="swap rate (default: the artifact's recipe, else 0.75)")
     parser.add_argument("--symmetric", action="store_true", default=None,
                         help="close the table (default: as the artifact's recipe says)")
+    parser.add_argument("--compact", action="store_true", default=None,
+                        help="the compact table, shipped as a graph over the normaliser's words (default: as "
+                             "the artifact's recipe says)")
     parser.add_argument("--votes", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "results"))
@@ -119,27 +126,34 @@ def main() -> int:
     card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").exists() else {}
     recipe = card.get("recipe") or {}
     # the smoothing the student was trained for: a setting that differs from its recipe is refused
-    for name, default in (("source", "wordnet"), ("rate", 0.75), ("symmetric", False)):
-        trained = recipe.get(name, False if name == "symmetric" and recipe else None)
+    for name, default in (("source", "wordnet"), ("rate", 0.75), ("symmetric", False), ("compact", False)):
+        trained = recipe.get(name, False if name in ("symmetric", "compact") and recipe else None)
         if getattr(args, name) is not None and trained is not None and getattr(args, name) != trained:
             raise SystemExit(f"--{name} {getattr(args, name)} but {args.artifact} was trained on copies with {name} "
                              f"{trained}: measure the smoothing it was trained for")
         setattr(args, name, getattr(args, name) if getattr(args, name) is not None else
                 trained if trained is not None else default)
     float_model, config = load_artifact(folder)
-    tokenizer = WordPieceTokenizer(config["max_length"], normalizer=WordNormalizer.load(folder))
+    normalizer = WordNormalizer.load(folder)
+    tokenizer = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     train, dev, _ = load_splits(artifact_splits(folder))
-    built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), args.source)
-    # the device holds the table as built and closes it when it loads it: half the bytes of the closed table
-    blob = built.to_bytes()
+    words = sorted(word_counts(list(train["text"])))
+    built = PerturbationTable.build(words, args.source)
+    trained_on = smoothing_table(words, args.source, args.symmetric, normalizer.known_words() if args.compact else None)
+    # the device holds a compact table as a graph over its normaliser's words; a closed one as built,
+    # closing it when it loads it (half the bytes of the closed table)
+    blob = trained_on.to_graph_bytes(normalizer.known_words()) if args.compact else built.to_bytes()
     loads = []
     for _ in range(5):
         start = time.perf_counter()
-        table = PerturbationTable.from_bytes(blob)
-        table = table.symmetric() if args.symmetric else table
+        if args.compact:
+            table = PerturbationTable.from_graph_bytes(blob, normalizer.known_words())
+        else:
+            table = PerturbationTable.from_bytes(blob)
+            table = table.symmetric() if args.symmetric else table
         loads.append(1000 * (time.perf_counter() - start))
-    if table.table != (built.symmetric() if args.symmetric else built).table:
-        raise SystemExit("the table read from its file and closed is not the table built: a bug")
+    if table.table != trained_on.table:
+        raise SystemExit("the table read from its file is not the table the student was trained on: a bug")
     table_bytes = len(blob)
     package = device_package(folder)
     texts, labels = list(dev["text"]), np.asarray(dev["label"])
@@ -165,12 +179,14 @@ def main() -> int:
         plain = SmoothedVictim(scripted, tokenizer, table, 1, 0.0, seed=args.seed)  # one unperturbed copy
         rows.append({"model": f"unsmoothed, int8 weights, {form} (batch 1, for scale)",
                      "clean_acc": float((plain.answer(texts).argmax(1) == labels).mean()), **timed(plain, texts[:100])})
-    result = {"artifact": args.artifact, "artifact recipe": card.get("recipe"), "source": args.source, "symmetric": args.symmetric, "rate": args.rate,
+    result = {"artifact": args.artifact, "artifact recipe": card.get("recipe"), "source": args.source,
+              "symmetric": args.symmetric, "compact": args.compact, "rate": args.rate,
               "votes": args.votes, "seed": args.seed, "table words": len(table.table), "table bytes": table_bytes,
               "closed table bytes": len(table.to_bytes()), "table load ms": statistics.median(loads),
               "package": {**package, "smoothing table": table_bytes, "total": package["total"] + table_bytes},
               "onnx int8 bytes": onnx_bytes, "rows": rows, "threads": 1}
-    out, stem = Path(args.out), "smoothing_device" + (f"_votes{args.votes}" if args.votes != 16 else "")
+    out = Path(args.out)
+    stem = "smoothing_device" + ("_compact" if args.compact else "") + (f"_votes{args.votes}" if args.votes != 16 else "")
     atomic_write_json(out / f"{stem}.json", result)
     columns = ["model", "clean_acc", "agreement with the float weights", "copies ms", "model ms", "ms/sentence",
                "ms/sentence by pass", "p90 ms"]
@@ -179,7 +195,9 @@ def main() -> int:
     md = markdown_rows(passes, columns, {**{c: "{:.2f}" for c in columns[3:]}, "ms/sentence by pass": "{}"})
     sizes = ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in result["package"].items())
     md += (f"\n\nPackage ({args.artifact}, {args.source} table of {len(built.table)} words"
-           + (f", closed on loading to {len(table.table)} words in {result['table load ms']:.0f} ms (closed on "
+           + (f", compact: {len(table.table)} words as a graph over the normaliser's {len(normalizer.known_words())}, "
+              f"read in {result['table load ms']:.0f} ms" if args.compact else
+              f", closed on loading to {len(table.table)} words in {result['table load ms']:.0f} ms (closed on "
               f"disk it would take {result['closed table bytes'] / 1024:.0f} KB)" if args.symmetric else "")
            + f"): {sizes}; {args.votes} votes at rate {args.rate}.\n")
     atomic_write_bytes(out / f"{stem}.md", md.encode())

@@ -2,8 +2,13 @@
 the words of SST-2 dev (stopwords left out, as no recipe edits them), the share that are words of
 the table (a candidate that is not passes every copy unchanged) and the share whose substitutes
 list the word they replace; for the WordNet table built from SST-2 train's words, and for that
-table closed under its relation (``PerturbationTable.symmetric``); with each table's size, gzip'd
-(the device file, ``models.robust.word_table``) and with xz for comparison. About a minute.
+table closed under its relation (``PerturbationTable.symmetric``), and compact (closed over the
+words the shipped normaliser knows: ``PerturbationTable.compact``; a candidate outside them is one
+the normaliser rewrites); with each table's size as gzip'd lines (``models.robust.word_table``),
+with xz for comparison, and for the compact table as the graph a device stores
+(``to_graph_bytes``); for scale, the closed table in that form too: its pairs as a graph over the
+normaliser's words and its own, plus the list of its words the normaliser does not hold, which a
+device would need as well ("extra words KB", gzip'd). About a minute.
 
     python benchmarks/smoothing_table.py
 
@@ -26,7 +31,8 @@ from analysis.report import markdown_table  # noqa: E402
 from models.attacks import STOPWORDS, Words, synonyms  # noqa: E402
 from models.datasets import cached_text_dataset  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
-from models.normalizer import word_counts  # noqa: E402
+from models.artifact import resolve_artifact  # noqa: E402
+from models.normalizer import WordNormalizer, word_counts  # noqa: E402
 from models.robust.smoothing import PerturbationTable  # noqa: E402
 
 
@@ -42,17 +48,28 @@ def main() -> int:
     dev, _ = cached_text_dataset("sst2", "validation")
     dev_words = {w.lower() for t in dev["text"] for w in Words.of(t).words} - STOPWORDS
     built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), "wordnet")
+    known = WordNormalizer.load(resolve_artifact("sst2-student")).known_words()
     rows = []
-    for name, table in (("WordNet table as built", built), ("closed (symmetric)", built.symmetric())):
+    closed = built.symmetric()
+    # the closed table as a graph: over the normaliser's words and every word of the table
+    extra = sorted(set(closed.table) - set(known))
+    wider = sorted(set(known) | set(extra))
+    for name, table, graph, extra_kb in (
+            ("WordNet table as built", built, None, None), ("closed (symmetric)", closed, None, None),
+            ("compact (closed over the normaliser's words)", built.compact(known), known, None),
+            ("closed, as a graph over the normaliser's words and its own (for size)", built.compact(wider), wider,
+             len(gzip.compress("\n".join(extra).encode(), 9, mtime=0)) / 1024)):
         blob = table.to_bytes()
         rows.append({"table": name, "words": len(table.table), **coverage(table, dev_words), "gzip KB": len(blob) / 1024,
-                     "xz KB": len(lzma.compress(gzip.decompress(blob), preset=9 | lzma.PRESET_EXTREME)) / 1024})
+                     "xz KB": len(lzma.compress(gzip.decompress(blob), preset=9 | lzma.PRESET_EXTREME)) / 1024,
+                     "graph KB": len(table.to_graph_bytes(graph)) / 1024 if graph is not None else None,
+                     "extra words KB": extra_kb})
     atomic_write_json(ROOT / "results" / "smoothing_table.json", {"dataset": "sst2", "rows": rows})
     frame = pd.DataFrame(rows)
     for column in ("candidate is a table word", "candidate lists the word it replaces"):
         frame[column] = frame[column].map("{:.3f}".format)
-    for column in ("gzip KB", "xz KB"):
-        frame[column] = frame[column].map("{:.0f}".format)
+    for column in ("gzip KB", "xz KB", "graph KB", "extra words KB"):
+        frame[column] = frame[column].map(lambda v: "–" if v != v or v is None else f"{v:.0f}")
     md = markdown_table(frame)
     atomic_write_bytes(ROOT / "results" / "smoothing_table.md", (md + "\n").encode())
     print(md)

@@ -1,19 +1,21 @@
 """A synonym encoding in front of the shipped student (issue #18's first defence, after Wang et
-al.'s SEM): what it buys under the WordNet attacks and what it costs clean, on SST-2 dev.
+al.'s SEM): what it buys under the WordNet attacks and what it costs clean, on SST-2 dev (or on the
+splits another student was distilled on: ``--artifact``, AG News's holdout for an AG News student).
 
-    python benchmarks/synonym_encoding.py [--epochs 2] [--seed 0]
+    python benchmarks/synonym_encoding.py [--artifact sst2-student] [--epochs 2] [--seed 0]
 
-Every row is the packaged `sst2-student` behind its word normaliser (the defended device package,
-the reference), with one change: a synonym encoding (models.robust.synonym_encoding) built from
-SST-2 train's words and WordNet, SEM's greedy walk or star clusters, in front of the model as it
-is, or with the model fine-tuned on encoded text (`--epochs` over SST-2 train, cross-entropy plus
+Every row is the student (by default the packaged `sst2-student`) behind its word normaliser (the
+defended device package, the reference), with one change: a synonym encoding
+(models.robust.synonym_encoding) built from its training split's words and WordNet, SEM's greedy walk or star clusters, in front of the model as it
+is, or with the model fine-tuned on encoded text (`--epochs` over the training split, cross-entropy plus
 distillation of the untouched student's answers on the same sentences, unencoded). The control row
 fine-tunes the same way on unencoded text, so that a gain can be told from the extra training.
 Attacks: `synonym` (PWWS), `synonym-sim`, `embedding` (TextFooler-style, candidates from MiniLM's
 embedding space: an attack the WordNet-built encoding was not built from) and `char` on the
 compression benchmark's 200 dev sentences (seed 0, 20% word budget), querying normaliser +
-encoding + model. Writes results/synonym_encoding.{json,md} (rows so far in synonym_encoding.partial.json
-while it runs); about 15 minutes on two cores.
+encoding + model. Writes results/synonym_encoding.{json,md} (synonym_encoding_<artifact folder's
+name>.* for another student, ..._seed<N>.* for another seed; rows so far in a .partial.json while
+it runs); about 15 minutes on two cores for SST-2.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from server.copies import answers, fine_tune  # noqa: E402
 from models.artifact import load_artifact, resolve_artifact  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.attacks import Victim, synonyms  # noqa: E402
-from models.datasets import cached_text_dataset  # noqa: E402
 from models.encoded import EncodedData  # noqa: E402
 from models.evaluation import robustness  # noqa: E402
 from models.normalizer import WordNormalizer, ms_per_sentence, word_counts  # noqa: E402
@@ -76,43 +77,45 @@ def defence_arguments(doc: str, only: bool = False, artifact: bool = False) -> a
     return parser.parse_args()
 
 
-def shipped_student():
-    """(its folder, the packaged `sst2-student` ready to answer), torch on the machine's 2 threads."""
-    torch.set_num_threads(2)
-    folder = resolve_artifact("sst2-student")
-    model, _ = load_artifact(folder)
-    return folder, model.eval()
-
-
 def main() -> int:
-    args = defence_arguments(__doc__)
-    folder, model = shipped_student()
+    from server.copies import artifact_splits
+    from server.distill import load_splits
+
+    args = defence_arguments(__doc__, artifact=True)
+    torch.set_num_threads(2)
+    folder = resolve_artifact(args.artifact)
+    model, config = load_artifact(folder)
+    model.eval()
     normalizer = WordNormalizer.load(folder)
-    train, _ = cached_text_dataset("sst2", "train")
-    dev, _ = cached_text_dataset("sst2", "validation")
+    train, dev, _ = load_splits(artifact_splits(folder))
     texts, labels = list(train["text"]), np.asarray(train["label"])
     dev_texts, dev_labels = list(dev["text"]), np.asarray(dev["label"])
     counts = word_counts(texts)
     dev_words = sorted(word_counts(dev_texts))
     pairs = [(w, s.lower()) for w in dev_words for s in synonyms(w) if s.isalpha()]
 
-    plain = WordPieceTokenizer(64, normalizer=normalizer)
+    plain = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     targets = answers(model, plain, texts)  # the untouched student's answers on unencoded text: KD targets
     out = Path(args.out)
+    stem = ("synonym_encoding" + ("" if args.artifact == "sst2-student" else f"_{Path(args.artifact).name}")
+            + (f"_seed{args.seed}" if args.seed else ""))
 
     def save(final: bool = False) -> None:
         """After every row into a partial file (an interrupted run keeps what it measured without
         replacing the last complete results), into the results at the end."""
-        name = "synonym_encoding.json" if final else "synonym_encoding.partial.json"
-        atomic_write_json(out / name, {"epochs": args.epochs, "seed": args.seed, "pairs": len(pairs), "rows": rows})
+        name = f"{stem}.json" if final else f"{stem}.partial.json"
+        atomic_write_json(out / name, {"artifact": args.artifact, "dataset": config.get("dataset"),
+                                       "epochs": args.epochs, "seed": args.seed, "pairs": len(pairs), "rows": rows})
         if final:
-            (out / "synonym_encoding.partial.json").unlink(missing_ok=True)
+            (out / f"{stem}.partial.json").unlink(missing_ok=True)
 
     def measured(name: str, model, tokenizer, facts: dict) -> dict:
         data = EncodedData.from_texts(dev_texts, dev_labels, tokenizer)
         return measure(name, Victim(model, tokenizer), data, ATTACKS, args.seed, facts)
 
-    rows = [measured("student + normaliser (the shipped package, reference)", model, plain, {})]
+    reference = ("student + normaliser (the shipped package, reference)" if args.artifact == "sst2-student"
+                 else f"{Path(args.artifact).name} + normaliser (reference)")
+    rows = [measured(reference, model, plain, {})]
     save()
     tuned = fine_tune(model, plain, texts, labels, targets, args.epochs, args.seed)
     rows.append(measured(f"control: fine-tuned {args.epochs:g} epochs on unencoded text", tuned, plain, {}))
@@ -123,7 +126,7 @@ def main() -> int:
         facts = {"table KB": len(encoding.to_bytes()) / 1024, "coverage of dev words' WordNet pairs":
                  encoding.coverage(pairs), "largest cluster": int(sizes.max()) + 1,
                  "ms/sentence": ms_per_sentence(encoding, dev_texts)}
-        tokenizer = WordPieceTokenizer(64, normalizer=lambda t, e=encoding: e(normalizer(t)))
+        tokenizer = WordPieceTokenizer(config["max_length"], normalizer=lambda t, e=encoding: e(normalizer(t)))
         rows.append(measured(f"+ {kind}, model as shipped", model, tokenizer, facts))
         save()
         tuned = fine_tune(model, tokenizer, texts, labels, targets, args.epochs, args.seed)
@@ -131,7 +134,7 @@ def main() -> int:
         save()
     save(final=True)
     md = table(rows)
-    atomic_write_bytes(out / "synonym_encoding.md", (md + "\n").encode())
+    atomic_write_bytes(out / f"{stem}.md", (md + "\n").encode())
     print(md)
     return 0
 

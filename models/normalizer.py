@@ -120,6 +120,12 @@ class WordNormalizer:
     def known(self, word: str) -> bool:
         return word in self._prior
 
+    def known_words(self) -> list[str]:
+        """Every word it knows (its corpus's and, version 2, the vocabulary's whole words), sorted:
+        a list a device rebuilds from the files it holds, so another file can name words by their
+        index in it (``models.robust.smoothing.PerturbationTable.to_graph_bytes``)."""
+        return sorted(self._prior)
+
     def neighbours(self, word: str) -> list[str]:
         """Known words one edit away from an unknown ``word`` (itself when LEET-undoing finds it)."""
         for query in dict.fromkeys([word.translate(LEET), word]):
@@ -199,7 +205,7 @@ class WordNormalizer:
             return gzip.compress(lines.encode(), mtime=0)
         index = {w: i for i, w in enumerate(words)}
         codes = sorted(index[a] * len(words) + index[b] for a, b in self.bigrams)
-        return gzip.compress(f"{HEADER} {self.version}\n{lines}".encode() + b"\0" + _varints(codes), mtime=0)
+        return gzip.compress(f"{HEADER} {self.version}\n{lines}".encode() + b"\0" + varint_gaps(codes), mtime=0)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "WordNormalizer":
@@ -214,7 +220,7 @@ class WordNormalizer:
             if any(count < 0 for count in counts.values()):
                 raise ValueError("negative count")
             words = sorted(counts)
-            bigrams = [(words[c // len(words)], words[c % len(words)]) for c in _unvarints(packed)]
+            bigrams = [(words[c // len(words)], words[c % len(words)]) for c in from_varint_gaps(packed)]
         except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, IndexError, ZeroDivisionError) as err:
             raise FedrexError(f"not a word normaliser's file ({type(err).__name__})") from None
         return cls(counts, bigrams, version)
@@ -252,7 +258,8 @@ def _pairs(text: str):
     return zip(cores, cores[1:])
 
 
-def _varints(numbers) -> bytes:
+def varint_gaps(numbers) -> bytes:
+    """Ascending integers as the varints of their gaps (the first from 0): what stores sorted pair codes."""
     out, previous = bytearray(), 0
     for n in numbers:
         gap, previous = n - previous, n
@@ -263,7 +270,8 @@ def _varints(numbers) -> bytes:
     return bytes(out)
 
 
-def _unvarints(data: bytes) -> list[int]:
+def from_varint_gaps(data: bytes) -> list[int]:
+    """The integers ``varint_gaps`` wrote; a truncated list raises ValueError."""
     out, value, shift, total = [], 0, 0, 0
     for byte in data:
         value |= (byte & 127) << shift
@@ -273,7 +281,7 @@ def _unvarints(data: bytes) -> list[int]:
             out.append(total)
             value, shift = 0, 0
     if shift:
-        raise ValueError("truncated bigram list")
+        raise ValueError("truncated varint list")
     return out
 
 

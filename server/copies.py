@@ -9,7 +9,7 @@ cross-entropy on the labels plus distillation of the parent's own answers on the
 sentence, so the copies teach invariance and the parent's answers keep what it knew. Network,
 tokenizer, normaliser and package size stay the parent's.
 
-    fedrex train-on-copies --artifact sst2-student --out FOLDER [--source wordnet --rate 0.75 --epochs 2] [--symmetric]
+    fedrex train-on-copies --artifact sst2-student --out FOLDER [--source wordnet --rate 0.75 --epochs 2] [--symmetric | --compact]
 
 Measured on SST-2 dev (``benchmarks/smoothing.py``, row "the training alone"): 0.852 clean, 0.265
 under PWWS (the parent 0.842 / 0.135), 0.315 under the embedding-neighbour attack (unchanged: a
@@ -103,16 +103,19 @@ def artifact_splits(folder: Path):
 
 
 def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: float = 0.75, epochs: int = 2,
-                    seed: int = 0, rows: int = 0, attack_samples: int = 200, log=None, symmetric: bool = False) -> dict:
+                    seed: int = 0, rows: int = 0, attack_samples: int = 200, log=None, symmetric: bool = False,
+                    compact: bool = False) -> dict:
     """Write ``out``: ``artifact`` fine-tuned for ``epochs`` passes over fresh substitution copies of
     the training split it was distilled on (the first ``rows`` only when > 0: a quick check), with
     its normaliser, and a card saying what it came from and what both models score on the parent's
     evaluation split, through the normaliser. Everything is written to ``out`` + ".partial" and
-    renamed into place last: a folder named ``out`` is always a finished artifact. Returns the card."""
+    renamed into place last: a folder named ``out`` is always a finished artifact. ``symmetric``: the
+    table closed under its relation; ``compact``: closed over the words its normaliser knows, the
+    form its device package ships (``PerturbationTable.compact``). Returns the card."""
     from models.attacks import Victim
     from models.encoded import EncodedData
     from models.evaluation import robustness
-    from models.robust.smoothing import PerturbationTable, check_source
+    from models.robust.smoothing import check_source, smoothing_table
     from server.distill import load_splits
 
     log = log or say
@@ -140,10 +143,13 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
         raise FedrexError(f"{len(texts)} rows x {epochs} epochs is less than one batch of {BATCH_SIZE}: nothing to train")
     start = time.time()
     targets = answers(model, tokenizer, texts)
-    table = PerturbationTable.build(sorted(word_counts(texts)), source)
-    table = table.symmetric() if symmetric else table
+    if compact and normalizer is None:
+        raise FedrexError(f"--compact names the table's words by the normaliser's, and {artifact} has no normaliser")
+    table = smoothing_table(sorted(word_counts(texts)), source, symmetric,
+                            normalizer.known_words() if compact else None)
+    form = ", compact" if compact else ", symmetric" if symmetric else ""
     log(f"[copies] {len(texts)} {splits.dataset} {splits.train_split} sentences, {len(table.table)} table words "
-        f"({source}{', symmetric' if symmetric else ''}), rate {rate}, {epochs} epochs, {torch.get_num_threads()} threads")
+        f"({source}{form}), rate {rate}, {epochs} epochs, {torch.get_num_threads()} threads")
     tuned = train_on_substitution_copies(model, tokenizer, texts, labels, targets, table, rate, epochs, seed)
     log(f"[copies] trained in {time.time() - start:.0f}s")
     data = EncodedData.from_texts(list(evaluation["text"]), np.asarray(evaluation["label"]), tokenizer)
@@ -160,7 +166,8 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     if normalizer is not None:
         shutil.copyfile(parent / NORMALIZER_FILE, partial / NORMALIZER_FILE)
     card = {"parent": {"artifact": artifact, "sha256": read_config(parent).get("sha256", {})},
-            "recipe": {"kind": "substitution copies", "source": source, "symmetric": symmetric, "rate": rate, "epochs": epochs,
+            "recipe": {"kind": "substitution copies", "source": source, "symmetric": symmetric or compact,
+                       "compact": compact, "rate": rate, "epochs": epochs,
                        "seed": seed, "train_split": splits.train_split, "rows": len(texts), "lr": LR,
                        "batch_size": BATCH_SIZE,
                        "loss": "cross-entropy + distillation of the parent's answers on unperturbed text"},
@@ -189,6 +196,6 @@ def say(message: str) -> None:
 
 def run(args) -> int:
     card = train_on_copies(args.artifact, Path(args.out), args.source, args.rate, args.epochs, args.seed,
-                           args.rows, args.attack_samples, symmetric=args.symmetric)
+                           args.rows, args.attack_samples, symmetric=args.symmetric, compact=args.compact)
     print(f"wrote {args.out} (package {card['device_package']['total'] / 1024:.0f} KB)")
     return 0

@@ -52,6 +52,10 @@ class DistillConfig:
     teacher_lr: float = 5e-5
     teacher_batch: int = 32
     teacher_freeze: int = 0
+    # share of the teacher's training rows replaced by perturbed text each epoch (the attacks' own
+    # edits, as ``augment`` does for the student; 0 = off): a teacher to distil from that has seen
+    # swapped words (issue #18)
+    teacher_augment: float = 0.0
     attr_samples: int = 2000  # student training rows that get a teacher IG map (EXPL)
     ig_steps: int = 8
     # compact network
@@ -92,8 +96,9 @@ class DistillConfig:
     def validate(self) -> None:
         self.objective.validate()
         check_attacks(self.attacks)
-        if not 0 <= self.augment <= 1:
-            raise FedrexError(f"augment (share of perturbed rows) must be in [0, 1], got {self.augment}")
+        for name in ("augment", "teacher_augment"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FedrexError(f"{name} (share of perturbed rows) must be in [0, 1], got {getattr(self, name)}")
         if self.adv_text < 0:
             raise FedrexError(f"adv_text (rows attacked per epoch) must be >= 0, got {self.adv_text}")
         if self.adv_space not in ADV_SPACES:
@@ -131,11 +136,15 @@ def load_splits(cfg: DistillConfig):
 # ---------------------------------------------------------------------------------- teacher
 # the settings that shape the teacher: its cache key, and what rebuilds it from a student's card
 TEACHER_FIELDS = ("dataset", "train_split", "eval_split", "eval_fraction", "max_length", "seed", "teacher_samples",
-                  "teacher_epochs", "teacher_lr", "teacher_batch", "teacher_freeze")
+                  "teacher_epochs", "teacher_lr", "teacher_batch", "teacher_freeze", "teacher_augment")
+# fields added to TEACHER_FIELDS after teachers were cached, with the value those teachers had: left
+# out of the key at that value, so every cached teacher keeps its key
+TEACHER_FIELDS_ADDED = {"teacher_augment": 0.0}
 
 
 def teacher_key(cfg: DistillConfig, train) -> str:
-    settings = {k: getattr(cfg, k) for k in TEACHER_FIELDS}
+    settings = {k: getattr(cfg, k) for k in TEACHER_FIELDS
+                if k not in TEACHER_FIELDS_ADDED or getattr(cfg, k) != TEACHER_FIELDS_ADDED[k]}
     return _digest([settings, len(train), train._fingerprint])
 
 
@@ -152,9 +161,12 @@ def get_teacher(cfg: DistillConfig, train: EncodedData, num_labels: int, key: st
         log(f"teacher: cached ({folder})")
         return teacher, folder
     rows = take(len(train), cfg.teacher_samples, cfg.seed)
-    log(f"teacher: fine-tuning MiniLM on {len(rows)} rows for {cfg.teacher_epochs} epoch(s)")
+    log(f"teacher: fine-tuning MiniLM on {len(rows)} rows for {cfg.teacher_epochs} epoch(s)"
+        + (f", {cfg.teacher_augment:.0%} of them perturbed each epoch" if cfg.teacher_augment > 0 else ""))
+    augment = (PerturbedText(WordPieceTokenizer(cfg.max_length), row_share=cfg.teacher_augment, seed=cfg.seed)
+               if cfg.teacher_augment > 0 else None)
     fit(teacher, train.subset(rows), ObjectiveConfig(), epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
-        lr=cfg.teacher_lr, weight_decay=0.01, seed=cfg.seed, progress="teacher", log_every=25)
+        lr=cfg.teacher_lr, weight_decay=0.01, seed=cfg.seed, progress="teacher", log_every=25, augment=augment)
     save_weights(folder / "teacher.safetensors", teacher.state_dict())
     return teacher, folder
 

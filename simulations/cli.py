@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     copies.add_argument("--symmetric", action="store_true",
                         help="close the table under its relation: every substitute is a word of it whose "
                              "substitutes hold the words listing it (what the smoothed package draws from)")
+    copies.add_argument("--compact", action="store_true",
+                        help="the table closed over the words the normaliser knows, each word's substitutes in "
+                             "alphabetical order: the form the smoothed device package ships (56 KB for SST-2)")
     copies.add_argument("--epochs", type=int, default=2, help="passes, each over fresh copies of every sentence")
     copies.add_argument("--seed", type=int, default=0)
     copies.add_argument("--rows", type=int, default=0, help="train on the first N rows only (0: all)")

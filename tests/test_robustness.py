@@ -159,12 +159,16 @@ def test_shipped_device_package_holds_the_version_2_normaliser_within_one_megaby
     assert package["normalizer"] == (folder / "normalizer.txt.gz").stat().st_size and package["total"] <= 1_000_000
 
 
-def test_the_smoothed_package_ships_its_table_as_built_and_weighs_what_its_benchmark_reports():
-    """The smoothed device package (``benchmarks/smoothing_device.py``, issue #18): the student's
-    package plus the WordNet table of SST-2 train's words as built, which the device closes when it
-    loads it, to exactly the closed table the attacks measured, in a little over half its bytes;
-    and the sizes in results/smoothing_device.json are what today's code writes (1,139,227 bytes in
-    all when measured: over the 1 MB target, as the README says)."""
+def test_the_smoothed_packages_ship_their_tables_and_weigh_what_their_benchmark_reports():
+    """The smoothed device packages (``benchmarks/smoothing_device.py``, issue #18): the student's
+    package plus the WordNet table of SST-2 train's words
+    - as built, which the device closes when it loads it, to exactly the closed table the attacks
+      measured, in a little over half its bytes (1,139,227 bytes in all when measured: over the
+      1 MB target);
+    - compact, as a graph over the normaliser's words, which reads back to the compact table
+      (within the 1 MB target);
+    and the sizes in results/smoothing_device.json and smoothing_device_compact.json are what
+    today's code writes."""
     import json
 
     from models.datasets import cached_text_dataset
@@ -177,13 +181,20 @@ def test_the_smoothed_package_ships_its_table_as_built_and_weighs_what_its_bench
     closed = built.symmetric()
     assert PerturbationTable.from_bytes(blob).symmetric().table == closed.table
     assert len(blob) < 0.6 * len(closed.to_bytes())
-    reported = json.loads((Path(__file__).resolve().parents[1] / "results" / "smoothing_device.json").read_text())
-    shipped = device_package(Path(__file__).resolve().parents[1] / "models" / "artifacts" / "sst2-student-copies")
-    assert reported["table bytes"] == reported["package"]["smoothing table"] == len(blob)
-    assert reported["closed table bytes"] == len(closed.to_bytes())
-    assert {k: v for k, v in reported["package"].items() if k not in ("smoothing table", "total", "config")} == \
-        {k: v for k, v in shipped.items() if k not in ("total", "config")}
-    assert reported["package"]["total"] == sum(v for k, v in reported["package"].items() if k != "total")
+    folder = Path(__file__).resolve().parents[1] / "models" / "artifacts" / "sst2-student-copies"
+    known = WordNormalizer.load(folder).known_words()
+    compact = built.compact(known)
+    graph = compact.to_graph_bytes(known)
+    assert PerturbationTable.from_graph_bytes(graph, known).table == compact.table
+    shipped = device_package(folder)
+    for name, table_bytes in (("smoothing_device.json", len(blob)), ("smoothing_device_compact.json", len(graph))):
+        reported = json.loads((folder.parents[2] / "results" / name).read_text())
+        assert reported["table bytes"] == reported["package"]["smoothing table"] == table_bytes, name
+        assert {k: v for k, v in reported["package"].items() if k not in ("smoothing table", "total", "config")} == \
+            {k: v for k, v in shipped.items() if k not in ("total", "config")}
+        assert reported["package"]["total"] == sum(v for k, v in reported["package"].items() if k != "total")
+    assert reported["table words"] == len(compact.table) and reported["package"]["total"] <= 1_000_000
+    assert reported["closed table bytes"] == len(compact.to_bytes())  # the compact table as lines, for scale
 
 
 def test_normaliser_raises_accuracy_under_the_char_attack(model, sst2, normalizer):
@@ -213,6 +224,35 @@ def test_perturbed_text_is_drawn_per_epoch_and_keeps_labels_and_teacher_logits(s
     assert data.texts[changed[0]] == sst2[0].texts[changed[0]]  # the original rows are untouched
     with pytest.raises(FedrexError):
         PerturbedText(tok, kinds=("leet",))
+
+
+def test_a_perturbed_text_teacher_fine_tunes_on_perturbed_rows_under_a_cache_key_of_its_own(sst2, tmp_path,
+                                                                                             monkeypatch):
+    """``teacher_augment`` (issue #18's third defence): the teacher's fine-tuning gets perturbed-text
+    training with that share of its rows, and the teacher its own cache key; at 0 it gets none and
+    every teacher cached before the setting existed keeps its key; a share outside [0, 1] is refused."""
+    from dataclasses import replace
+
+    import server.distill as distill
+
+    given = []
+    monkeypatch.setattr(distill, "fit", lambda model, data, objective, **kw: given.append((data, kw["augment"])))
+    monkeypatch.setattr(distill, "save_weights", lambda *args: None)
+    monkeypatch.setattr(distill, "cache_dir", lambda: tmp_path)
+    rows = sst2[0].subset(np.arange(200))
+    cfg = distill.DistillConfig(teacher_samples=200, teacher_augment=0.5)
+    distill.get_teacher(cfg, rows, 2, "perturbed")
+    distill.get_teacher(replace(cfg, teacher_augment=0.0), rows, 2, "plain")
+    (data, augment), (_, none) = given
+    assert none is None and isinstance(augment, PerturbedText) and augment.row_share == 0.5
+    changed = sum(a != b for a, b in zip(augment(data, 0).texts, data.texts))
+    assert 60 < changed < 140  # about half of the 200 rows perturbed
+    train, _ = cached_text_dataset("sst2", "train")
+    before = distill._digest([{k: getattr(cfg, k) for k in distill.TEACHER_FIELDS if k != "teacher_augment"},
+                              len(train), train._fingerprint])  # the key as computed before the field existed
+    assert distill.teacher_key(replace(cfg, teacher_augment=0.0), train) == before != distill.teacher_key(cfg, train)
+    with pytest.raises(FedrexError, match="teacher_augment"):
+        replace(cfg, teacher_augment=1.5).validate()
 
 
 def test_without_kd_the_adversarial_term_keeps_its_teacher_target(sst2):
@@ -496,6 +536,32 @@ def test_a_symmetric_table_holds_every_substitute_as_a_word_whose_substitutes_ho
     assert "good" in built.get("estimable") and "movie" in built.get("film")
 
 
+def test_a_compact_table_keeps_known_words_only_and_travels_as_a_graph_over_them():
+    """``PerturbationTable.compact``: only the words the normaliser knows (a substitute it does not
+    know is one it rewrites), no stopwords, closed, each word's substitutes in alphabetical order;
+    ``to_graph_bytes`` stores it as its word pairs over the known words, and reading that back gives
+    the same table; a table that is not compact, another word list and a broken file are refused."""
+    from models.robust.smoothing import PerturbationTable
+
+    table = PerturbationTable({"good": ("nice", "fine", "goodish"), "great": ("fine", "big"), "film": ("movie", "the")})
+    known = sorted(["big", "film", "fine", "good", "great", "movie", "nice", "the", "zebra"])
+    compact = table.compact(known)
+    assert compact.table == {"good": ("fine", "nice"), "great": ("big", "fine"), "film": ("movie",),
+                             "fine": ("good", "great"), "nice": ("good",), "big": ("great",), "movie": ("film",)}
+    blob = compact.to_graph_bytes(known)
+    back = PerturbationTable.from_graph_bytes(blob, known)
+    assert back.table == compact.table and all(back.table[w] == compact.table[w] for w in compact.table)
+    with pytest.raises(FedrexError, match="not compact"):
+        table.symmetric().to_graph_bytes(known + ["zzz"])  # "goodish", "the" and the substitutes' order
+    with pytest.raises(FedrexError, match="sorted list"):
+        compact.to_graph_bytes(list(reversed(known)))
+    with pytest.raises(FedrexError, match="another list"):
+        PerturbationTable.from_graph_bytes(blob, sorted(known + ["aardvark"]))
+    for broken in (b"not gzip", blob[:-3], __import__("gzip").compress(b"#fedrex-normalizer 2\n")):
+        with pytest.raises(FedrexError, match="not a perturbation graph"):
+            PerturbationTable.from_graph_bytes(broken, known)
+
+
 def test_a_table_swap_moves_the_smoothed_students_answer_less_than_the_students(sst2):
     """The mechanism smoothing rests on, on real SST-2 dev sentences and the shipped student
     behind its normaliser: swapping one word for a substitute the table holds moves the smoothed
@@ -634,7 +700,7 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
     parent = resolve_artifact("sst2-student")
     out = tmp_path / "copies"
     card = train_on_copies("sst2-student", out, rate=0.75, epochs=1.0, rows=256, attack_samples=0, log=lambda _: None,
-                           symmetric=True)
+                           compact=True)
     model, config = load_artifact(out)
     parent_model, parent_config = load_artifact(parent)
     assert config["network"] == parent_config["network"]
@@ -645,7 +711,7 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
     assert json.loads((out / "card.json").read_text()) == card and not (tmp_path / "copies.partial").exists()
     assert card["parent"]["sha256"] == read_config(parent)["sha256"]
     assert card["recipe"]["rows"] == 256 and card["recipe"]["rate"] == 0.75 and card["recipe"]["train_split"] == "train"
-    assert card["recipe"]["symmetric"] is True
+    assert card["recipe"]["symmetric"] is True and card["recipe"]["compact"] is True
     assert 0.5 < card["evaluation"]["scores"]["trained"]["clean_acc"] <= 1 and card["evaluation"]["rows"] == 872
     with pytest.raises(FedrexError, match="already exists"):
         train_on_copies("sst2-student", out, rows=256, attack_samples=0, log=lambda _: None)
