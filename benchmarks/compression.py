@@ -266,7 +266,8 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
     """Time every model again in one pass at the end, the same way (int8 weights, TorchScript,
     batch 1, one thread, the same 100 evaluation sentences), so that no row's latency depends on
     what else ran while it was trained; the same for the word normaliser (200 sentences). Rows
-    whose model is gone keep their first measurement."""
+    whose model is gone keep an earlier pass's timing (listed at the end); each timing names its
+    pass and machine."""
     from models.artifact import load_artifact, load_weights
     from models.encoded import EncodedData
     from models.evaluation import take
@@ -277,6 +278,7 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
     from models.tokenizer import WordPieceTokenizer
     from server.distill import load_splits
 
+    started, skipped = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), []
     normalizers: dict[str, WordNormalizer | None] = {}  # one per dataset: every row's file holds the same words
     samples: dict[str, list] = {}
     labels: dict[str, int] = {}
@@ -294,8 +296,11 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
         elif r["name"] != "MiniLM teacher" and (artifacts / r["key"] / "config.json").exists():
             model, _ = load_artifact(artifacts / r["key"], int8=True)
         else:
+            skipped.append(f"{r['dataset']} / {r['name']}")
             continue
-        r["card"]["latency_ms"] = {**latency_ms(model, samples[r["dataset"]]), "pass": "final"}
+        # which pass timed it, and where: rows whose model is gone keep an earlier pass's timing
+        r["card"]["latency_ms"] = {**latency_ms(model, samples[r["dataset"]]), "pass": started,
+                                   "machine": machine()["platform"]}
         print(f"[bench] latency {r['dataset']} / {r['name']}: {r['card']['latency_ms']['median']:.3f} ms",
               file=sys.stderr, flush=True)
         if "normalized" in r["card"]:
@@ -306,6 +311,9 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
             if normalizers[r["dataset"]] is not None:
                 r["card"]["normalized"]["ms_per_sentence"] = normalizers[r["dataset"]].ms_per_sentence(
                     texts[r["dataset"]])
+    if skipped:
+        print(f"[bench] latency: {len(skipped)} rows keep an earlier pass's timing (model not kept): "
+              + "; ".join(skipped), file=sys.stderr, flush=True)
 
 
 def machine() -> dict:

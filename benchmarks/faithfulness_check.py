@@ -16,7 +16,6 @@ rationales. Results: results/faithfulness_check.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -178,7 +178,8 @@ def teacher_accuracy(settings, epochs: float = 1.0) -> dict[str, dict[str, float
 
     card = json.loads((start_folder(settings) / "card.json").read_text())
     # a field the card predates takes the value its teacher had (TEACHER_FIELDS_ADDED)
-    cfg = DistillConfig(**{**TEACHER_FIELDS_ADDED, **{k: card["config"][k] for k in TEACHER_FIELDS if k in card["config"]}},
+    cfg = DistillConfig(**{k: card["config"][k] if k not in TEACHER_FIELDS_ADDED else
+                           card["config"].get(k, TEACHER_FIELDS_ADDED[k]) for k in TEACHER_FIELDS},
                         data_dir=settings.data_dir or None)
     tokenizer = WordPieceTokenizer(cfg.max_length)
     train_ds, eval_ds, num_labels = load_splits(cfg)

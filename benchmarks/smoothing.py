@@ -12,9 +12,10 @@ the table swapped with probability ``rate`` for one of its substitutes), its tab
 training split's words with WordNet's synonyms, MiniLM's embedding neighbours or both (and closed
 under its relation: ``PerturbationTable.symmetric``, so that an attack's candidate is a word of
 the table whose substitutes hold the word it replaced; or closed over the normaliser's words only,
-``PerturbationTable.compact``, the form the device package ships); and SAFER's own training: the student
-fine-tuned (``--epochs`` over the training split, cross-entropy plus distillation of the untouched
-student's answers, as ``benchmarks/synonym_encoding.py`` fine-tunes) on a fresh perturbed copy of
+``PerturbationTable.compact``, which fits a 1 MB device package and holds a third fewer of PWWS's
+candidates); and SAFER's own training: the student fine-tuned (``--epochs`` over the training
+split, cross-entropy plus distillation of the untouched student's answers, as
+``benchmarks/synonym_encoding.py`` fine-tunes) on a fresh perturbed copy of
 every sentence each epoch, then smoothed the same way (and once without the smoothing, to tell what
 the training buys alone). Attacks: `synonym` (PWWS), `embedding` (TextFooler-style, the attack a
 WordNet table was not built from) and `char`, on the compression benchmark's 200 evaluation
@@ -22,8 +23,9 @@ sentences (seeded, 20% word budget), querying the smoothed classifier (normalise
 model; one query per sentence whatever its votes cost). "ms/sentence": one thread, batch 1 (one
 batch of the copies), median of 100 evaluation sentences, float model (the device's own form:
 ``benchmarks/smoothing_device.py``); "package KB": the student's device package (int8 weights,
-vocabulary, normaliser) plus the table as the device stores it (gzip'd lines; the graph over
-the normaliser's words for a compact table). Writes results/smoothing.{json,md}
+vocabulary, normaliser) plus the table the row draws from as gzip'd lines, or for a compact table
+the graph over the normaliser's words the device stores (the device benchmark ships a closed table
+as built, in about half the bytes of its closed lines). Writes results/smoothing.{json,md}
 (smoothing_<artifact folder's name>.* for another student, ..._seed<N>.* for another seed; rows so
 far in a .partial.json while it runs);
 ``--only`` measures the rows it names (and the reference where none is stored) and keeps the
@@ -63,7 +65,7 @@ class Row(NamedTuple):
     relation (``PerturbationTable.symmetric``), the swap rate, whether the model is SAFER-trained on
     copies at that rate, whether the smoothed classifier answers (the row without it tells what the
     training buys alone), over how many copies, and whether the closed table is ``compact`` (only
-    words the normaliser knows, substitutes in alphabetical order: the form the device ships)."""
+    words the normaliser knows, substitutes in alphabetical order: the form that fits 1 MB)."""
 
     name: str
     source: str
@@ -93,7 +95,7 @@ ROWS = [Row("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
             symmetric=True, votes=8),
         Row("smoothing, symmetric WordNet + embedding table, rate 0.75, trained on copies at 0.75", "wordnet+embedding",
             0.75, True, symmetric=True),
-        # the closed table over the normaliser's words only, in the form the device package ships
+        # the closed table over the normaliser's words only: a table that fits a 1 MB device package
         Row("smoothing, compact WordNet table, rate 0.75, trained on copies at 0.75", "wordnet", 0.75, True,
             symmetric=True, compact=True),
         Row("smoothing, compact WordNet table, rate 0.75, trained on copies at 0.75, 8 votes", "wordnet", 0.75, True,
@@ -158,7 +160,7 @@ def main() -> int:
     unknown = [w for w in wanted if not any(w in r.name for r in ROWS) and w not in reference]
     if unknown:
         raise SystemExit(f"--only {unknown} names no row; rows: {[r.name for r in ROWS]}")
-    stored, have_file = {}, (out / f"{stem}.json").exists()
+    stored, stale, have_file = {}, set(), (out / f"{stem}.json").exists()
     if wanted and have_file:  # the rows not asked for keep their stored numbers
         kept = json.loads((out / f"{stem}.json").read_text())
         made = (kept["epochs"], kept["seed"], kept["votes"], kept.get("artifact", "sst2-student"),
@@ -169,6 +171,7 @@ def main() -> int:
         # a row is kept only as its settings stand today (rows stored before settings were recorded: as they ran)
         stored = {r["row"]: r for r in kept["rows"]
                   if r.get("settings") is None or {**ROW_FIELDS_ADDED, **r["settings"]} == settings_of(r["row"])}
+        stale = {r["row"] for r in kept["rows"]} - set(stored)
     rows: list[dict] = []
 
     def save(final: bool = False) -> None:
@@ -189,9 +192,11 @@ def main() -> int:
     tables, tuned = {}, {}  # by (source, symmetric, compact); trained models by those and the rate
     known = tokenizer.normalizer.known_words()
     for name, source, rate, trained, smoothed, symmetric, votes, compact in ROWS:
-        if not asked(name) and (name in stored or not have_file):  # kept as stored; a new file holds what was asked
+        # a row not asked for is kept as stored, measured again if stored under other settings, and
+        # left out if the file never held it (a file for another student may hold a few rows only)
+        if not asked(name) and name not in stale:
             rows.extend([stored[name]] if name in stored else [])
-            continue  # (a row missing from the stored file, or stored under other settings, is measured)
+            continue
         form = (source, symmetric, compact)
         if form not in tables:
             tables[form] = smoothing_table(vocabulary, source, symmetric, known if compact else None)

@@ -133,11 +133,13 @@ def main() -> int:
                              f"{trained}: measure the smoothing it was trained for")
         setattr(args, name, getattr(args, name) if getattr(args, name) is not None else
                 trained if trained is not None else default)
+    args.symmetric = args.symmetric or args.compact  # a compact table is closed
     float_model, config = load_artifact(folder)
     normalizer = WordNormalizer.load(folder)
     tokenizer = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     train, dev, _ = load_splits(artifact_splits(folder))
-    words = sorted(word_counts(list(train["text"])))
+    # the words the student's copies were drawn from: the rows train-on-copies trained on
+    words = sorted(word_counts(list(train["text"])[:recipe.get("rows") or len(train)]))
     built = PerturbationTable.build(words, args.source)
     trained_on = smoothing_table(words, args.source, args.symmetric, normalizer.known_words() if args.compact else None)
     # the device holds a compact table as a graph over its normaliser's words; a closed one as built,
@@ -182,11 +184,13 @@ def main() -> int:
     result = {"artifact": args.artifact, "artifact recipe": card.get("recipe"), "source": args.source,
               "symmetric": args.symmetric, "compact": args.compact, "rate": args.rate,
               "votes": args.votes, "seed": args.seed, "table words": len(table.table), "table bytes": table_bytes,
-              "closed table bytes": len(table.to_bytes()), "table load ms": statistics.median(loads),
+              ("compact table as lines bytes" if args.compact else "closed table bytes"): len(table.to_bytes()),
+              "table load ms": statistics.median(loads),
               "package": {**package, "smoothing table": table_bytes, "total": package["total"] + table_bytes},
               "onnx int8 bytes": onnx_bytes, "rows": rows, "threads": 1}
     out = Path(args.out)
-    stem = "smoothing_device" + ("_compact" if args.compact else "") + (f"_votes{args.votes}" if args.votes != 16 else "")
+    stem = ("smoothing_device" + ("_compact" if args.compact else "")
+            + (f"_votes{args.votes}" if args.votes != 16 else ""))
     atomic_write_json(out / f"{stem}.json", result)
     columns = ["model", "clean_acc", "agreement with the float weights", "copies ms", "model ms", "ms/sentence",
                "ms/sentence by pass", "p90 ms"]

@@ -6,9 +6,12 @@ table closed under its relation (``PerturbationTable.symmetric``), and compact (
 words the shipped normaliser knows: ``PerturbationTable.compact``; a candidate outside them is one
 the normaliser rewrites); with each table's size as gzip'd lines (``models.robust.word_table``),
 with xz for comparison, and for the compact table as the graph a device stores
-(``to_graph_bytes``); for scale, the closed table in that form too: its pairs as a graph over the
+(``to_graph_bytes``); for scale, the closed table in that form too (less the stopword substitutes
+a graph cannot hold: every pair in it is a word of the table both ways): its pairs as a graph over the
 normaliser's words and its own, plus the list of its words the normaliser does not hold, which a
-device would need as well ("extra words KB", gzip'd). About a minute.
+device would need as well ("extra words KB", gzip'd). And what the normaliser does with the
+candidates: the share it knows, and the share it does not know and passes unchanged (the model
+reads them; a table without them never swaps them back). About a minute.
 
     python benchmarks/smoothing_table.py
 
@@ -48,7 +51,8 @@ def main() -> int:
     dev, _ = cached_text_dataset("sst2", "validation")
     dev_words = {w.lower() for t in dev["text"] for w in Words.of(t).words} - STOPWORDS
     built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), "wordnet")
-    known = WordNormalizer.load(resolve_artifact("sst2-student")).known_words()
+    normalizer = WordNormalizer.load(resolve_artifact("sst2-student"))
+    known = normalizer.known_words()
     rows = []
     closed = built.symmetric()
     # the closed table as a graph: over the normaliser's words and every word of the table
@@ -57,20 +61,29 @@ def main() -> int:
     for name, table, graph, extra_kb in (
             ("WordNet table as built", built, None, None), ("closed (symmetric)", closed, None, None),
             ("compact (closed over the normaliser's words)", built.compact(known), known, None),
-            ("closed, as a graph over the normaliser's words and its own (for size)", built.compact(wider), wider,
+            ("closed less its stopword substitutes, as a graph over the normaliser's words and its own (for size)",
+             built.compact(wider), wider,
              len(gzip.compress("\n".join(extra).encode(), 9, mtime=0)) / 1024)):
         blob = table.to_bytes()
         rows.append({"table": name, "words": len(table.table), **coverage(table, dev_words), "gzip KB": len(blob) / 1024,
                      "xz KB": len(lzma.compress(gzip.decompress(blob), preset=9 | lzma.PRESET_EXTREME)) / 1024,
                      "graph KB": len(table.to_graph_bytes(graph)) / 1024 if graph is not None else None,
                      "extra words KB": extra_kb})
-    atomic_write_json(ROOT / "results" / "smoothing_table.json", {"dataset": "sst2", "rows": rows})
+    candidates = [c.lower() for w in sorted(dev_words) for c in synonyms(w)]
+    fate = {"candidates": len(candidates),
+            "known to the normaliser": sum(normalizer.known(c) for c in candidates) / len(candidates),
+            "unknown and passed unchanged": sum(not normalizer.known(c) and normalizer(c).lower() == c
+                                                for c in candidates) / len(candidates)}
+    atomic_write_json(ROOT / "results" / "smoothing_table.json", {"dataset": "sst2", "rows": rows, "normaliser": fate})
     frame = pd.DataFrame(rows)
     for column in ("candidate is a table word", "candidate lists the word it replaces"):
         frame[column] = frame[column].map("{:.3f}".format)
     for column in ("gzip KB", "xz KB", "graph KB", "extra words KB"):
         frame[column] = frame[column].map(lambda v: "–" if v != v or v is None else f"{v:.0f}")
-    md = markdown_table(frame)
+    md = markdown_table(frame) + (
+        f"\n\nOf the {fate['candidates']} candidates, {fate['known to the normaliser']:.3f} are words the shipped "
+        f"normaliser knows, and {fate['unknown and passed unchanged']:.3f} are words it does not know and passes "
+        "unchanged.")
     atomic_write_bytes(ROOT / "results" / "smoothing_table.md", (md + "\n").encode())
     print(md)
     return 0

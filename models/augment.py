@@ -67,6 +67,11 @@ class PerturbedText:
         if unknown or not self.kinds:
             raise FedrexError(f"perturbations must be among {', '.join(TRANSFORMATIONS)}, got {self.kinds}")
 
+    def semantics(self) -> list:
+        """What decides the perturbed rows besides the data and the attacks' transformations (for a
+        cache key): the shares, the kinds and the seed."""
+        return [self.row_share, self.word_share, list(self.kinds), self.seed]
+
     def __call__(self, data: EncodedData, epoch: int) -> EncodedData:
         rng = np.random.default_rng([self.seed, epoch])
         rows = np.flatnonzero(rng.random(len(data)) < self.row_share)

@@ -111,7 +111,7 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     evaluation split, through the normaliser. Everything is written to ``out`` + ".partial" and
     renamed into place last: a folder named ``out`` is always a finished artifact. ``symmetric``: the
     table closed under its relation; ``compact``: closed over the words its normaliser knows, the
-    form its device package ships (``PerturbationTable.compact``). Returns the card."""
+    form that fits a 1 MB device package (``PerturbationTable.compact``). Returns the card."""
     from models.attacks import Victim
     from models.encoded import EncodedData
     from models.evaluation import robustness
@@ -134,6 +134,8 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     made = parent_card.get("config", {})
     splits = artifact_splits(parent)
     normalizer = WordNormalizer.load(parent) if (parent / NORMALIZER_FILE).exists() else None
+    if compact and normalizer is None:
+        raise FedrexError(f"--compact names the table's words by the normaliser's, and {artifact} has no normaliser")
     tokenizer = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     train, evaluation, _ = load_splits(splits)
     texts, labels = list(train["text"]), np.asarray(train["label"])
@@ -143,8 +145,6 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
         raise FedrexError(f"{len(texts)} rows x {epochs} epochs is less than one batch of {BATCH_SIZE}: nothing to train")
     start = time.time()
     targets = answers(model, tokenizer, texts)
-    if compact and normalizer is None:
-        raise FedrexError(f"--compact names the table's words by the normaliser's, and {artifact} has no normaliser")
     table = smoothing_table(sorted(word_counts(texts)), source, symmetric,
                             normalizer.known_words() if compact else None)
     form = ", compact" if compact else ", symmetric" if symmetric else ""

@@ -20,7 +20,7 @@ import torch
 
 from models.artifact import device_package, load_weights, save_artifact, save_weights
 from models.files import atomic_write_json
-from models.attacks import whole_word_candidates
+from models.attacks import RECIPES_VERSION, whole_word_candidates
 from models.datasets import cache_dir, cached_text_dataset
 from models.encoded import EncodedData
 from models.errors import FedrexError
@@ -145,7 +145,14 @@ TEACHER_FIELDS_ADDED = {"teacher_augment": 0.0}
 def teacher_key(cfg: DistillConfig, train) -> str:
     settings = {k: getattr(cfg, k) for k in TEACHER_FIELDS
                 if k not in TEACHER_FIELDS_ADDED or getattr(cfg, k) != TEACHER_FIELDS_ADDED[k]}
+    if cfg.teacher_augment:  # a perturbed-text teacher is also what its perturbations were
+        settings["perturbations"] = [RECIPES_VERSION, *teacher_perturbation(cfg, None).semantics()]
     return _digest([settings, len(train), train._fingerprint])
+
+
+def teacher_perturbation(cfg: DistillConfig, tokenizer) -> PerturbedText:
+    """The perturbed-text training of a teacher with ``teacher_augment`` > 0."""
+    return PerturbedText(tokenizer, row_share=cfg.teacher_augment, seed=cfg.seed)
 
 
 def get_teacher(cfg: DistillConfig, train: EncodedData, num_labels: int, key: str):
@@ -163,8 +170,7 @@ def get_teacher(cfg: DistillConfig, train: EncodedData, num_labels: int, key: st
     rows = take(len(train), cfg.teacher_samples, cfg.seed)
     log(f"teacher: fine-tuning MiniLM on {len(rows)} rows for {cfg.teacher_epochs} epoch(s)"
         + (f", {cfg.teacher_augment:.0%} of them perturbed each epoch" if cfg.teacher_augment > 0 else ""))
-    augment = (PerturbedText(WordPieceTokenizer(cfg.max_length), row_share=cfg.teacher_augment, seed=cfg.seed)
-               if cfg.teacher_augment > 0 else None)
+    augment = teacher_perturbation(cfg, WordPieceTokenizer(cfg.max_length)) if cfg.teacher_augment > 0 else None
     fit(teacher, train.subset(rows), ObjectiveConfig(), epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch,
         lr=cfg.teacher_lr, weight_decay=0.01, seed=cfg.seed, progress="teacher", log_every=25, augment=augment)
     save_weights(folder / "teacher.safetensors", teacher.state_dict())

@@ -193,8 +193,10 @@ def test_the_smoothed_packages_ship_their_tables_and_weigh_what_their_benchmark_
         assert {k: v for k, v in reported["package"].items() if k not in ("smoothing table", "total", "config")} == \
             {k: v for k, v in shipped.items() if k not in ("total", "config")}
         assert reported["package"]["total"] == sum(v for k, v in reported["package"].items() if k != "total")
+        if name == "smoothing_device.json":
+            assert reported["closed table bytes"] == len(closed.to_bytes())
     assert reported["table words"] == len(compact.table) and reported["package"]["total"] <= 1_000_000
-    assert reported["closed table bytes"] == len(compact.to_bytes())  # the compact table as lines, for scale
+    assert reported["compact table as lines bytes"] == len(compact.to_bytes())
 
 
 def test_normaliser_raises_accuracy_under_the_char_attack(model, sst2, normalizer):
@@ -251,6 +253,10 @@ def test_a_perturbed_text_teacher_fine_tunes_on_perturbed_rows_under_a_cache_key
     before = distill._digest([{k: getattr(cfg, k) for k in distill.TEACHER_FIELDS if k != "teacher_augment"},
                               len(train), train._fingerprint])  # the key as computed before the field existed
     assert distill.teacher_key(replace(cfg, teacher_augment=0.0), train) == before != distill.teacher_key(cfg, train)
+    perturbed_key = distill.teacher_key(cfg, train)
+    monkeypatch.setattr(distill, "RECIPES_VERSION", distill.RECIPES_VERSION + 1)  # the edits it was trained on changed
+    assert distill.teacher_key(cfg, train) != perturbed_key
+    assert distill.teacher_key(replace(cfg, teacher_augment=0.0), train) == before
     with pytest.raises(FedrexError, match="teacher_augment"):
         replace(cfg, teacher_augment=1.5).validate()
 
@@ -520,7 +526,7 @@ def test_a_symmetric_table_holds_every_substitute_as_a_word_whose_substitutes_ho
     """``PerturbationTable.symmetric``: an attack's candidate (a substitute) becomes a word of the
     table, and its substitutes hold the word it replaced; a word keeps its own substitutes first, in
     order; a stopword substitute stays out of the words; closing a closed table changes nothing."""
-    from models.robust.smoothing import PerturbationTable
+    from models.robust.smoothing import PerturbationTable, smoothing_table
 
     table = PerturbationTable({"good": ("fine", "nice"), "great": ("fine", "big"), "film": ("movie", "the")})
     closed = table.symmetric()
@@ -532,6 +538,7 @@ def test_a_symmetric_table_holds_every_substitute_as_a_word_whose_substitutes_ho
     assert list(shuffled.table["fine"]) == ["good", "great"] and shuffled.table == closed.table
     assert PerturbationTable.from_bytes(table.to_bytes()).symmetric().table == closed.table
     built = PerturbationTable.build(["good", "movie"], "wordnet").symmetric()
+    assert smoothing_table(["good", "movie"], "wordnet", symmetric=True).table == built.table  # what train-on-copies uses
     assert all(word in built.get(s) for word, subs in built.table.items() for s in subs if s in built.table)
     assert "good" in built.get("estimable") and "movie" in built.get("film")
 
@@ -551,13 +558,22 @@ def test_a_compact_table_keeps_known_words_only_and_travels_as_a_graph_over_them
     blob = compact.to_graph_bytes(known)
     back = PerturbationTable.from_graph_bytes(blob, known)
     assert back.table == compact.table and all(back.table[w] == compact.table[w] for w in compact.table)
-    with pytest.raises(FedrexError, match="not compact"):
-        table.symmetric().to_graph_bytes(known + ["zzz"])  # "goodish", "the" and the substitutes' order
+    for wrong in (table.symmetric(), PerturbationTable({"big": ("big",)}),  # "goodish", "the", order; a self-loop
+                  PerturbationTable({"big": ("fine", "fine"), "fine": ("big",)})):  # a repeated substitute
+        with pytest.raises(FedrexError, match="not compact"):
+            wrong.to_graph_bytes(known + ["zzz"])
     with pytest.raises(FedrexError, match="sorted list"):
         compact.to_graph_bytes(list(reversed(known)))
     with pytest.raises(FedrexError, match="another list"):
         PerturbationTable.from_graph_bytes(blob, sorted(known + ["aardvark"]))
-    for broken in (b"not gzip", blob[:-3], __import__("gzip").compress(b"#fedrex-normalizer 2\n")):
+    header, _, codes = gzip.decompress(blob).partition(b"\n")
+    name, size, digest, count = header.decode().split(" ")
+    for broken in (b"not gzip", blob[:-3], gzip.compress(b"#fedrex-normalizer 2\n"),
+                   blob + gzip.compress(b"\x05"),  # a second gzip member: one pair more than the header counts
+                   gzip.compress(f"{name} {size} {digest} {int(count) + 1}\n".encode() + codes + b"\x00"),  # a repeat
+                   gzip.compress(f"{name} {size} {digest} 1\n".encode() + bytes([len(known) + 1])),  # (1, 1)
+                   gzip.compress(f"{name} {size} {digest} 1\n".encode() + bytes([len(known) ** 2])),  # code N x N
+                   gzip.compress(f"{name} x {digest} 0\n".encode())):
         with pytest.raises(FedrexError, match="not a perturbation graph"):
             PerturbationTable.from_graph_bytes(broken, known)
 

@@ -89,11 +89,16 @@ class PerturbationTable:
         return PerturbationTable({w: tuple(n) for w, n in neighbours.items()})
 
     def compact(self, known: Iterable[str]) -> "PerturbationTable":
-        """The table in the form a device stores in a few bytes (``to_graph_bytes``): only words of
-        ``known`` (the normaliser's, ``WordNormalizer.known_words``: a substitute it does not know
-        is one it rewrites before the model sees it), no stopwords, closed under the relation
-        (``symmetric``), and each word's substitutes in alphabetical order, the order the graph
-        gives them back in. On SST-2's WordNet table: 24,085 words closed, 11,896 compact."""
+        """The table in the form a device stores in few bytes (``to_graph_bytes``): only words of
+        ``known`` (the normaliser's, ``WordNormalizer.known_words``, which the device holds
+        already, so the file names words by index and ships no spelling), no stopwords, closed
+        under the relation (``symmetric``), and each word's substitutes in alphabetical order, the
+        order the graph gives them back in. What it leaves out is what it costs: on SST-2 the
+        compact WordNet table holds 11,887 words (24,085 closed), and 65% of PWWS's candidates for
+        dev words are words of it (97% of the closed table's): a third of the candidates are words
+        the normaliser does not know, and most of those pass it unchanged, so the copies never
+        swap them back (``benchmarks/smoothing_table.py``; under PWWS the compact smoothing keeps
+        0.230 of SST-2 dev where the closed one keeps 0.450, ``benchmarks/smoothing.py``)."""
         allowed = set(known) - STOPWORDS
         kept = PerturbationTable({w: tuple(s for s in subs if s in allowed) for w, subs in self.table.items()
                                   if w in allowed}).symmetric()
@@ -112,41 +117,49 @@ class PerturbationTable:
     def to_graph_bytes(self, words: list[str]) -> bytes:
         """A ``compact`` table as the pairs of words it links, each pair once, the words named by
         their index in ``words`` (sorted; the normaliser's ``known_words``, which the device holds
-        already): a header (the list's length and a digest of it), then the pair codes (index of
-        the first x len(words) + index of the second, first < second) sorted, as varint gaps, all
-        gzip'd; the normaliser stores its bigrams so. 56 KB for SST-2's WordNet table, where the
-        table as built takes 206 KB in ``to_bytes``. A table that is not compact over ``words`` is
-        refused: the graph could not give it back."""
+        already): a header (the list's length, a digest of it, the number of pairs), then the pair
+        codes (index of the first x len(words) + index of the second, first < second) ascending, as
+        varint gaps, all gzip'd; the normaliser stores its bigrams so. 55 KB for SST-2's compact
+        WordNet table, where the table as built takes 206 KB in ``to_bytes``. A table the graph
+        could not give back (not compact over ``words``: a word outside them, a substitute that
+        does not list it back, substitutes out of order or repeated, a word its own substitute)
+        is refused."""
         index = {w: i for i, w in enumerate(words)}
         if list(words) != sorted(index) or len(index) != len(words):
             raise FedrexError("a graph table names words by their index in a sorted list of distinct words")
         codes = set()
         for word, substitutes in self.table.items():
-            if word not in index or any(s not in index or word not in self.table.get(s, ()) for s in substitutes) \
-                    or list(substitutes) != sorted(substitutes):
+            if word not in index or word in substitutes or list(substitutes) != sorted(set(substitutes)) \
+                    or any(s not in index or word not in self.table.get(s, ()) for s in substitutes):
                 raise FedrexError(f"the table is not compact over these words at {word!r}: use PerturbationTable.compact")
             codes.update(min(index[word], index[s]) * len(words) + max(index[word], index[s]) for s in substitutes)
-        return gzip.compress(f"{GRAPH_HEADER} {len(words)} {_digest(words)}\n".encode() + varint_gaps(sorted(codes)),
-                             mtime=0)
+        header = f"{GRAPH_HEADER} {len(words)} {_digest(words)} {len(codes)}\n".encode()
+        return gzip.compress(header + varint_gaps(sorted(codes)), mtime=0)
 
     @classmethod
     def from_graph_bytes(cls, blob: bytes, words: list[str]) -> "PerturbationTable":
         """The table ``to_graph_bytes`` wrote over the same ``words``; another list, or anything
-        but such a file, is refused."""
+        but such a file (a pair count that differs, codes not strictly ascending, a pair not
+        first < second < len(words)), is refused."""
         try:
             header, _, packed = gzip.decompress(blob).partition(b"\n")
-            name, size, digest = header.decode().split(" ")
+            name, size, digest, count = header.decode().split(" ")
+            size, count = int(size), int(count)
             if name != GRAPH_HEADER:
                 raise ValueError("header")
             codes = from_varint_gaps(packed)
         except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as err:
             raise FedrexError(f"not a perturbation graph ({type(err).__name__})") from None
-        if int(size) != len(words) or digest != _digest(words):
+        if size != len(words) or digest != _digest(words):
             raise FedrexError(f"this perturbation graph names the words of another list ({size} words, digest "
                               f"{digest}) than the normaliser's ({len(words)}, {_digest(words)})")
+        pairs = [divmod(code, size) for code in codes]
+        if len(codes) != count or any(b <= a for a, b in zip(codes, codes[1:])) \
+                or any(not first < second < size for first, second in pairs):
+            raise FedrexError(f"not a perturbation graph (its {len(codes)} pair codes are not {count} ascending "
+                              f"pairs of distinct words of the list)")
         neighbours: dict[int, list[int]] = {}
-        for code in codes:  # ascending, so each word's neighbours come in index (alphabetical) order
-            first, second = divmod(code, len(words))
+        for first, second in pairs:  # ascending, so each word's neighbours come in index (alphabetical) order
             neighbours.setdefault(first, []).append(second)
             neighbours.setdefault(second, []).append(first)
         return cls({words[i]: tuple(words[j] for j in sorted(n)) for i, n in sorted(neighbours.items())})
@@ -163,7 +176,7 @@ def smoothing_table(words: Iterable[str], source: str, symmetric: bool = False,
                     known: list[str] | None = None) -> PerturbationTable:
     """The table a student is trained on with copies (``server.copies``) and smoothed over:
     ``build`` from its training ``words``, closed under its relation (``symmetric``), or, given
-    ``known`` (its normaliser's words), ``compact`` over them: the form its device package ships."""
+    ``known`` (its normaliser's words), ``compact`` over them, the form that fits a 1 MB device package."""
     built = PerturbationTable.build(words, source)
     return built.compact(known) if known is not None else built.symmetric() if symmetric else built
 
