@@ -56,7 +56,7 @@ from models.robust.smoothing import SmoothedVictim, smoothing_table  # noqa: E40
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 from server.copies import answers, artifact_splits, train_on_substitution_copies  # noqa: E402
 from server.distill import load_splits  # noqa: E402
-from synonym_encoding import defence_arguments, measure, table  # noqa: E402
+from synonym_encoding import defence_arguments, measure, reference_row, results_stem, table  # noqa: E402
 
 ATTACKS = ("synonym", "embedding", "char")
 VOTES = 16
@@ -104,14 +104,6 @@ ROWS = [Row("smoothing, WordNet table, rate 0.25", "wordnet", 0.25, False),
             False, symmetric=True, compact=True)]
 # settings rows gained after rows were stored, with the value those rows ran with
 ROW_FIELDS_ADDED = {"compact": False}
-REFERENCE = "student + normaliser (the shipped package, reference)"
-
-
-def reference_row(artifact: str) -> str:
-    """The reference row's name: the shipped package, or the student ``--artifact`` names."""
-    return REFERENCE if artifact == "sst2-student" else f"{Path(artifact).name} + normaliser (reference)"
-
-
 def settings_of(name: str) -> dict | None:
     """What a row of ``ROWS`` changes, as stored with its numbers (None for the reference)."""
     return next(({k: v for k, v in row._asdict().items() if k != "name"} for row in ROWS if row.name == name), None)
@@ -153,8 +145,7 @@ def main() -> int:
     targets = answers(model, tokenizer, texts)  # the untouched student's answers on unperturbed text: KD targets
     out = Path(args.out)
     # a file per student and seed: rows of different students never share one
-    stem = ("smoothing" + ("" if args.artifact == "sst2-student" else f"_{Path(args.artifact).name}")
-            + (f"_seed{args.seed}" if args.seed else ""))
+    stem = results_stem("smoothing", args.artifact, args.seed)
     wanted = [w for w in args.only.split("|") if w]  # row names hold commas
     reference = reference_row(args.artifact)
     unknown = [w for w in wanted if not any(w in r.name for r in ROWS) and w not in reference]

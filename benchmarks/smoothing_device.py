@@ -54,7 +54,7 @@ from models.artifact import device_package, load_artifact, resolve_artifact  # n
 from models.export import deployable, export_onnx_int8  # noqa: E402
 from models.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from models.normalizer import WordNormalizer, word_counts  # noqa: E402
-from models.robust.smoothing import PerturbationTable, SmoothedVictim, smoothing_table  # noqa: E402
+from models.robust.smoothing import PerturbationTable, SmoothedVictim  # noqa: E402
 from models.tokenizer import WordPieceTokenizer  # noqa: E402
 from server.copies import artifact_splits  # noqa: E402
 from server.distill import load_splits  # noqa: E402
@@ -141,14 +141,15 @@ def main() -> int:
     # the words the student's copies were drawn from: the rows train-on-copies trained on
     words = sorted(word_counts(list(train["text"])[:recipe.get("rows") or len(train)]))
     built = PerturbationTable.build(words, args.source)
-    trained_on = smoothing_table(words, args.source, args.symmetric, normalizer.known_words() if args.compact else None)
+    known = normalizer.known_words() if args.compact else None
+    trained_on = built.shaped(args.symmetric, known)
     # the device holds a compact table as a graph over its normaliser's words; a closed one as built,
     # closing it when it loads it (half the bytes of the closed table)
-    blob = trained_on.to_graph_bytes(normalizer.known_words()) if args.compact else built.to_bytes()
+    blob = trained_on.to_graph_bytes(known) if args.compact else built.to_bytes()
     loads = []
     for _ in range(5):
         start = time.perf_counter()
-        if args.compact:
+        if args.compact:  # the device lists its normaliser's words when it loads the graph: timed too
             table = PerturbationTable.from_graph_bytes(blob, normalizer.known_words())
         else:
             table = PerturbationTable.from_bytes(blob)
@@ -199,7 +200,7 @@ def main() -> int:
     md = markdown_rows(passes, columns, {**{c: "{:.2f}" for c in columns[3:]}, "ms/sentence by pass": "{}"})
     sizes = ", ".join(f"{k} {v / 1024:.0f} KB" for k, v in result["package"].items())
     md += (f"\n\nPackage ({args.artifact}, {args.source} table of {len(built.table)} words"
-           + (f", compact: {len(table.table)} words as a graph over the normaliser's {len(normalizer.known_words())}, "
+           + (f", compact: {len(table.table)} words as a graph over the normaliser's {len(known)}, "
               f"read in {result['table load ms']:.0f} ms" if args.compact else
               f", closed on loading to {len(table.table)} words in {result['table load ms']:.0f} ms (closed on "
               f"disk it would take {result['closed table bytes'] / 1024:.0f} KB)" if args.symmetric else "")

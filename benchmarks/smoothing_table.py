@@ -39,8 +39,8 @@ from models.normalizer import WordNormalizer, word_counts  # noqa: E402
 from models.robust.smoothing import PerturbationTable  # noqa: E402
 
 
-def coverage(table: PerturbationTable, dev_words: set[str]) -> dict:
-    pairs = [(w, c.lower()) for w in sorted(dev_words) for c in synonyms(w)]
+def coverage(table: PerturbationTable, pairs: list[tuple[str, str]]) -> dict:
+    """Of PWWS's (word, candidate) ``pairs``, the shares ``table`` covers."""
     return {"candidates": len(pairs),
             "candidate is a table word": sum(c in table.table for _, c in pairs) / len(pairs),
             "candidate lists the word it replaces": sum(w in table.get(c) for w, c in pairs) / len(pairs)}
@@ -50,6 +50,7 @@ def main() -> int:
     train, _ = cached_text_dataset("sst2", "train")
     dev, _ = cached_text_dataset("sst2", "validation")
     dev_words = {w.lower() for t in dev["text"] for w in Words.of(t).words} - STOPWORDS
+    pairs = [(w, c.lower()) for w in sorted(dev_words) for c in synonyms(w)]  # PWWS's candidates
     built = PerturbationTable.build(sorted(word_counts(list(train["text"]))), "wordnet")
     normalizer = WordNormalizer.load(resolve_artifact("sst2-student"))
     known = normalizer.known_words()
@@ -65,11 +66,11 @@ def main() -> int:
              built.compact(wider), wider,
              len(gzip.compress("\n".join(extra).encode(), 9, mtime=0)) / 1024)):
         blob = table.to_bytes()
-        rows.append({"table": name, "words": len(table.table), **coverage(table, dev_words), "gzip KB": len(blob) / 1024,
+        rows.append({"table": name, "words": len(table.table), **coverage(table, pairs), "gzip KB": len(blob) / 1024,
                      "xz KB": len(lzma.compress(gzip.decompress(blob), preset=9 | lzma.PRESET_EXTREME)) / 1024,
                      "graph KB": len(table.to_graph_bytes(graph)) / 1024 if graph is not None else None,
                      "extra words KB": extra_kb})
-    candidates = [c.lower() for w in sorted(dev_words) for c in synonyms(w)]
+    candidates = [c for _, c in pairs]
     fate = {"candidates": len(candidates),
             "known to the normaliser": sum(normalizer.known(c) for c in candidates) / len(candidates),
             "unknown and passed unchanged": sum(not normalizer.known(c) and normalizer(c).lower() == c

@@ -6,10 +6,10 @@ splits another student was distilled on: ``--artifact``, AG News's holdout for a
 
 Every row is the student (by default the packaged `sst2-student`) behind its word normaliser (the
 defended device package, the reference), with one change: a synonym encoding
-(models.robust.synonym_encoding) built from its training split's words and WordNet, SEM's greedy walk or star clusters, in front of the model as it
-is, or with the model fine-tuned on encoded text (`--epochs` over the training split, cross-entropy plus
-distillation of the untouched student's answers on the same sentences, unencoded). The control row
-fine-tunes the same way on unencoded text, so that a gain can be told from the extra training.
+(models.robust.synonym_encoding) built from its training split's words and WordNet, SEM's greedy
+walk or star clusters, in front of the model as it is, or with the model fine-tuned on encoded text
+(`--epochs` over the training split, cross-entropy plus distillation of the untouched student's
+answers on the same sentences, unencoded). The control row fine-tunes the same way on unencoded text, so that a gain can be told from the extra training.
 Attacks: `synonym` (PWWS), `synonym-sim`, `embedding` (TextFooler-style, candidates from MiniLM's
 embedding space: an attack the WordNet-built encoding was not built from) and `char` on the
 compression benchmark's 200 dev sentences (seed 0, 20% word budget), querying normaliser +
@@ -77,6 +77,20 @@ def defence_arguments(doc: str, only: bool = False, artifact: bool = False) -> a
     return parser.parse_args()
 
 
+REFERENCE = "student + normaliser (the shipped package, reference)"
+
+
+def reference_row(artifact: str) -> str:
+    """The reference row's name: the shipped package, or the student ``--artifact`` names."""
+    return REFERENCE if artifact == "sst2-student" else f"{Path(artifact).name} + normaliser (reference)"
+
+
+def results_stem(benchmark: str, artifact: str, seed: int) -> str:
+    """A defence benchmark's results file name: one per student (the shipped one unnamed) and seed."""
+    return (benchmark + ("" if artifact == "sst2-student" else f"_{Path(artifact).name}")
+            + (f"_seed{seed}" if seed else ""))
+
+
 def main() -> int:
     from server.copies import artifact_splits
     from server.distill import load_splits
@@ -97,8 +111,7 @@ def main() -> int:
     plain = WordPieceTokenizer(config["max_length"], normalizer=normalizer)
     targets = answers(model, plain, texts)  # the untouched student's answers on unencoded text: KD targets
     out = Path(args.out)
-    stem = ("synonym_encoding" + ("" if args.artifact == "sst2-student" else f"_{Path(args.artifact).name}")
-            + (f"_seed{args.seed}" if args.seed else ""))
+    stem = results_stem("synonym_encoding", args.artifact, args.seed)
 
     def save(final: bool = False) -> None:
         """After every row into a partial file (an interrupted run keeps what it measured without
@@ -113,9 +126,7 @@ def main() -> int:
         data = EncodedData.from_texts(dev_texts, dev_labels, tokenizer)
         return measure(name, Victim(model, tokenizer), data, ATTACKS, args.seed, facts)
 
-    reference = ("student + normaliser (the shipped package, reference)" if args.artifact == "sst2-student"
-                 else f"{Path(args.artifact).name} + normaliser (reference)")
-    rows = [measured(reference, model, plain, {})]
+    rows = [measured(reference_row(args.artifact), model, plain, {})]
     save()
     tuned = fine_tune(model, plain, texts, labels, targets, args.epochs, args.seed)
     rows.append(measured(f"control: fine-tuned {args.epochs:g} epochs on unencoded text", tuned, plain, {}))

@@ -104,6 +104,11 @@ class PerturbationTable:
                                   if w in allowed}).symmetric()
         return PerturbationTable({w: tuple(sorted(subs)) for w, subs in kept.table.items()})
 
+    def shaped(self, symmetric: bool = False, known: list[str] | None = None) -> "PerturbationTable":
+        """This table as built, closed (``symmetric``) or, given ``known``, ``compact`` over it: the
+        three forms a recipe trains on (``smoothing_table``)."""
+        return self.compact(known) if known is not None else self.symmetric() if symmetric else self
+
     def get(self, word: str) -> tuple[str, ...]:
         return self.table.get(word.lower(), ())
 
@@ -131,7 +136,8 @@ class PerturbationTable:
         for word, substitutes in self.table.items():
             if word not in index or word in substitutes or list(substitutes) != sorted(set(substitutes)) \
                     or any(s not in index or word not in self.table.get(s, ()) for s in substitutes):
-                raise FedrexError(f"the table is not compact over these words at {word!r}: use PerturbationTable.compact")
+                raise FedrexError(f"the table is not compact over these words at {word!r}: "
+                                  "use PerturbationTable.compact")
             codes.update(min(index[word], index[s]) * len(words) + max(index[word], index[s]) for s in substitutes)
         header = f"{GRAPH_HEADER} {len(words)} {_digest(words)} {len(codes)}\n".encode()
         return gzip.compress(header + varint_gaps(sorted(codes)), mtime=0)
@@ -177,8 +183,7 @@ def smoothing_table(words: Iterable[str], source: str, symmetric: bool = False,
     """The table a student is trained on with copies (``server.copies``) and smoothed over:
     ``build`` from its training ``words``, closed under its relation (``symmetric``), or, given
     ``known`` (its normaliser's words), ``compact`` over them, the form that fits a 1 MB device package."""
-    built = PerturbationTable.build(words, source)
-    return built.compact(known) if known is not None else built.symmetric() if symmetric else built
+    return PerturbationTable.build(words, source).shaped(symmetric, known)
 
 
 def perturbed(table: PerturbationTable, words: Words, rate: float, rng: np.random.Generator) -> str:
