@@ -228,6 +228,10 @@ def add_attacks(rows: list[dict], artifacts: Path, names: tuple[str, ...], save,
             print(f"[bench] {r['dataset']} / {r['name']}: {names} already measured", file=sys.stderr)
             continue
         cfg = row_config(r)
+        if cfg.attack_samples <= 0:  # distilled without attacks: measuring some now would add rows it never took
+            print(f"[bench] {r['dataset']} / {r['name']}: distilled with attack_samples {cfg.attack_samples} "
+                  f"(no attacks), {names} not measured", file=sys.stderr)
+            continue
         kept = artifacts / r["key"]
         if r["name"] == "MiniLM teacher":
             shipped = next((artifacts / o["key"] for o in rows if o["dataset"] == r["dataset"]

@@ -120,9 +120,9 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
 
     log = log or say
     check_source(source)
-    if not 0 < rate <= 1 or int(epochs) != epochs or epochs < 1 or rows < 0:
-        raise FedrexError(f"train-on-copies needs rate in (0, 1], a whole number of epochs >= 1 and rows >= 0, "
-                          f"got {rate}, {epochs} and {rows}")
+    if not 0 < rate <= 1 or int(epochs) != epochs or epochs < 1 or rows < 0 or attack_samples < 0:
+        raise FedrexError(f"train-on-copies needs rate in (0, 1], a whole number of epochs >= 1, rows >= 0 and "
+                          f"attack samples >= 0, got {rate}, {epochs}, {rows} and {attack_samples}")
     epochs = int(epochs)
     parent, out = resolve_artifact(artifact), Path(out)
     if out.resolve() == parent.resolve():

@@ -71,7 +71,7 @@ class DistillConfig:
                                                                               adv_ratio=0.5))
     # evaluation
     eval_samples: int = 0
-    attack_samples: int = 200
+    attack_samples: int = 200  # rows each attack runs on (0 = no attacks, as a client's attack_examples)
     attack_budget: float = 0.2
     attacks: tuple[str, ...] = ("char", "synonym", "hotflip")
     fidelity_samples: int = 200
@@ -99,8 +99,9 @@ class DistillConfig:
         for name in ("augment", "teacher_augment"):
             if not 0 <= getattr(self, name) <= 1:
                 raise FedrexError(f"{name} (share of perturbed rows) must be in [0, 1], got {getattr(self, name)}")
-        if self.adv_text < 0:
-            raise FedrexError(f"adv_text (rows attacked per epoch) must be >= 0, got {self.adv_text}")
+        for name in ("adv_text", "attack_samples"):
+            if getattr(self, name) < 0:
+                raise FedrexError(f"{name} (rows attacked) must be >= 0, got {getattr(self, name)}")
         if self.adv_space not in ADV_SPACES:
             raise FedrexError(f"adv_space must be one of {ADV_SPACES}, got {self.adv_space!r}")
         if self.adv_space != "ball" and self.objective.adv <= 0:
@@ -235,7 +236,7 @@ def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teac
     start = time.time()
     card = {"clean_acc": accuracy(model, evaluation), "params": count_parameters(model)}
     card["attacks"] = robustness(model, tokenizer, evaluation, cfg.attacks, cfg.attack_budget, cfg.attack_samples,
-                                 cfg.seed, candidates)
+                                 cfg.seed, candidates) if cfg.attack_samples > 0 else {}
     card["fidelity"], _ = fidelity(model, evaluation, {"": teacher_eval_attr}, cfg.ig_steps, cfg.fidelity_samples, cfg.seed)
     card["latency_ms"] = latency_ms(model, [evaluation.ids[i] for i in take(len(evaluation), 100, cfg.seed)])
     log(f"evaluated {type(model).__name__}: clean acc {card['clean_acc']:.4f} "
@@ -257,7 +258,7 @@ def evaluate_normalized(model, cfg: DistillConfig, evaluation: EncodedData, norm
             "changed_clean_share": float(np.mean([normalizer(t) != " ".join(t.split()) for t in evaluation.texts]))}
     black_box = tuple(a for a in cfg.attacks if a != "hotflip")
     card["attacks"] = robustness(model, tokenizer, evaluation, black_box, cfg.attack_budget, cfg.attack_samples,
-                                 cfg.seed)
+                                 cfg.seed) if cfg.attack_samples > 0 else {}
     log(f"behind the normaliser: clean acc {card['clean_acc']:.4f} "
         + " ".join(f"{k} {v['adv_acc']:.3f}" for k, v in card["attacks"].items()) + f" ({time.time() - start:.0f}s)")
     return card

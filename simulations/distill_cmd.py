@@ -45,8 +45,8 @@ def format_card(card: dict) -> str:
                  + (f"  teacher spearman {fid['agreement_spearman']:.3f}" if "agreement_spearman" in fid else ""))
     if "normalized" in card:
         norm = card["normalized"]
-        lines.append(f"normaliser       clean acc {norm['clean_acc']:.4f}, "
-                     + ", ".join(f"{k} {v['adv_acc']:.4f}" for k, v in norm["attacks"].items())
+        lines.append(f"normaliser       clean acc {norm['clean_acc']:.4f}"
+                     + "".join(f", {k} {v['adv_acc']:.4f}" for k, v in norm["attacks"].items())
                      + f" ({norm['ms_per_sentence']:.2f} ms/sentence)")
     lines.append(f"latency          {card['latency_ms']['median']:.2f} ms/sentence (batch 1, 1 thread, "
                  f"{card['latency_ms'].get('form', 'eager')})")

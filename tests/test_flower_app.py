@@ -122,13 +122,14 @@ def test_the_watchdog_stops_what_a_killed_run_left_and_spares_the_next_runs_supe
     import subprocess
     import time
 
+    from simulations.localhost import free_ports
     from simulations.watchdog import alive
 
     def stand_in(*words, code="import time; time.sleep(120)"):
         return subprocess.Popen([sys.executable, "-c", code, *words], start_new_session=True,
                                 stdout=subprocess.PIPE, text=True)
 
-    home, port, next_port = str(tmp_path / "home"), "41999", "42001"
+    home, (port, next_port) = str(tmp_path / "home"), map(str, free_ports(2))  # nothing binds them: names only
     superlink = stand_in("flower-superlink", "--port", port, "--database", home)
     resumed = stand_in("flower-superlink", "--port", next_port, "--database", home)
     bystander = stand_in("curl", f"127.0.0.1:{port}")
@@ -211,7 +212,9 @@ def test_bad_run_configs_fail_before_ray_starts(tmp_path):
 
 def test_flwr_run_dot_runs_the_flower_app(tmp_path):
     """The repository is a Flower App: `flwr run .` starts Flower's own local SuperLink, which runs
-    the ServerApp and ClientApps from pyproject.toml's components with its run config."""
+    the ServerApp and ClientApps from pyproject.toml's components with its run config. Under DP with
+    the device's own noise (the default; every other Flower run in the tests replays its noise), so
+    that path runs through Flower too: every trained user reports a privacy cost."""
     import os
     import subprocess
     import sys
@@ -221,7 +224,7 @@ def test_flwr_run_dot_runs_the_flower_app(tmp_path):
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     runs = tmp_path / "runs"
     overrides = (f'min-samples=300 num-rounds=1 attack-examples=3 fidelity-examples=3 local-max-steps=5 '
-                 f'run-id="via-flwr" runs-dir="{runs}"')
+                 f'dp=true run-id="via-flwr" runs-dir="{runs}"')
     try:
         result = subprocess.run([str(Path(bin_dir) / "flwr"), "run", ".", "--run-config", overrides,
                                  "--federation-config", "num-supernodes=8", "--stream"],
@@ -232,6 +235,15 @@ def test_flwr_run_dot_runs_the_flower_app(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     frame = pd.read_parquet(runs / "via-flwr" / "clients.parquet")
     assert frame[frame["metric"] == "acc"]["client_id"].nunique() == 8
+    settings = json.loads((runs / "via-flwr" / "run.json").read_text())["settings"]
+    assert settings["dp"] is True and settings["dp-reproducible-noise"] is False
+    # the users trained in round 1 spent privacy; every user's profile reports its ledger, 0 if it never trained
+    spent = frame[(frame["metric"] == "epsilon") & (frame["round"] == 1)]
+    trained = spent[spent["model"] == "train"].set_index("client_id")["value"]
+    profile = spent[spent["model"] == "client"].set_index("client_id")["value"]
+    assert len(trained) >= 2 and (trained > 0).all() and len(profile) == 8
+    assert profile[trained.index].to_numpy() == pytest.approx(trained.to_numpy())
+    assert (profile.drop(trained.index) == 0).all()
 
 
 def test_the_staged_app_is_the_bundle_flwr_run_dot_builds(tmp_path):

@@ -317,6 +317,26 @@ def test_distillation_searches_the_synonyms_hull_only_when_asked_and_with_an_adv
         replace(config, adv_space="synonyms", objective=replace(config.objective, adv=0.0)).validate()
 
 
+def test_distillation_with_attack_samples_zero_attacks_no_row(sst2, tok, monkeypatch):
+    """attack_samples=0 means no attacks, as a client's attack_examples=0 and train-on-copies'
+    --attack-samples 0 (it meant every row of the split); a negative count is refused."""
+    from dataclasses import replace
+
+    import server.distill as distill
+
+    called = []
+    monkeypatch.setattr(distill, "robustness", lambda *args, **kw: called.append(args[4:6]) or {"char": {"adv_acc": 0.0}})
+    torch.manual_seed(0)
+    net = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity()).eval()
+    dev = sst2[1].subset(np.arange(24))
+    cfg = replace(distill.DistillConfig.quick(), attacks=("char",), fidelity_samples=4, attack_samples=0)
+    assert distill.evaluate(net, cfg, dev, tok)["attacks"] == {}
+    assert distill.evaluate_normalized(net, cfg, dev, WordNormalizer.from_texts(dev.texts))["attacks"] == {} and not called
+    assert distill.evaluate(net, replace(cfg, attack_samples=8), dev, tok)["attacks"] and called == [(0.2, 8)]
+    with pytest.raises(FedrexError, match="attack_samples"):
+        replace(cfg, attack_samples=-1).validate()
+
+
 def test_the_hull_adversary_mixes_only_a_tokens_own_options_and_raises_the_loss(sst2, tok):
     """hull_embedding: a token without candidates, or whose only candidate is itself, keeps its
     own vector; with real synonyms the mix raises the loss, and the ADV term searches it when handed them."""
@@ -736,6 +756,8 @@ def test_training_on_copies_writes_the_parents_package_with_new_weights_and_says
         with pytest.raises(FedrexError, match=match):
             train_on_copies("sst2-student", tmp_path / "other", **{"rows": 256, **bad}, attack_samples=0,
                             log=lambda _: None)
+    with pytest.raises(FedrexError, match="attack samples >= 0"):  # not "every row", as a negative limit reads
+        train_on_copies("sst2-student", tmp_path / "other", rows=256, attack_samples=-1, log=lambda _: None)
     assert not (tmp_path / "other").exists()
 
 
