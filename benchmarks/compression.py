@@ -294,14 +294,16 @@ def remeasure_latency(rows: list[dict], artifacts: Path) -> None:
             ids = EncodedData.from_dataset(evaluation, WordPieceTokenizer(cfg.max_length)).ids
             samples[r["dataset"]] = [ids[i] for i in take(len(ids), 100, cfg.seed)]
             texts[r["dataset"]] = [evaluation["text"][int(i)] for i in take(len(ids), 200, cfg.seed)]
-        if r["name"] == "MiniLM teacher" and (Path(r["card"]["cache"]) / "teacher.safetensors").exists():
-            model = MiniLMTeacher(labels[r["dataset"]])
-            model.load_state_dict(load_weights(Path(r["card"]["cache"]) / "teacher.safetensors"))
-        elif r["name"] != "MiniLM teacher" and (artifacts / r["key"] / "config.json").exists():
-            model, _ = load_artifact(artifacts / r["key"], int8=True)
-        else:
+        teacher = r["name"] == "MiniLM teacher"
+        kept = Path(r["card"]["cache"]) / "teacher.safetensors" if teacher else artifacts / r["key"] / "config.json"
+        if not kept.exists():
             skipped.append(f"{r['dataset']} / {r['name']}")
             continue
+        if teacher:
+            model = MiniLMTeacher(labels[r["dataset"]])
+            model.load_state_dict(load_weights(kept))
+        else:
+            model, _ = load_artifact(kept.parent, int8=True)
         # which pass timed it, and where: rows whose model is gone keep an earlier pass's timing
         r["card"]["latency_ms"] = {**latency_ms(model, samples[r["dataset"]]), "pass": started,
                                    "machine": machine()["platform"]}

@@ -20,8 +20,11 @@ def take(n_rows: int, limit: int, seed: int) -> np.ndarray:
 
 def robustness(model, tokenizer: WordPieceTokenizer, data: EncodedData, attacks=("char",),
                budget: float = 0.2, limit: int = 200, seed: int = 0, candidates=None, victim=None) -> dict:
-    """{attack: summary} on a seeded subset of at most ``limit`` examples (``candidates``:
-    HotFlip's token set; ``victim``: a defence the black-box recipes query instead of the model)."""
+    """{attack: summary} on a seeded subset of at most ``limit`` examples, none (``{}``) when limit
+    is 0, as every caller's "0 attacked rows" means (``candidates``: HotFlip's token set;
+    ``victim``: a defence the black-box recipes query instead of the model)."""
+    if limit <= 0:  # not ``take``'s "every row": turning attacks off must not attack the whole split
+        return {}
     rows = take(len(data), limit, seed)
     texts, labels = [data.texts[i] for i in rows], data.labels[rows]
     return {name: attack_dataset(name, model, tokenizer, texts, labels, budget, seed, candidates, victim)[0]

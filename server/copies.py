@@ -157,7 +157,7 @@ def train_on_copies(artifact: str, out: Path, source: str = "wordnet", rate: flo
     for name, net in (("parent", model), ("trained", tuned)):
         victim = Victim(net, tokenizer)
         clean = float((victim.answer(data.texts).argmax(1) == data.labels).mean())
-        attacked = robustness(net, tokenizer, data, ATTACKS, 0.2, attack_samples, 0) if attack_samples else {}
+        attacked = robustness(net, tokenizer, data, ATTACKS, 0.2, attack_samples, 0)
         scores[name] = {"clean_acc": clean, **{a: s["adv_acc"] for a, s in attacked.items()}}
         log(f"[copies] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores[name].items()))
     partial = out.with_name(out.name + ".partial")

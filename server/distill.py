@@ -236,7 +236,7 @@ def evaluate(model, cfg: DistillConfig, evaluation: EncodedData, tokenizer, teac
     start = time.time()
     card = {"clean_acc": accuracy(model, evaluation), "params": count_parameters(model)}
     card["attacks"] = robustness(model, tokenizer, evaluation, cfg.attacks, cfg.attack_budget, cfg.attack_samples,
-                                 cfg.seed, candidates) if cfg.attack_samples > 0 else {}
+                                 cfg.seed, candidates)
     card["fidelity"], _ = fidelity(model, evaluation, {"": teacher_eval_attr}, cfg.ig_steps, cfg.fidelity_samples, cfg.seed)
     card["latency_ms"] = latency_ms(model, [evaluation.ids[i] for i in take(len(evaluation), 100, cfg.seed)])
     log(f"evaluated {type(model).__name__}: clean acc {card['clean_acc']:.4f} "
@@ -258,7 +258,7 @@ def evaluate_normalized(model, cfg: DistillConfig, evaluation: EncodedData, norm
             "changed_clean_share": float(np.mean([normalizer(t) != " ".join(t.split()) for t in evaluation.texts]))}
     black_box = tuple(a for a in cfg.attacks if a != "hotflip")
     card["attacks"] = robustness(model, tokenizer, evaluation, black_box, cfg.attack_budget, cfg.attack_samples,
-                                 cfg.seed) if cfg.attack_samples > 0 else {}
+                                 cfg.seed)
     log(f"behind the normaliser: clean acc {card['clean_acc']:.4f} "
         + " ".join(f"{k} {v['adv_acc']:.3f}" for k, v in card["attacks"].items()) + f" ({time.time() - start:.0f}s)")
     return card

@@ -319,13 +319,16 @@ def test_distillation_searches_the_synonyms_hull_only_when_asked_and_with_an_adv
 
 def test_distillation_with_attack_samples_zero_attacks_no_row(sst2, tok, monkeypatch):
     """attack_samples=0 means no attacks, as a client's attack_examples=0 and train-on-copies'
-    --attack-samples 0 (it meant every row of the split); a negative count is refused."""
+    --attack-samples 0 (it meant every row of the split): ``models.evaluation.robustness`` attacks
+    no row at limit 0, for every caller; a negative count is refused."""
     from dataclasses import replace
 
+    import models.evaluation
     import server.distill as distill
 
-    called = []
-    monkeypatch.setattr(distill, "robustness", lambda *args, **kw: called.append(args[4:6]) or {"char": {"adv_acc": 0.0}})
+    called = []  # (budget, rows) of each attack run: the recipe stubbed, the row selection real
+    monkeypatch.setattr(models.evaluation, "attack_dataset",
+                        lambda *args: called.append((args[5], len(args[3]))) or ({"adv_acc": 0.0}, None))
     torch.manual_seed(0)
     net = build_network({"kind": "student", "num_labels": 2}, VocabMap.identity()).eval()
     dev = sst2[1].subset(np.arange(24))
